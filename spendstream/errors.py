@@ -1,0 +1,70 @@
+"""The errors spendstream raises, as one small tree.
+
+    SpendstreamError                 base of everything below
+    ├── ConfigError                  a setting is missing or wrong; the message says which and how to fix it
+    ├── KafkaLocalError              the local broker could not be fetched, formatted, started or stopped
+    ├── InvalidUsage                 an event failed validation at the call site (negative count, no model, ...)
+    ├── EmitterClosed                emit() after close()
+    ├── BufferFull                   the emitter's bounded buffer stayed full for the whole timeout
+    ├── DecodeError                  bytes that are not a known Avro single-object message
+    ├── UnknownModel                 no price for this provider/model (never priced at zero)
+    └── QueryError                   a SQL query was refused (not read-only) or failed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BufferFull",
+    "ConfigError",
+    "DecodeError",
+    "EmitterClosed",
+    "InvalidUsage",
+    "KafkaLocalError",
+    "QueryError",
+    "SpendstreamError",
+    "UnknownModel",
+]
+
+
+class SpendstreamError(Exception):
+    """Base class of every error spendstream raises on purpose."""
+
+
+class ConfigError(SpendstreamError):
+    """A setting is missing or invalid."""
+
+
+class KafkaLocalError(SpendstreamError):
+    """The project-managed local Kafka broker failed to fetch, start or stop."""
+
+
+class InvalidUsage(SpendstreamError, ValueError):
+    """A usage event is invalid; raised at the call site by the emitters."""
+
+
+class EmitterClosed(SpendstreamError):
+    """The emitter was used after close()."""
+
+
+class BufferFull(SpendstreamError):
+    """The emitter's bounded buffer stayed full: Kafka is not keeping up or is unreachable."""
+
+
+class DecodeError(SpendstreamError):
+    """Bytes that are not an Avro single-object message of a known schema."""
+
+
+class UnknownModel(SpendstreamError):
+    """No price is known for this provider and model."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        super().__init__(
+            f"no price for provider={provider!r} model={model!r}; "
+            "the event is kept (dead-lettered with reason unknown_model), not priced at zero"
+        )
+        self.provider = provider
+        self.model = model
+
+
+class QueryError(SpendstreamError):
+    """A SQL query was refused or failed."""

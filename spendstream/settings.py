@@ -1,0 +1,92 @@
+"""All configuration in one place: environment variables prefixed `SPENDSTREAM_`, or CLI flags.
+
+Library code never reads the environment: the CLI builds one `Settings` and passes values down.
+`spendstream config` prints the effective settings with secrets masked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "Topics"]
+
+
+class Topics:
+    """The public topic names (the contract), each behind the optional prefix."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.usage_raw = f"{prefix}usage.raw"
+        self.usage_priced = f"{prefix}usage.priced"
+        self.spend_control = f"{prefix}spend.control"
+        self.usage_dlq = f"{prefix}usage.dlq"
+
+    def all(self) -> list[str]:
+        return [self.usage_raw, self.usage_priced, self.spend_control, self.usage_dlq]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPENDSTREAM_", extra="forbid")
+
+    state_dir: Path = Field(
+        default=Path.home() / ".spendstream",
+        description="Local state: Kafka jars and data, the worker's tables, embedded ClickHouse.",
+    )
+    bootstrap_servers: str | None = Field(
+        default=None,
+        description="External Kafka (host:port,...). Unset: spendstream runs its own local broker.",
+    )
+    kafka_port: int = Field(default=9092, description="Port of the local broker (127.0.0.1).")
+    kafka_controller_port: int = Field(default=9093, description="KRaft controller port (local).")
+    kafka_heap: str = Field(default="512m", description="JVM heap of the local broker.")
+    topic_prefix: str = Field(default="", description="Prefix for every topic name.")
+    partitions: int = Field(default=4, ge=1, description="Partitions of each topic at creation.")
+    clickhouse_dsn: SecretStr | None = Field(
+        default=None,
+        description="chdb:///path (embedded) or http(s)://user:pass@host:8123. "
+        "Unset: chdb://<state_dir>/clickhouse.",
+    )
+    clickhouse_database: str = Field(default="spendstream")
+    budgets_file: Path | None = Field(
+        default=None, description="YAML or TOML file of budgets (see docs/configuration.md)."
+    )
+    worker_id: str = Field(default="spendstream", description="Faust app id / consumer group.")
+    web_port: int = Field(default=6066, description="Worker HTTP port (health, /sql for the CLI).")
+    sink_max_rows: int = Field(default=50_000, ge=1, description="Rows per ClickHouse insert.")
+    sink_max_seconds: float = Field(default=1.0, gt=0, description="Longest wait before a flush.")
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _dsn_scheme(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("chdb://", "http://", "https://")):
+            raise ValueError("must start with chdb://, http:// or https://")
+        return v
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def local_kafka(self) -> bool:
+        return self.bootstrap_servers is None
+
+    @property
+    def bootstrap(self) -> str:
+        return self.bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def dsn(self) -> str:
+        if self.clickhouse_dsn is not None:
+            return self.clickhouse_dsn.get_secret_value()
+        return f"chdb://{self.state_dir.expanduser().resolve() / 'clickhouse'}"
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.state_dir.expanduser().resolve() / "kafka"
+
+    @property
+    def worker_dir(self) -> Path:
+        return self.state_dir.expanduser().resolve() / "worker"
