@@ -1,14 +1,14 @@
 """The errors spendstream raises, as one small tree.
 
-    SpendstreamError                 base of everything below
-    ├── ConfigError                  a setting is missing or wrong; the message says which and how to fix it
-    ├── KafkaLocalError              the local broker could not be fetched, formatted, started or stopped
-    ├── InvalidUsage                 an event failed validation at the call site (negative count, no model, ...)
-    ├── EmitterClosed                emit() after close()
-    ├── BufferFull                   the emitter's bounded buffer stayed full for the whole timeout
-    ├── DecodeError                  bytes that are not a known Avro single-object message
-    ├── UnknownModel                 no price for this provider/model (never priced at zero)
-    └── QueryError                   a SQL query was refused (not read-only) or failed
+SpendstreamError                 base of everything below
+├── ConfigError                  a setting is missing or wrong; the message says which and how to fix it
+├── KafkaLocalError              the local broker could not be fetched, formatted, started or stopped
+├── InvalidUsage                 an event failed validation at the call site (negative count, no model, ...)
+├── EmitterClosed                emit() after close()
+├── BufferFull                   the emitter's bounded buffer stayed full for the whole timeout
+├── DecodeError                  bytes that are not a known Avro single-object message
+├── UnknownModel                 no price for this provider/model (never priced at zero)
+└── QueryError                   a SQL query was refused (not read-only) or failed
 """
 
 from __future__ import annotations

@@ -1,0 +1,230 @@
+"""The `spendstream` command line. Settings come from SPENDSTREAM_* env vars; flags override."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from spendstream.errors import QueryError, SpendstreamError
+from spendstream.settings import Settings
+from spendstream.store import ClickHouseStore, QueryResult
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft, 127.0.0.1).")
+app.add_typer(kafka_app, name="kafka")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    state_dir: Annotated[Path | None, typer.Option(help="Overrides SPENDSTREAM_STATE_DIR.")] = None,
+    bootstrap_servers: Annotated[
+        str | None, typer.Option(help="External Kafka; overrides SPENDSTREAM_BOOTSTRAP_SERVERS.")
+    ] = None,
+    topic_prefix: Annotated[str | None, typer.Option(help="Overrides SPENDSTREAM_TOPIC_PREFIX.")] = None,
+    budgets_file: Annotated[Path | None, typer.Option(help="Overrides SPENDSTREAM_BUDGETS_FILE.")] = None,
+) -> None:
+    """spendstream: every LLM / credit-API call metered, priced exactly and capped in real time."""
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "state_dir": state_dir,
+            "bootstrap_servers": bootstrap_servers,
+            "topic_prefix": topic_prefix,
+            "budgets_file": budgets_file,
+        }.items()
+        if v is not None
+    }
+    try:
+        ctx.obj = Settings(**overrides)
+    except ValidationError as exc:
+        for e in exc.errors():
+            name = "SPENDSTREAM_" + str(e["loc"][0]).upper() if e["loc"] else "settings"
+            err.print(f"[red]config error[/red]: {name}: {e['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _say(message: str) -> None:
+    err.print(f"[dim]›[/dim] {message}")
+
+
+@kafka_app.command("start")
+def kafka_start(ctx: typer.Context) -> None:
+    """Fetch Kafka from Maven Central (first time only), format KRaft storage, start, wait until ready."""
+    from spendstream.worker import local_kafka
+
+    settings = _settings(ctx)
+    if not settings.local_kafka:
+        _say(f"SPENDSTREAM_BOOTSTRAP_SERVERS={settings.bootstrap_servers}: nothing local to start")
+        return
+    kafka = local_kafka(settings)
+    result = kafka.start(progress=_say)
+    if result.already_running:
+        console.print(f"Kafka already running at {result.bootstrap} (pid {result.pid})")
+    else:
+        console.print(f"Kafka ready at {result.bootstrap} in {result.seconds:.1f}s (pid {result.pid})")
+
+
+@kafka_app.command("stop")
+def kafka_stop(ctx: typer.Context) -> None:
+    """Stop the local broker cleanly (SIGTERM, then SIGKILL after 30 s)."""
+    from spendstream.worker import local_kafka
+
+    stopped = local_kafka(_settings(ctx)).stop()
+    console.print("Kafka stopped" if stopped else "Kafka was not running")
+
+
+@kafka_app.command("status")
+def kafka_status(ctx: typer.Context) -> None:
+    """Is the local broker running? Exit code 1 if not."""
+    from spendstream.worker import local_kafka
+
+    status = local_kafka(_settings(ctx)).status()
+    if status.running:
+        console.print(
+            f"running: Kafka {status.version} at {status.bootstrap}, pid {status.pid}, "
+            f"cluster {status.cluster_id}"
+        )
+    else:
+        console.print(f"not running (would listen on {status.bootstrap})")
+        raise typer.Exit(1)
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    log_level: Annotated[str, typer.Option(help="Worker log level.")] = "info",
+) -> None:
+    """Start the broker (unless external), create topics, apply the DDL and run the worker."""
+    from spendstream.worker import run_worker
+
+    run_worker(_settings(ctx), _say, loglevel=log_level)
+
+
+def query(settings: Settings, sql: str) -> QueryResult:
+    """Run a read-only query: through the running worker (it owns embedded chDB), or directly."""
+    try:
+        response = httpx.post(f"http://127.0.0.1:{settings.web_port}/sql", json={"query": sql}, timeout=120)
+    except httpx.TransportError:
+        store = ClickHouseStore(settings.dsn, settings.clickhouse_database)
+        try:
+            return store.query(sql)
+        finally:
+            store.close()
+    body = response.json()
+    if response.status_code != 200:
+        raise QueryError(body.get("error", response.text))
+    return QueryResult(body["columns"], body["rows"])
+
+
+def render(result: QueryResult, fmt: str) -> str | Table:
+    if fmt == "json":
+        return json.dumps([dict(zip(result.columns, r, strict=True)) for r in result.rows], default=str)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+        return buf.getvalue().rstrip("\n")
+    table = Table(*result.columns, show_lines=False)
+    for row in result.rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    return table
+
+
+@app.command()
+def sql(
+    ctx: typer.Context,
+    statement: Annotated[str, typer.Argument(help="One read-only statement, e.g. SELECT ...")],
+    format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
+) -> None:
+    """Query the history in ClickHouse (read-only). Unqualified tables are in database spendstream."""
+    if format not in ("table", "csv", "json"):
+        err.print("[red]--format must be table, csv or json[/red]")
+        raise typer.Exit(2)
+    result = query(_settings(ctx), statement)
+    out = render(result, format)
+    if isinstance(out, str):
+        print(out)
+    else:
+        console.print(out)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    from_beginning: Annotated[
+        bool, typer.Option(help="Replay the whole (compacted) topic first: the current state of every scope.")
+    ] = True,
+    limit: Annotated[int, typer.Option(help="Stop after this many signals (0 = never).")] = 0,
+) -> None:
+    """Tail spend.control, decoded: every budget state change as it happens."""
+    from spendstream.control import format_signal, tail_control
+
+    settings = _settings(ctx)
+
+    async def run() -> None:
+        seen = 0
+        async for signal in tail_control(settings.bootstrap, settings.topics.spend_control, from_beginning):
+            console.print(format_signal(signal))
+            seen += 1
+            if limit and seen >= limit:
+                return
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    max_events: Annotated[
+        int, typer.Option(help="Stop after this many events if no budget trips.")
+    ] = 400_000,
+    rate: Annotated[int, typer.Option(help="Target events per second.")] = 5_000,
+) -> None:
+    """Run a synthetic workload (projects, teams, models) until a project crosses its budget."""
+    from spendstream.demo import run_demo
+
+    run_demo(_settings(ctx), console, max_events=max_events, rate=rate)
+
+
+@app.command()
+def config(ctx: typer.Context) -> None:
+    """Print the effective settings (secrets masked) and where each can be set."""
+    settings = _settings(ctx)
+    table = Table("env var", "value", "meaning")
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        table.add_row(f"SPENDSTREAM_{name.upper()}", str(value), field.description or "")
+    console.print(table)
+    console.print(f"bootstrap: {settings.bootstrap}   topics: {', '.join(settings.topics.all())}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except SpendstreamError as exc:
+        err.print(f"[red]error[/red]: {exc}")
+        sys.exit(1)

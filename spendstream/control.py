@@ -1,0 +1,51 @@
+"""Reading `spend.control`: the decoded stream of budget state changes, for `watch` and the demo."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+
+from spendstream.wire import default_codec
+from stream_processors.budgets import utc_from_micros
+from stream_processors.pricing import pico_to_usd
+
+__all__ = ["format_signal", "tail_control"]
+
+
+async def tail_control(
+    bootstrap: str, topic: str, from_beginning: bool = True
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield every ControlSignal on `topic` (no consumer group: nothing is committed)."""
+    codec = default_codec()
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        client_id=f"spendstream-watch-{uuid.uuid4().hex[:8]}",
+    )
+    await consumer.start()
+    try:
+        async for msg in consumer:
+            name, record = codec.decode(msg.value)
+            if name == "ControlSignal":
+                yield record
+    finally:
+        await consumer.stop()
+
+
+def _usd(pico: int) -> str:
+    return f"${pico_to_usd(pico).quantize(pico_to_usd(10**10)):,}"
+
+
+def format_signal(s: dict[str, Any]) -> str:
+    colour = {"blocked": "red", "warn": "yellow", "ok": "green"}[s["state"]]
+    return (
+        f"[{colour}]{s['state'].upper():7}[/{colour}] {s['scope']:28} {s['reason']:16} "
+        f"spend {_usd(s['spend_pico_usd'])} of {_usd(s['limit_pico_usd'])} in {s['window']} "
+        f"(until {utc_from_micros(s['window_end']):%Y-%m-%d %H:%M} UTC) "
+        f"seq {s['sequence']} decided {utc_from_micros(s['decided_at']):%H:%M:%S.%f} UTC"
+    )

@@ -1,0 +1,110 @@
+"""Create spendstream's topics explicitly, with known partition counts and per-topic configs.
+
+The broker runs with `auto.create.topics.enable=false`: every Faust table is co-partitioned with
+its source topic, so all topics must have the same, deliberate partition count.
+
+    usage.raw       events as emitted                       broker default retention
+    usage.priced    events with their cost                  broker default retention
+    spend.control   latest budget state/decision per key    cleanup.policy=compact
+    usage.dlq       poison events with the reason attached  retention.ms = 30 days
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from spendstream.errors import ConfigError
+from spendstream.settings import Topics
+
+__all__ = ["DLQ_RETENTION_MS", "ensure_topics", "topic_configs", "wait_for_broker"]
+
+DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
+_TOPIC_ALREADY_EXISTS = 36
+
+log = logging.getLogger(__name__)
+
+
+def topic_configs(topics: Topics) -> dict[str, dict[str, str]]:
+    """The per-topic configs set at creation (topics not listed use the broker defaults)."""
+    return {
+        topics.spend_control: {"cleanup.policy": "compact"},
+        topics.usage_dlq: {"retention.ms": str(DLQ_RETENTION_MS)},
+    }
+
+
+async def wait_for_broker(bootstrap: str, timeout: float) -> None:  # noqa: ASYNC109 (retries)
+    """Return once a broker at `bootstrap` answers a metadata request; ConfigError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.5)):
+                await admin.start()
+                await admin.describe_cluster()
+            return
+        except (KafkaError, OSError, TimeoutError):
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"no Kafka broker at {bootstrap}: run `spendstream kafka start` "
+                    "or set SPENDSTREAM_BOOTSTRAP_SERVERS"
+                ) from None
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.25)
+
+
+async def ensure_topics(
+    bootstrap: str, topics: Topics, partitions: int, replication_factor: int = 1
+) -> list[str]:
+    """Create whichever of `topics.all()` is missing; return the names created.
+
+    Existing topics are left as they are, but one with a partition count other than
+    `partitions` is an error: Faust's tables require equal counts across topics.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        wanted = topics.all()
+        missing = [t for t in wanted if t not in existing]
+        configs = topic_configs(topics)
+        created: list[str] = []
+        if missing:
+            response = await admin.create_topics(
+                [NewTopic(t, partitions, replication_factor, topic_configs=configs.get(t)) for t in missing]
+            )
+            for err in response.to_object()["topic_errors"]:
+                if err["error_code"] == 0:
+                    created.append(err["topic"])
+                elif err["error_code"] != _TOPIC_ALREADY_EXISTS:  # lost a race: checked below
+                    raise ConfigError(
+                        f"could not create topic {err['topic']!r} on {bootstrap}: "
+                        f"error {err['error_code']} {err.get('error_message') or ''}".rstrip()
+                    )
+        await _check_partitions(admin, [t for t in wanted if t not in created], partitions)
+        if created:
+            log.info("created topics %s (%d partitions) on %s", created, partitions, bootstrap)
+        return created
+    finally:
+        await admin.close()
+
+
+async def _check_partitions(admin: AIOKafkaAdminClient, names: list[str], partitions: int) -> None:
+    if not names:
+        return
+    described: list[dict[str, Any]] = await admin.describe_topics(names)
+    for topic in described:
+        count = len(topic["partitions"])
+        if topic["error_code"] == 0 and count != partitions:
+            raise ConfigError(
+                f"topic {topic['topic']!r} has {count} partitions, but {partitions} are "
+                "configured (SPENDSTREAM_PARTITIONS): Faust tables need every topic to have the "
+                "same partition count. Set SPENDSTREAM_PARTITIONS to match, or delete the topics so "
+                "they are recreated (a new SPENDSTREAM_TOPIC_PREFIX also gives a fresh set)"
+            )

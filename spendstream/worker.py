@@ -1,0 +1,75 @@
+"""`spendstream up`: broker (if local) -> topics -> ClickHouse DDL -> the Faust worker, foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+
+import faust
+
+from spendstream.kafka_local import LocalKafka
+from spendstream.settings import Settings
+from spendstream.store import ClickHouseStore
+from spendstream.topics import ensure_topics, wait_for_broker
+
+__all__ = ["local_kafka", "prepare", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+def local_kafka(settings: Settings) -> LocalKafka:
+    return LocalKafka(
+        home=settings.kafka_dir,
+        port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port,
+        heap=settings.kafka_heap,
+    )
+
+
+def prepare(settings: Settings, say: Callable[[str], None]) -> str:
+    """Start the local broker if configured, create topics; returns the worker's data dir."""
+    if settings.local_kafka:
+        kafka = local_kafka(settings)
+        result = kafka.start(progress=say)
+        verb = "already running" if result.already_running else f"started in {result.seconds:.1f}s"
+        say(f"Kafka {kafka.bootstrap} {verb} (pid {result.pid})")
+        # Tie the worker's table state to this broker's life: a re-formatted broker gets a new
+        # cluster id and so a fresh worker dir (a stale one fails with ConsistencyError).
+        cluster = kafka.cluster_id() or "unknown"
+    else:
+        asyncio.run(wait_for_broker(settings.bootstrap, timeout=30))
+        cluster = "external-" + hashlib.sha256(settings.bootstrap.encode()).hexdigest()[:12]
+    created = asyncio.run(ensure_topics(settings.bootstrap, settings.topics, settings.partitions))
+    say(f"topics: {', '.join(settings.topics.all())}" + (f" (created {len(created)})" if created else ""))
+    datadir = settings.worker_dir / cluster
+    datadir.mkdir(parents=True, exist_ok=True)
+    return str(datadir)
+
+
+def run_worker(settings: Settings, say: Callable[[str], None], loglevel: str = "info") -> None:
+    """Run the worker until SIGINT/SIGTERM; on stop the sink flushes what it holds."""
+    from stream_processors.app import create_app  # import faust's app lazily: it is heavy
+
+    datadir = prepare(settings, say)
+    store = ClickHouseStore(settings.dsn, settings.clickhouse_database)
+    applied = store.migrate()
+    say(
+        f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
+        + (f": applied {', '.join(applied)}" if applied else ": schema up to date")
+    )
+    app = create_app(settings, datadir=datadir, store=store)
+    say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        store.close()
+
+
+def _redact(dsn: str) -> str:
+    if "@" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return dsn

@@ -1,0 +1,92 @@
+"""The meter stage: one `usage.raw` message in; priced events, spend deltas and dead letters out.
+
+Pure logic (no Kafka, no tables) so it is unit-tested directly; `app.py` wires it into the Faust
+agent that owns the spend tables. Per message, not per event, is where the Faust overhead goes, so
+a `UsageBatch` of hundreds of events costs one pass through the agent.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from spendstream.errors import DecodeError, UnknownModel
+from spendstream.usage import usage_problem
+from spendstream.wire import Codec
+from stream_processors.budgets import PERIODS, Period, Window, window_for
+from stream_processors.pricing import PriceTable
+
+__all__ = ["DeadLetter", "MeterResult", "MeterStage"]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    reason: str  # undecodable | wrong_schema | invalid_event | unknown_model
+    detail: str
+    payload: bytes
+
+
+@dataclass
+class MeterResult:
+    project: str | None = None  # the project of every priced event (= the message key)
+    priced: list[dict[str, Any]] = field(default_factory=list)  # PricedUsage records
+    spend: dict[tuple[Period, Window], int] = field(default_factory=lambda: defaultdict(int))
+    dead: list[DeadLetter] = field(default_factory=list)
+    rekey: list[tuple[str, bytes]] = field(default_factory=list)  # (project, UsageEvent message)
+
+
+class MeterStage:
+    def __init__(self, prices: PriceTable, codec: Codec) -> None:
+        self.prices = prices
+        self.codec = codec
+
+    def process(self, key: bytes | None, value: bytes, now_us: int) -> MeterResult:
+        result = MeterResult()
+        try:
+            name, record = self.codec.decode(value)
+        except DecodeError as exc:
+            result.dead.append(DeadLetter("undecodable", str(exc), value))
+            return result
+        if name == "UsageEvent":
+            events = [record]
+        elif name == "UsageBatch":
+            events = record["events"]
+        else:
+            result.dead.append(
+                DeadLetter("wrong_schema", f"usage.raw takes UsageEvent or UsageBatch, not {name}", value)
+            )
+            return result
+        message_project = key.decode("utf-8", "replace") if key is not None else None
+        for event in events:
+            self._price_one(event, message_project, now_us, result)
+        return result
+
+    def _price_one(
+        self, event: dict[str, Any], message_project: str | None, now_us: int, result: MeterResult
+    ) -> None:
+        problem = usage_problem(event)
+        if problem is not None:
+            result.dead.append(DeadLetter("invalid_event", problem, self._single(event)))
+            return
+        project = event["project"]
+        if project != message_project:
+            # Spend is owned by the partition of key = project. An event sent under another key (or
+            # none) is forwarded with the right key instead of being counted by the wrong owner.
+            result.rekey.append((project, self._single(event)))
+            return
+        try:
+            card = self.prices.card(event["provider"], event["model"])
+        except UnknownModel as exc:
+            result.dead.append(DeadLetter("unknown_model", str(exc), self._single(event)))
+            return
+        cost = card.cost_pico(event)
+        result.project = project
+        result.priced.append(
+            {"usage": event, "cost_pico_usd": cost, "price_card": card.id, "priced_at": now_us}
+        )
+        for period in PERIODS:
+            result.spend[(period, window_for(period, event["event_time"]))] += cost
+
+    def _single(self, event: dict[str, Any]) -> bytes:
+        return self.codec.encode("UsageEvent", event)

@@ -1,0 +1,163 @@
+"""The sink stage: `usage.priced` and `usage.dlq` -> ClickHouse `usage_events` and `dead_letters`.
+
+Flush, in order (at least once):
+  1. decode the batch's messages into rows (an undecodable message becomes a dead_letters row);
+  2. insert the rows into ClickHouse (one insert per table, bounded by rows and seconds);
+  3. commit the consumed Kafka offsets.
+A crash between 2 and 3 re-inserts the same rows on restart; `usage_events` is a
+ReplacingMergeTree keyed by event_id, so the duplicates collapse (query with FINAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from mode import Service
+
+from spendstream.errors import DecodeError
+from spendstream.settings import Topics
+from spendstream.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
+from spendstream.wire import Codec
+from stream_processors.pricing import pico_to_usd
+
+__all__ = ["Sink"]
+
+log = logging.getLogger(__name__)
+
+
+def usage_row(priced: dict[str, Any]) -> tuple[Any, ...]:
+    u = priced["usage"]
+    return (
+        u["event_id"],
+        u["event_time"],
+        u["project"],
+        u["team"],
+        u["user"],
+        u["service"],
+        u["provider"],
+        u["model"],
+        u["input_tokens"],
+        u["cached_input_tokens"],
+        u["cache_write_tokens"],
+        u["output_tokens"],
+        u["reasoning_tokens"],
+        u["tags"],
+        pico_to_usd(priced["cost_pico_usd"]),
+        priced["price_card"],
+        priced["priced_at"],
+    )
+
+
+def dead_letter_row(dl: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        dl["failed_at"],
+        dl["reason"],
+        dl["detail"],
+        dl["source_topic"],
+        dl["source_partition"],
+        dl["source_offset"],
+        dl["key"].decode("utf-8", "replace") if dl["key"] is not None else None,
+        dl["payload"].hex(),
+    )
+
+
+class Sink(Service):
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topics: Topics,
+        group_id: str,
+        store: ClickHouseStore,
+        codec: Codec,
+        max_rows: int,
+        max_seconds: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._topics = topics
+        self._store = store
+        self._codec = codec
+        self._max_rows = max_rows
+        self._max_seconds = max_seconds
+        self._consumer = AIOKafkaConsumer(
+            topics.usage_priced,
+            topics.usage_dlq,
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 << 20,
+            fetch_max_bytes=64 << 20,
+        )
+        self._usage: list[tuple[Any, ...]] = []
+        self._dead: list[tuple[Any, ...]] = []
+        self._flush_lock = asyncio.Lock()
+        self.rows_written = 0
+
+    async def on_start(self) -> None:
+        await self._consumer.start()
+
+    async def on_stop(self) -> None:
+        await self.flush()
+        await self._consumer.stop()
+
+    @Service.task
+    async def _consume(self) -> None:
+        last_flush = time.monotonic()
+        while not self.should_stop:
+            batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_rows)
+            for tp, messages in batches.items():
+                for msg in messages:
+                    self._add(tp.topic, tp.partition, msg.offset, msg.key, msg.value)
+            pending = len(self._usage) + len(self._dead)
+            if pending >= self._max_rows or (pending and time.monotonic() - last_flush >= self._max_seconds):
+                await self.flush()
+                last_flush = time.monotonic()
+
+    def _add(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+        try:
+            name, record = self._codec.decode(value)
+        except DecodeError as exc:
+            record, name = {}, str(exc)
+        if topic == self._topics.usage_priced and name == "PricedBatch":
+            self._usage.extend(usage_row(p) for p in record["events"])
+        elif topic == self._topics.usage_dlq and name == "DeadLetter":
+            self._dead.append(dead_letter_row(record))
+        else:  # keep what we could not read: it is a dead letter of the sink itself
+            self._dead.append(
+                (
+                    time.time_ns() // 1000,
+                    "sink_undecodable",
+                    name,
+                    topic,
+                    partition,
+                    offset,
+                    key.decode("utf-8", "replace") if key else None,
+                    value.hex(),
+                )
+            )
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            usage, dead = self._usage, self._dead
+            if not usage and not dead:
+                return
+            started = time.perf_counter()
+            if usage:  # 1. persist
+                await asyncio.to_thread(self._store.insert, "usage_events", usage, USAGE_COLUMNS)
+            if dead:
+                await asyncio.to_thread(self._store.insert, "dead_letters", dead, DEAD_LETTER_COLUMNS)
+            self._usage, self._dead = [], []
+            await self._consumer.commit()  # 2. only then store the offsets
+            self.rows_written += len(usage)
+            log.info(
+                "sink flush: %d usage rows, %d dead letters in %.0f ms",
+                len(usage),
+                len(dead),
+                (time.perf_counter() - started) * 1000,
+            )
