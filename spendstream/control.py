@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -13,6 +14,8 @@ from stream_processors.budgets import utc_from_micros
 from stream_processors.pricing import pico_to_usd
 
 __all__ = ["format_signal", "tail_control"]
+
+_CENT = Decimal("0.01")
 
 
 async def tail_control(
@@ -38,7 +41,7 @@ async def tail_control(
 
 
 def _usd(pico: int) -> str:
-    return f"${pico_to_usd(pico).quantize(pico_to_usd(10**10)):,}"
+    return f"${pico_to_usd(pico).quantize(_CENT):,}"
 
 
 def format_signal(s: dict[str, Any]) -> str:

@@ -121,7 +121,7 @@ def run_demo(settings: Settings, console: Console, *, max_events: int, rate: int
                     raise SpendstreamError(f"the worker did not become ready in 300 s; see {log_path}")
                 time.sleep(0.5)
         console.print(f"worker ready on {demo.bootstrap}, topics {', '.join(demo.topics.all())}")
-        asyncio.run(_workload(demo, console, max_events=max_events, rate=rate))
+        asyncio.run(_workload(demo, console, run=run, max_events=max_events, rate=rate))
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -130,7 +130,7 @@ def run_demo(settings: Settings, console: Console, *, max_events: int, rate: int
             worker.kill()
 
 
-async def _workload(settings: Settings, console: Console, *, max_events: int, rate: int) -> None:
+async def _workload(settings: Settings, console: Console, *, run: str, max_events: int, rate: int) -> None:
     prices = PriceTable.load()
     rng = random.Random(7)
     weights = [p.share for p in PROFILES]
@@ -178,6 +178,7 @@ async def _workload(settings: Settings, console: Console, *, max_events: int, ra
                             user=rng.choice(USERS),
                             provider=p.provider,
                             model=p.model,
+                            tags={"demo_run": run},
                             **usage,
                         )
                     except BufferFull:
@@ -197,7 +198,7 @@ async def _workload(settings: Settings, console: Console, *, max_events: int, ra
         console.print(format_signal(blocked))
     else:
         console.print("[yellow]no blocked signal seen[/yellow]")
-    await _report(settings, console, spend)
+    await _report(settings, console, run, spend)
 
 
 async def _emit_unknown_model(settings: Settings) -> None:
@@ -223,7 +224,7 @@ async def _emit_unknown_model(settings: Settings) -> None:
         await producer.stop()
 
 
-async def _report(settings: Settings, console: Console, spend: Counter[str]) -> None:
+async def _report(settings: Settings, console: Console, run: str, spend: Counter[str]) -> None:
     """Read spend back from ClickHouse (through the worker, which owns embedded chDB)."""
     from spendstream.cli import render
     from spendstream.store import QueryResult
@@ -231,7 +232,7 @@ async def _report(settings: Settings, console: Console, spend: Counter[str]) -> 
     base = f"http://127.0.0.1:{settings.web_port}"
     per_project = (
         "SELECT project, count() AS events, sum(cost_usd) AS spend_usd "
-        "FROM usage_events FINAL GROUP BY project ORDER BY spend_usd DESC"
+        f"FROM usage_events FINAL WHERE tags['demo_run'] = '{run}' GROUP BY project ORDER BY spend_usd DESC"
     )
     expected = {p: str(pico_to_usd(v)) for p, v in spend.items() if v}
     async with httpx.AsyncClient(timeout=60) as client:
@@ -254,7 +255,12 @@ async def _report(settings: Settings, console: Console, spend: Counter[str]) -> 
             console.print(f"[red]✗ ClickHouse totals differ from the emitter side: expected {expected}[/red]")
         dead = (
             await client.post(
-                f"{base}/sql", json={"query": ("SELECT reason, detail FROM dead_letters FINAL LIMIT 5")}
+                f"{base}/sql",
+                json={
+                    "query": (
+                        f"SELECT reason, detail FROM dead_letters FINAL WHERE source_topic = '{settings.topics.usage_raw}' LIMIT 5"
+                    )
+                },
             )
         ).json()
         for reason, detail in dead.get("rows", []):

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
 from spendstream.errors import DecodeError
@@ -84,39 +84,51 @@ class Sink(Service):
         self._codec = codec
         self._max_rows = max_rows
         self._max_seconds = max_seconds
-        self._consumer = AIOKafkaConsumer(
-            topics.usage_priced,
-            topics.usage_dlq,
-            bootstrap_servers=bootstrap,
-            group_id=group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=8 << 20,
-            fetch_max_bytes=64 << 20,
-        )
+        self._consumer_args: dict[str, Any] = {
+            "bootstrap_servers": bootstrap,
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_partition_fetch_bytes": 8 << 20,
+            "fetch_max_bytes": 64 << 20,
+        }
+        self._consumer: AIOKafkaConsumer | None = None
         self._usage: list[tuple[Any, ...]] = []
         self._dead: list[tuple[Any, ...]] = []
+        self._offsets: dict[TopicPartition, int] = {}  # next offset to commit, per partition
         self._flush_lock = asyncio.Lock()
         self.rows_written = 0
 
     async def on_start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            self._topics.usage_priced, self._topics.usage_dlq, **self._consumer_args
+        )
         await self._consumer.start()
 
     async def on_stop(self) -> None:
-        await self.flush()
-        await self._consumer.stop()
+        if self._consumer is not None:
+            await self.flush()
+            await self._consumer.stop()
 
     @Service.task
     async def _consume(self) -> None:
+        assert self._consumer is not None
         last_flush = time.monotonic()
         while not self.should_stop:
-            batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_rows)
-            for tp, messages in batches.items():
-                for msg in messages:
-                    self._add(tp.topic, tp.partition, msg.offset, msg.key, msg.value)
             pending = len(self._usage) + len(self._dead)
+            if pending < 4 * self._max_rows:  # bounded memory while ClickHouse is unavailable
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_rows)
+                for tp, messages in batches.items():
+                    for msg in messages:
+                        self._add(tp.topic, tp.partition, msg.offset, msg.key, msg.value)
+                    self._offsets[tp] = messages[-1].offset + 1
+                pending = len(self._usage) + len(self._dead)
             if pending >= self._max_rows or (pending and time.monotonic() - last_flush >= self._max_seconds):
-                await self.flush()
+                try:
+                    await self.flush()
+                except Exception:
+                    log.exception("sink flush failed; the rows are kept and retried in 1 s")
+                    await asyncio.sleep(1)
                 last_flush = time.monotonic()
 
     def _add(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
@@ -143,21 +155,32 @@ class Sink(Service):
             )
 
     async def flush(self) -> None:
+        """Write what is buffered, then commit exactly the offsets of what was written."""
         async with self._flush_lock:
-            usage, dead = self._usage, self._dead
+            # Take the buffers before awaiting: rows consumed meanwhile go to the next flush,
+            # and their offsets are not committed by this one.
+            usage, dead, offsets = self._usage, self._dead, self._offsets
+            self._usage, self._dead, self._offsets = [], [], {}
             if not usage and not dead:
                 return
             started = time.perf_counter()
-            if usage:  # 1. persist
-                await asyncio.to_thread(self._store.insert, "usage_events", usage, USAGE_COLUMNS)
-            if dead:
-                await asyncio.to_thread(self._store.insert, "dead_letters", dead, DEAD_LETTER_COLUMNS)
-            self._usage, self._dead = [], []
-            await self._consumer.commit()  # 2. only then store the offsets
+            try:
+                if usage:  # 1. persist
+                    await asyncio.to_thread(self._store.insert, "usage_events", usage, USAGE_COLUMNS)
+                if dead:
+                    await asyncio.to_thread(self._store.insert, "dead_letters", dead, DEAD_LETTER_COLUMNS)
+            except BaseException:
+                # Not written: put the rows back in front so the next flush retries them.
+                self._usage, self._dead = usage + self._usage, dead + self._dead
+                self._offsets = {**offsets, **self._offsets}
+                raise
+            assert self._consumer is not None
+            await self._consumer.commit(offsets)  # 2. only then store the offsets
             self.rows_written += len(usage)
             log.info(
-                "sink flush: %d usage rows, %d dead letters in %.0f ms",
+                "sink flush: %d usage rows, %d dead letters, offsets %s in %.0f ms",
                 len(usage),
                 len(dead),
+                {f"{tp.topic}[{tp.partition}]": o for tp, o in offsets.items()},
                 (time.perf_counter() - started) * 1000,
             )
