@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,8 @@ class _Schema:
 def _load(path: Path) -> _Schema:
     expanded = load_schema(str(path), _write_hint=False)
     canonical = to_parsing_canonical_form(expanded)
-    fp = struct.pack("<Q", int(fingerprint(canonical, "CRC-64-AVRO"), 16))
+    # fastavro renders the fingerprint as the hex of its little-endian bytes: the wire order.
+    fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
     full_name = json.loads(canonical)["name"]
     plain = _strip_logical_types(json.loads(json.dumps(copy.deepcopy(expanded))))
     return _Schema(full_name.removeprefix(_NAMESPACE), fp, parse_schema(plain, _write_hint=False))

@@ -1,0 +1,45 @@
+"""Invalid input raises a clear error at the call site, before anything is buffered."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from producers import build_event
+from spendstream.errors import InvalidUsage
+
+GOOD: dict[str, Any] = {"service": "svc", "project": "p", "provider": "openai", "model": "gpt-4o",
+                        "input_tokens": 1, "output_tokens": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"input_tokens": -1}, "input_tokens is negative"),
+        ({"cached_input_tokens": -3}, "cached_input_tokens is negative"),
+        ({"project": ""}, "project is missing or empty"),
+        ({"model": "  "}, "model is missing or empty"),
+        ({"provider": "OpenAI"}, "must be lowercase"),
+        ({"output_tokens": 1.5}, "must be an integer count"),
+        ({"reasoning_tokens": 5}, "must include the reasoning share"),
+        ({"event_id": "not-a-uuid"}, "is not a UUID"),
+        ({"event_time": datetime(2026, 1, 1)}, "timezone-aware"),  # noqa: DTZ001 (the point of the test)
+    ],
+)
+def test_invalid_usage_raises_with_the_reason(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidUsage, match=message):
+        build_event(**{**GOOD, **change})
+
+
+def test_valid_event_has_uuid_and_microsecond_time() -> None:
+    e = build_event(**GOOD, event_time=datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=UTC), tags={"k": "v"})
+    assert e["event_time"] == 1_795_780_800_123_456
+    assert len(e["event_id"]) == 36
+    assert (e["team"], e["user"], e["tags"], e["reasoning_tokens"]) == (None, None, {"k": "v"}, 0)
+
+
+def test_missing_token_counts_are_an_error_not_zero() -> None:
+    with pytest.raises(TypeError, match="output_tokens"):
+        build_event(service="s", project="p", provider="openai", model="m", input_tokens=1)  # type: ignore[call-arg]

@@ -1,0 +1,75 @@
+"""The meter stage on real Avro bytes: pricing, window deltas, dead letters, re-keying."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producers import build_event
+from spendstream.wire import default_codec
+from stream_processors.meter import MeterStage
+from stream_processors.pricing import PriceTable
+
+CODEC = default_codec()
+STAGE = MeterStage(PriceTable.load(), CODEC)
+NOW = 1_800_000_000_000_000
+
+
+def ev(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"service": "s", "project": "a", "provider": "openai", "model": "gpt-4o",
+                            "input_tokens": 1000, "output_tokens": 100}
+    return build_event(**{**base, **kw})
+
+
+def test_batch_is_priced_and_spend_split_by_window() -> None:
+    from datetime import UTC, datetime
+
+    e1 = ev(event_time=datetime(2026, 11, 30, 23, 59, tzinfo=UTC))
+    e2 = ev(event_time=datetime(2026, 12, 1, 0, 0, tzinfo=UTC), model="gpt-4o-mini")
+    result = STAGE.process(b"a", CODEC.encode("UsageBatch", {"events": [e1, e2]}), NOW)
+    assert result.project == "a"
+    assert [p["cost_pico_usd"] for p in result.priced] == [3_500_000_000, 210_000_000]
+    assert [p["price_card"] for p in result.priced] == ["openai/gpt-4o@2024-10-01", "openai/gpt-4o-mini@2024-07-18"]
+    spend = {(period, w.id): v for (period, w), v in result.spend.items()}
+    assert spend == {
+        ("daily", "day:2026-11-30"): 3_500_000_000,
+        ("monthly", "month:2026-11"): 3_500_000_000,
+        ("daily", "day:2026-12-01"): 210_000_000,
+        ("monthly", "month:2026-12"): 210_000_000,
+    }
+    assert result.dead == [] and result.rekey == []
+
+
+def test_garbage_is_dead_lettered_as_undecodable() -> None:
+    result = STAGE.process(b"a", b"\x00garbage", NOW)
+    assert [(d.reason, d.payload) for d in result.dead] == [("undecodable", b"\x00garbage")]
+    assert result.priced == []
+
+
+def test_schema_valid_but_invalid_event_is_dead_lettered_alone() -> None:
+    bad = {**ev(), "output_tokens": -5}
+    good = ev()
+    result = STAGE.process(b"a", CODEC.encode("UsageBatch", {"events": [bad, good]}), NOW)
+    assert [(d.reason, d.detail) for d in result.dead] == [("invalid_event", "output_tokens is negative (-5)")]
+    assert CODEC.decode(result.dead[0].payload) == ("UsageEvent", bad)
+    assert [p["usage"]["event_id"] for p in result.priced] == [good["event_id"]]
+
+
+def test_unknown_model_is_dead_lettered_never_zero() -> None:
+    result = STAGE.process(b"a", CODEC.encode("UsageEvent", ev(model="gpt-9")), NOW)
+    assert [d.reason for d in result.dead] == ["unknown_model"]
+    assert "gpt-9" in result.dead[0].detail
+    assert result.priced == [] and not result.spend
+
+
+def test_wrong_schema_on_usage_raw() -> None:
+    signal = {"scope": "project:a", "state": "ok", "reason": "x", "window": "day:x", "window_start": 0,
+              "window_end": 1, "spend_pico_usd": 0, "limit_pico_usd": 1, "decided_at": 0, "sequence": 1}
+    result = STAGE.process(b"a", CODEC.encode("ControlSignal", signal), NOW)
+    assert [d.reason for d in result.dead] == ["wrong_schema"]
+
+
+def test_event_under_another_key_is_forwarded_to_its_owner() -> None:
+    e = ev(project="b")
+    result = STAGE.process(None, CODEC.encode("UsageEvent", e), NOW)
+    assert result.priced == []
+    assert [(p, CODEC.decode(b)[1]["event_id"]) for p, b in result.rekey] == [("b", e["event_id"])]

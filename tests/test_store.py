@@ -1,0 +1,66 @@
+"""The ClickHouse contract on the real engine (embedded chDB): DDL, exact decimals, dedup, read-only."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from spendstream.errors import QueryError
+from spendstream.store import USAGE_COLUMNS, ClickHouseStore
+from stream_processors.sink import usage_row
+
+# chDB admits one engine (one path) per process: every test here shares this one.
+_PATH = Path(__file__).resolve().parent.parent / ".spendstream" / "test-chdb"
+
+
+@pytest.fixture
+def store() -> Iterator[ClickHouseStore]:
+    s = ClickHouseStore(f"chdb://{_PATH}", f"t_{uuid.uuid4().hex[:12]}")
+    yield s
+    s.close()
+
+
+def priced(project: str, pico: int, event_id: str | None = None) -> dict[str, object]:
+    usage = {"event_id": event_id or str(uuid.uuid4()), "event_time": 1_795_780_800_123_456, "project": project,
+             "team": None, "user": "u1", "service": "svc", "provider": "openai", "model": "gpt-4o",
+             "input_tokens": 1, "cached_input_tokens": 0, "cache_write_tokens": 0, "output_tokens": 2,
+             "reasoning_tokens": 0, "tags": {"k": "v"}}
+    return {"usage": usage, "cost_pico_usd": pico, "price_card": "c", "priced_at": 1_795_780_800_500_000}
+
+
+def test_migrations_apply_once(store: ClickHouseStore) -> None:
+    assert store.migrate() == ["001_usage_events.sql", "002_dead_letters.sql"]
+    assert store.migrate() == []
+    tables = store.query("SHOW TABLES").rows
+    assert sorted(r[0] for r in tables) == ["dead_letters", "schema_migrations", "usage_events"]
+
+
+def test_costs_sum_exactly_and_duplicates_collapse(store: ClickHouseStore) -> None:
+    store.migrate()
+    dup = str(uuid.uuid4())
+    rows = [usage_row(priced("a", 1)) for _ in range(999)] + [usage_row(priced("a", 3_500_000_000, dup))] * 3
+    store.insert("usage_events", rows, USAGE_COLUMNS)
+    result = store.query("SELECT count(), sum(cost_usd), toTypeName(sum(cost_usd)) FROM usage_events FINAL")
+    assert result.rows == [[1000, Decimal("0.003500000999"), "Decimal(38, 12)"]]
+    got = store.query("SELECT event_time, user, tags FROM usage_events LIMIT 1").rows[0]
+    assert (got[0].isoformat(), got[1], got[2]) == ("2026-11-27T12:00:00.123456", "u1", {"k": "v"})
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["DROP TABLE usage_events", "INSERT INTO usage_events SELECT * FROM usage_events",
+     "SELECT 1; DROP TABLE usage_events", "ALTER TABLE usage_events DELETE WHERE 1"],
+)
+def test_queries_are_read_only(store: ClickHouseStore, sql: str) -> None:
+    store.migrate()
+    with pytest.raises(QueryError, match="read-only"):
+        store.query(sql)
+
+
+def test_query_errors_are_query_errors(store: ClickHouseStore) -> None:
+    with pytest.raises(QueryError, match="UNKNOWN_TABLE|Unknown table"):
+        store.query("SELECT * FROM no_such_table")

@@ -1,0 +1,120 @@
+"""The Avro single-object wire format: golden bytes, fingerprints, evolution, bad input."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from spendstream.errors import DecodeError
+from spendstream.wire import MAGIC, Codec, default_codec
+
+GOLDEN = Path(__file__).parent / "golden"
+SCHEMAS = Path(__file__).parent.parent / "schemas"
+
+EVENT = {
+    "event_id": "2f1c4a9e-5b7d-4e1a-9c3f-0d8e6b5a4c21",
+    "event_time": 1_764_201_600_000_000,  # 2025-11-27T00:00:00Z
+    "project": "checkout",
+    "team": "commerce",
+    "user": None,
+    "service": "checkout-api",
+    "provider": "openai",
+    "model": "gpt-4o",
+    "input_tokens": 1200,
+    "cached_input_tokens": 300,
+    "cache_write_tokens": 0,
+    "output_tokens": 250,
+    "reasoning_tokens": 100,
+    "tags": {"env": "prod"},
+}
+
+
+def _crc64_avro(data: bytes) -> int:
+    """CRC-64-AVRO exactly as the Avro specification writes it (independent of fastavro)."""
+    empty = 0xC15D213AA4D7A795
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+        table.append(fp)
+    fp = empty
+    for b in data:
+        fp = (fp >> 8) ^ table[(fp ^ b) & 0xFF]
+    return fp
+
+
+@pytest.mark.parametrize(
+    ("name", "record"),
+    [
+        ("UsageEvent", EVENT),
+        ("UsageBatch", {"events": [EVENT, {**EVENT, "event_id": "00000000-0000-4000-8000-000000000001"}]}),
+    ],
+)
+def test_golden_bytes_round_trip(name: str, record: dict[str, object]) -> None:
+    codec = default_codec()
+    golden = (GOLDEN / f"{name}.bin").read_bytes()
+    assert codec.encode(name, record) == golden  # the bytes on the wire never change silently
+    assert codec.decode(golden) == (name, record)
+
+
+def test_header_is_magic_plus_spec_fingerprint_of_canonical_form() -> None:
+    codec = default_codec()
+    data = (GOLDEN / "UsageEvent.bin").read_bytes()
+    canonical = (GOLDEN / "UsageEvent.canonical.json").read_bytes()
+    assert data[:2] == MAGIC == b"\xc3\x01"
+    assert data[2:10] == struct.pack("<Q", _crc64_avro(canonical))
+    assert codec.fingerprint("UsageEvent") == data[2:10]
+
+
+def test_every_schema_has_a_distinct_fingerprint() -> None:
+    codec = default_codec()
+    fps = {codec.fingerprint(n) for n in codec.names}
+    assert len(fps) == len(codec.names) == 6
+
+
+def test_old_writer_schema_resolves_into_current(tmp_path: Path) -> None:
+    # An older UsageEvent without `tags` and `reasoning_tokens`, kept in schemas/history/.
+    current = json.loads((SCHEMAS / "dev.spendstream.UsageEvent.avsc").read_text())
+    old = {**current, "fields": [f for f in current["fields"] if f["name"] not in ("tags", "reasoning_tokens")]}
+    for path in SCHEMAS.glob("*.avsc"):
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "history").mkdir()
+    (tmp_path / "history" / "dev.spendstream.UsageEvent.avsc").write_text(json.dumps(old))
+    writer_dir = tmp_path / "writer"
+    writer_dir.mkdir()
+    (writer_dir / "dev.spendstream.UsageEvent.avsc").write_text(json.dumps(old))
+    old_record = {k: v for k, v in EVENT.items() if k not in ("tags", "reasoning_tokens")}
+    data = Codec(writer_dir).encode("UsageEvent", old_record)
+    name, record = Codec(tmp_path).decode(data)
+    assert name == "UsageEvent"
+    assert record == {**old_record, "tags": {}, "reasoning_tokens": 0}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "not an Avro single-object message"),
+        (b"hello world, not avro", "not an Avro single-object message"),
+        (MAGIC + b"\x00" * 8 + b"\x02", "unknown writer schema fingerprint"),
+    ],
+)
+def test_garbage_is_a_decode_error(data: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        default_codec().decode(data)
+
+
+def test_truncated_and_padded_bodies_are_decode_errors() -> None:
+    good = (GOLDEN / "UsageEvent.bin").read_bytes()
+    with pytest.raises(DecodeError, match="corrupt UsageEvent body"):
+        default_codec().decode(good[:-5])
+    with pytest.raises(DecodeError, match="trailing bytes"):
+        default_codec().decode(good + b"\x00")
+
+
+def test_crc64_avro_matches_the_spec_test_vector() -> None:
+    # Avro's schema-tests: the fingerprint of "null" is 7195948357588979594.
+    assert _crc64_avro(b'"null"') == 7195948357588979594
