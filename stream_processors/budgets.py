@@ -20,6 +20,7 @@ import yaml
 from spendstream.errors import ConfigError
 
 __all__ = [
+    "PERIODS",
     "Budget",
     "BudgetBook",
     "Period",

@@ -10,8 +10,14 @@ import pytest
 from producers import build_event
 from spendstream.errors import InvalidUsage
 
-GOOD: dict[str, Any] = {"service": "svc", "project": "p", "provider": "openai", "model": "gpt-4o",
-                        "input_tokens": 1, "output_tokens": 1}
+GOOD: dict[str, Any] = {
+    "service": "svc",
+    "project": "p",
+    "provider": "openai",
+    "model": "gpt-4o",
+    "input_tokens": 1,
+    "output_tokens": 1,
+}
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,14 @@ NOW = 1_800_000_000_000_000
 
 
 def ev(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"service": "s", "project": "a", "provider": "openai", "model": "gpt-4o",
-                            "input_tokens": 1000, "output_tokens": 100}
+    base: dict[str, Any] = {
+        "service": "s",
+        "project": "a",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "input_tokens": 1000,
+        "output_tokens": 100,
+    }
     return build_event(**{**base, **kw})
 
 
@@ -28,7 +34,10 @@ def test_batch_is_priced_and_spend_split_by_window() -> None:
     result = STAGE.process(b"a", CODEC.encode("UsageBatch", {"events": [e1, e2]}), NOW)
     assert result.project == "a"
     assert [p["cost_pico_usd"] for p in result.priced] == [3_500_000_000, 210_000_000]
-    assert [p["price_card"] for p in result.priced] == ["openai/gpt-4o@2024-10-01", "openai/gpt-4o-mini@2024-07-18"]
+    assert [p["price_card"] for p in result.priced] == [
+        "openai/gpt-4o@2024-10-01",
+        "openai/gpt-4o-mini@2024-07-18",
+    ]
     spend = {(period, w.id): v for (period, w), v in result.spend.items()}
     assert spend == {
         ("daily", "day:2026-11-30"): 3_500_000_000,
@@ -36,7 +45,8 @@ def test_batch_is_priced_and_spend_split_by_window() -> None:
         ("daily", "day:2026-12-01"): 210_000_000,
         ("monthly", "month:2026-12"): 210_000_000,
     }
-    assert result.dead == [] and result.rekey == []
+    assert result.dead == []
+    assert result.rekey == []
 
 
 def test_garbage_is_dead_lettered_as_undecodable() -> None:
@@ -49,7 +59,9 @@ def test_schema_valid_but_invalid_event_is_dead_lettered_alone() -> None:
     bad = {**ev(), "output_tokens": -5}
     good = ev()
     result = STAGE.process(b"a", CODEC.encode("UsageBatch", {"events": [bad, good]}), NOW)
-    assert [(d.reason, d.detail) for d in result.dead] == [("invalid_event", "output_tokens is negative (-5)")]
+    assert [(d.reason, d.detail) for d in result.dead] == [
+        ("invalid_event", "output_tokens is negative (-5)")
+    ]
     assert CODEC.decode(result.dead[0].payload) == ("UsageEvent", bad)
     assert [p["usage"]["event_id"] for p in result.priced] == [good["event_id"]]
 
@@ -58,12 +70,23 @@ def test_unknown_model_is_dead_lettered_never_zero() -> None:
     result = STAGE.process(b"a", CODEC.encode("UsageEvent", ev(model="gpt-9")), NOW)
     assert [d.reason for d in result.dead] == ["unknown_model"]
     assert "gpt-9" in result.dead[0].detail
-    assert result.priced == [] and not result.spend
+    assert result.priced == []
+    assert not result.spend
 
 
 def test_wrong_schema_on_usage_raw() -> None:
-    signal = {"scope": "project:a", "state": "ok", "reason": "x", "window": "day:x", "window_start": 0,
-              "window_end": 1, "spend_pico_usd": 0, "limit_pico_usd": 1, "decided_at": 0, "sequence": 1}
+    signal = {
+        "scope": "project:a",
+        "state": "ok",
+        "reason": "x",
+        "window": "day:x",
+        "window_start": 0,
+        "window_end": 1,
+        "spend_pico_usd": 0,
+        "limit_pico_usd": 1,
+        "decided_at": 0,
+        "sequence": 1,
+    }
     result = STAGE.process(b"a", CODEC.encode("ControlSignal", signal), NOW)
     assert [d.reason for d in result.dead] == ["wrong_schema"]
 

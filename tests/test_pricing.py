@@ -111,9 +111,19 @@ def test_sum_of_prices_equals_price_of_summed_meters(events: list[tuple[int, ...
     total = card.cost_pico(usage(*(sum(col) for col in zip(*events, strict=True))))
     assert each == total
     # and equal to the decimal arithmetic on the published per-million strings
-    rates = {"input": Decimal("2.50"), "cached": Decimal("1.25"), "write": Decimal("2.50"), "output": Decimal("10.00")}
+    rates = {
+        "input": Decimal("2.50"),
+        "cached": Decimal("1.25"),
+        "write": Decimal("2.50"),
+        "output": Decimal("10.00"),
+    }
     if model == "gpt-4o-mini":
-        rates = {"input": Decimal("0.15"), "cached": Decimal("0.075"), "write": Decimal("0.15"), "output": Decimal("0.60")}
+        rates = {
+            "input": Decimal("0.15"),
+            "cached": Decimal("0.075"),
+            "write": Decimal("0.15"),
+            "output": Decimal("0.60"),
+        }
     sums = [sum(col) for col in zip(*events, strict=True)]
     expected = sum(n * r for n, r in zip(sums, rates.values(), strict=True)) / 1_000_000
     assert pico_to_usd(each) == expected

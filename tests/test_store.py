@@ -25,10 +25,22 @@ def store() -> Iterator[ClickHouseStore]:
 
 
 def priced(project: str, pico: int, event_id: str | None = None) -> dict[str, object]:
-    usage = {"event_id": event_id or str(uuid.uuid4()), "event_time": 1_795_780_800_123_456, "project": project,
-             "team": None, "user": "u1", "service": "svc", "provider": "openai", "model": "gpt-4o",
-             "input_tokens": 1, "cached_input_tokens": 0, "cache_write_tokens": 0, "output_tokens": 2,
-             "reasoning_tokens": 0, "tags": {"k": "v"}}
+    usage = {
+        "event_id": event_id or str(uuid.uuid4()),
+        "event_time": 1_795_780_800_123_456,
+        "project": project,
+        "team": None,
+        "user": "u1",
+        "service": "svc",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "input_tokens": 1,
+        "cached_input_tokens": 0,
+        "cache_write_tokens": 0,
+        "output_tokens": 2,
+        "reasoning_tokens": 0,
+        "tags": {"k": "v"},
+    }
     return {"usage": usage, "cost_pico_usd": pico, "price_card": "c", "priced_at": 1_795_780_800_500_000}
 
 
@@ -52,8 +64,12 @@ def test_costs_sum_exactly_and_duplicates_collapse(store: ClickHouseStore) -> No
 
 @pytest.mark.parametrize(
     "sql",
-    ["DROP TABLE usage_events", "INSERT INTO usage_events SELECT * FROM usage_events",
-     "SELECT 1; DROP TABLE usage_events", "ALTER TABLE usage_events DELETE WHERE 1"],
+    [
+        "DROP TABLE usage_events",
+        "INSERT INTO usage_events SELECT * FROM usage_events",
+        "SELECT 1; DROP TABLE usage_events",
+        "ALTER TABLE usage_events DELETE WHERE 1",
+    ],
 )
 def test_queries_are_read_only(store: ClickHouseStore, sql: str) -> None:
     store.migrate()
@@ -62,5 +78,5 @@ def test_queries_are_read_only(store: ClickHouseStore, sql: str) -> None:
 
 
 def test_query_errors_are_query_errors(store: ClickHouseStore) -> None:
-    with pytest.raises(QueryError, match="UNKNOWN_TABLE|Unknown table"):
+    with pytest.raises(QueryError, match=r"UNKNOWN_TABLE|Unknown table"):
         store.query("SELECT * FROM no_such_table")

@@ -79,7 +79,10 @@ def test_every_schema_has_a_distinct_fingerprint() -> None:
 def test_old_writer_schema_resolves_into_current(tmp_path: Path) -> None:
     # An older UsageEvent without `tags` and `reasoning_tokens`, kept in schemas/history/.
     current = json.loads((SCHEMAS / "dev.spendstream.UsageEvent.avsc").read_text())
-    old = {**current, "fields": [f for f in current["fields"] if f["name"] not in ("tags", "reasoning_tokens")]}
+    old = {
+        **current,
+        "fields": [f for f in current["fields"] if f["name"] not in ("tags", "reasoning_tokens")],
+    }
     for path in SCHEMAS.glob("*.avsc"):
         (tmp_path / path.name).write_text(path.read_text())
     (tmp_path / "history").mkdir()

@@ -1,0 +1,111 @@
+"""Shared fixtures: the real Kafka broker (started here, never skipped) and worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from spendstream.kafka_local import LocalKafka
+from spendstream.settings import Topics
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_KAFKA_PORT = 19092  # not the default 9092: a developer's own broker keeps running
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[str]:
+    """A fresh single-node KRaft broker for the whole test session (jars cached in ~/.m2)."""
+    broker = LocalKafka(
+        REPO / ".spendstream" / "test" / "kafka",
+        port=TEST_KAFKA_PORT,
+        controller_port=TEST_KAFKA_PORT + 1,
+        heap="512m",
+    )
+    broker.wipe()
+    broker.start(timeout=180, progress=lambda m: print(f"[kafka] {m}", file=sys.stderr))
+    yield broker.bootstrap
+    broker.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Worker:
+    env: dict[str, str]
+    port: int
+    topics: Topics
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def sql(self, query: str) -> list[list[object]]:
+        response = httpx.post(f"http://127.0.0.1:{self.port}/sql", json={"query": query}, timeout=60)
+        assert response.status_code == 200, response.text
+        rows: list[list[object]] = response.json()["rows"]
+        return rows
+
+    def flush(self) -> None:
+        httpx.post(f"http://127.0.0.1:{self.port}/flush", timeout=60).raise_for_status()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def start_worker(bootstrap: str, state_dir: Path, budgets: str, **extra: str) -> Worker:
+    """`spendstream up` as a separate process on fresh topics and a fresh embedded ClickHouse."""
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    budgets_file = state_dir / "budgets.yaml"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    budgets_file.write_text(budgets)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDSTREAM_")}
+    env.update(
+        {
+            "SPENDSTREAM_BOOTSTRAP_SERVERS": bootstrap,
+            "SPENDSTREAM_STATE_DIR": str(state_dir),
+            "SPENDSTREAM_TOPIC_PREFIX": prefix,
+            "SPENDSTREAM_WORKER_ID": f"spendstream-{prefix.rstrip('.')}",
+            "SPENDSTREAM_WEB_PORT": str(port),
+            "SPENDSTREAM_BUDGETS_FILE": str(budgets_file),
+            **extra,
+        }
+    )
+    log = state_dir / "worker.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spendstream", "up"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    worker = Worker(env, port, Topics(prefix), process, log)
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"worker exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return worker
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            worker.stop()
+            raise AssertionError(f"worker not ready in 120 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
