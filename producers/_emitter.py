@@ -21,13 +21,14 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
 from datetime import datetime
+from decimal import Decimal
 from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaProducer
 
 from spendstream.errors import BufferFull, EmitterClosed, InvalidUsage
-from spendstream.usage import usage_problem
+from spendstream.usage import encode_seconds, usage_problem
 from spendstream.wire import Codec, default_codec
 
 __all__ = ["Emitter", "SyncEmitter"]
@@ -94,14 +95,33 @@ def build_event(
     output_tokens: int,
     cached_input_tokens: int = 0,
     cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
     reasoning_tokens: int = 0,
+    input_audio_tokens: int = 0,
+    output_audio_tokens: int = 0,
+    audio_seconds: Decimal | str | int = 0,
+    characters: int = 0,
+    images: int = 0,
+    image_size: str = "",
+    image_quality: str = "",
+    requests: int = 0,
+    service_tier: str = "standard",
+    region: str = "global",
     team: str | None = None,
     user: str | None = None,
     tags: Mapping[str, str] | None = None,
     event_time: datetime | None = None,
     event_id: str | None = None,
 ) -> dict[str, Any]:
-    """A validated UsageEvent record; raises InvalidUsage saying what is wrong."""
+    """A validated UsageEvent record; raises InvalidUsage saying what is wrong.
+
+    Meters do not overlap (docs/event-format.md): `input_tokens` excludes cache reads and writes,
+    `output_tokens` includes reasoning. Token counts have no default: unknown is never zero.
+    """
+    try:
+        seconds = encode_seconds(audio_seconds)
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise InvalidUsage(str(exc)) from None
     event = {
         "event_id": event_id or str(uuid.uuid4()),
         "event_time": _micros(event_time),
@@ -117,6 +137,17 @@ def build_event(
         "output_tokens": output_tokens,
         "reasoning_tokens": reasoning_tokens,
         "tags": dict(tags) if tags else {},
+        "cache_write_1h_tokens": cache_write_1h_tokens,
+        "input_audio_tokens": input_audio_tokens,
+        "output_audio_tokens": output_audio_tokens,
+        "audio_seconds": seconds,
+        "characters": characters,
+        "images": images,
+        "image_size": image_size,
+        "image_quality": image_quality,
+        "requests": requests,
+        "service_tier": service_tier,
+        "region": region,
     }
     problem = usage_problem(event)
     if problem is not None:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from spendstream import prices_cli
 from spendstream.errors import QueryError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.store import ClickHouseStore, QueryResult
@@ -219,6 +220,9 @@ def config(ctx: typer.Context) -> None:
         table.add_row(f"SPENDSTREAM_{name.upper()}", str(value), field.description or "")
     console.print(table)
     console.print(f"bootstrap: {settings.bootstrap}   topics: {', '.join(settings.topics.all())}")
+
+
+prices_cli.register(app)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from producers import Emitter
 from spendstream.control import format_signal, tail_control
 from spendstream.errors import BufferFull, SpendstreamError
 from spendstream.settings import Settings
-from stream_processors.pricing import PriceTable, pico_to_usd
+from stream_processors.pricing import Catalogue, pico_to_usd
 
 __all__ = ["run_demo"]
 
@@ -131,7 +131,7 @@ def run_demo(settings: Settings, console: Console, *, max_events: int, rate: int
 
 
 async def _workload(settings: Settings, console: Console, *, run: str, max_events: int, rate: int) -> None:
-    prices = PriceTable.load()
+    catalogue = Catalogue.load(fallback=settings.unpriced_fallback)
     rng = random.Random(7)
     weights = [p.share for p in PROFILES]
     spend: Counter[str] = Counter()
@@ -164,7 +164,7 @@ async def _workload(settings: Settings, console: Console, *, run: str, max_event
     async with Emitter(
         bootstrap_servers=settings.bootstrap, service="demo-workload", topic=settings.topics.usage_raw
     ) as emitter:
-        await _emit_unknown_model(settings)
+        unknown_id = await _emit_unknown_model(settings)
         with Live(view(0), console=console, refresh_per_second=8) as live:
             sent, tick = 0, 0.02
             while sent < max_events and not watcher.done():
@@ -183,7 +183,13 @@ async def _workload(settings: Settings, console: Console, *, run: str, max_event
                         )
                     except BufferFull:
                         break
-                    spend[p.project] += prices.card(p.provider, p.model).cost_pico(usage)
+                    event = {
+                        **usage,
+                        "provider": p.provider,
+                        "model": p.model,
+                        "event_time": time.time_ns() // 1000,
+                    }
+                    spend[p.project] += catalogue.price(event).cost_pico or 0
                     events[p.project] += 1
                     sent += 1
                 live.update(view(time.monotonic() - started))
@@ -198,11 +204,11 @@ async def _workload(settings: Settings, console: Console, *, run: str, max_event
         console.print(format_signal(blocked))
     else:
         console.print("[yellow]no blocked signal seen[/yellow]")
-    await _report(settings, console, run, spend)
+    await _report(settings, console, run, spend, unknown_id)
 
 
-async def _emit_unknown_model(settings: Settings) -> None:
-    """One event for a model with no price: it must be dead-lettered, never priced at $0."""
+async def _emit_unknown_model(settings: Settings) -> str:
+    """One event for a model with no price: it must be flagged and charged at a fallback, never $0."""
     from producers import build_event
     from spendstream.wire import default_codec
 
@@ -222,9 +228,12 @@ async def _emit_unknown_model(settings: Settings) -> None:
         )
     finally:
         await producer.stop()
+    return str(event["event_id"])
 
 
-async def _report(settings: Settings, console: Console, run: str, spend: Counter[str]) -> None:
+async def _report(
+    settings: Settings, console: Console, run: str, spend: Counter[str], unknown_id: str
+) -> None:
     """Read spend back from ClickHouse (through the worker, which owns embedded chDB)."""
     from spendstream.cli import render
     from spendstream.store import QueryResult
@@ -253,6 +262,20 @@ async def _report(settings: Settings, console: Console, run: str, spend: Counter
             )
         else:
             console.print(f"[red]✗ ClickHouse totals differ from the emitter side: expected {expected}[/red]")
+        unknown = (
+            await client.post(
+                f"{base}/sql",
+                json={
+                    "query": "SELECT model, pricing_status, price_card, cost_usd, unpriced_reason "
+                    f"FROM usage_events FINAL WHERE event_id = '{unknown_id}'"
+                },
+            )
+        ).json()
+        for model, status, card, cost, reason in unknown.get("rows", []):
+            console.print(
+                f"unknown model [yellow]{model}[/yellow]: {reason}; stored as [bold]{status}[/bold]"
+                + (f", charged ${cost} at {card} so budgets still move" if status == "fallback" else "")
+            )
         dead = (
             await client.post(
                 f"{base}/sql",

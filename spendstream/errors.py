@@ -55,15 +55,16 @@ class DecodeError(SpendstreamError):
 
 
 class UnknownModel(SpendstreamError):
-    """No price is known for this provider and model."""
+    """No price is known for this provider and model (at this time, tier and scope)."""
 
-    def __init__(self, provider: str, model: str) -> None:
-        super().__init__(
-            f"no price for provider={provider!r} model={model!r}; "
-            "the event is kept (dead-lettered with reason unknown_model), not priced at zero"
-        )
+    def __init__(self, provider: str, model: str, reason: str = "") -> None:
         self.provider = provider
         self.model = model
+        self.reason = reason or f"no price card for {provider}/{model}"
+        super().__init__(
+            f"{self.reason} (provider={provider!r} model={model!r}); it is never priced at zero: "
+            "add a card with `spendstream prices set` or `spendstream prices import`"
+        )
 
 
 class QueryError(SpendstreamError):

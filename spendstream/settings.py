@@ -23,9 +23,10 @@ class Topics:
         self.usage_priced = f"{prefix}usage.priced"
         self.spend_control = f"{prefix}spend.control"
         self.usage_dlq = f"{prefix}usage.dlq"
+        self.prices = f"{prefix}prices"
 
     def all(self) -> list[str]:
-        return [self.usage_raw, self.usage_priced, self.spend_control, self.usage_dlq]
+        return [self.usage_raw, self.usage_priced, self.spend_control, self.usage_dlq, self.prices]
 
 
 class Settings(BaseSettings):
@@ -52,6 +53,11 @@ class Settings(BaseSettings):
     clickhouse_database: str = Field(default="spendstream")
     budgets_file: Path | None = Field(
         default=None, description="YAML or TOML file of budgets (see docs/configuration.md)."
+    )
+    unpriced_fallback: str = Field(
+        default="max",
+        description="Charge events of models without a price at: max (the provider's most expensive "
+        "card in force, so budgets still move), none (stay unpriced), or a card id.",
     )
     worker_id: str = Field(default="spendstream", description="Faust app id / consumer group.")
     web_port: int = Field(default=6066, description="Worker HTTP port (health, /sql for the CLI).")

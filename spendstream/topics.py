@@ -7,6 +7,7 @@ its source topic, so all topics must have the same, deliberate partition count.
     usage.priced    events with their cost                  broker default retention
     spend.control   latest budget state/decision per key    cleanup.policy=compact
     usage.dlq       poison events with the reason attached  retention.ms = 30 days
+    prices          price cards published at run time       cleanup.policy=compact
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aiokafka.errors import KafkaError
 from spendstream.errors import ConfigError
 from spendstream.settings import Topics
 
-__all__ = ["DLQ_RETENTION_MS", "ensure_topics", "topic_configs", "wait_for_broker"]
+__all__ = ["DLQ_RETENTION_MS", "ensure_topics", "partitions_of", "topic_configs", "wait_for_broker"]
 
 DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 _TOPIC_ALREADY_EXISTS = 36
@@ -35,6 +36,7 @@ def topic_configs(topics: Topics) -> dict[str, dict[str, str]]:
     return {
         topics.spend_control: {"cleanup.policy": "compact"},
         topics.usage_dlq: {"retention.ms": str(DLQ_RETENTION_MS)},
+        topics.prices: {"cleanup.policy": "compact"},
     }
 
 
@@ -108,3 +110,16 @@ async def _check_partitions(admin: AIOKafkaAdminClient, names: list[str], partit
                 "same partition count. Set SPENDSTREAM_PARTITIONS to match, or delete the topics so "
                 "they are recreated (a new SPENDSTREAM_TOPIC_PREFIX also gives a fresh set)"
             )
+
+
+async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+    """The partition ids of `topic`; ConfigError if it does not exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        described: list[dict[str, Any]] = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if not described or described[0]["error_code"] != 0 or not described[0]["partitions"]:
+        raise ConfigError(f"topic {topic} does not exist: run `spendstream up` to create the topics")
+    return sorted(p["partition"] for p in described[0]["partitions"])

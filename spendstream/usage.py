@@ -1,22 +1,42 @@
 """The rules every UsageEvent must satisfy, shared by the emitters (raise at the call site) and
-the pricer (dead-letter with the reason)."""
+the meter (dead-letter with the reason)."""
 
 from __future__ import annotations
 
-import uuid
+import re
+from decimal import Decimal
 from typing import Any
 
-__all__ = ["COUNT_FIELDS", "PROVIDERS", "usage_problem"]
+__all__ = ["COUNT_FIELDS", "PROVIDERS", "SERVICE_TIERS", "encode_seconds", "usage_problem"]
 
 COUNT_FIELDS = (
     "input_tokens",
     "cached_input_tokens",
     "cache_write_tokens",
+    "cache_write_1h_tokens",
     "output_tokens",
     "reasoning_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "characters",
+    "images",
+    "requests",
 )
 PROVIDERS = frozenset({"openai", "anthropic", "google", "bedrock", "azure", "mistral", "cohere", "vertex_ai"})
+SERVICE_TIERS = ("standard", "batch", "flex", "priority")
 _REQUIRED_TEXT = ("project", "service", "provider", "model")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+
+
+def encode_seconds(seconds: Decimal | str | int) -> bytes:
+    """Seconds as the Avro decimal(18, 6) of UsageEvent.audio_seconds (exact; floats refused)."""
+    if isinstance(seconds, float):
+        raise TypeError("audio_seconds must be exact: pass a Decimal, str or int, not a float")
+    micros = Decimal(seconds).scaleb(6)
+    if micros != micros.to_integral_value():
+        raise ValueError(f"audio_seconds {seconds} has more than 6 decimals")
+    value = int(micros)
+    return value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True)
 
 
 def usage_problem(event: dict[str, Any]) -> str | None:
@@ -28,19 +48,25 @@ def usage_problem(event: dict[str, Any]) -> str | None:
     if event["provider"] != event["provider"].lower():
         return f"provider {event['provider']!r} must be lowercase (e.g. {event['provider'].lower()!r})"
     for field in COUNT_FIELDS:
-        value = event.get(field)
+        value = event.get(field, 0)
         if type(value) is not int:
             return f"{field} must be an integer count, got {value!r}"
         if value < 0:
             return f"{field} is negative ({value})"
-    if event["reasoning_tokens"] > event["output_tokens"]:
+    if event.get("reasoning_tokens", 0) > event["output_tokens"]:
         return (
             f"reasoning_tokens ({event['reasoning_tokens']}) exceeds output_tokens "
             f"({event['output_tokens']}): output_tokens must include the reasoning share"
         )
-    try:
-        uuid.UUID(event["event_id"])
-    except (ValueError, TypeError, AttributeError, KeyError):
+    audio = event.get("audio_seconds", b"\x00")
+    if isinstance(audio, str):
+        audio = audio.encode("latin-1")
+    if isinstance(audio, bytes) and audio and audio[0] & 0x80:
+        return "audio_seconds is negative"
+    tier = event.get("service_tier", "standard")
+    if tier not in SERVICE_TIERS:
+        return f"service_tier {tier!r} is not one of {', '.join(SERVICE_TIERS)}"
+    if not isinstance(event.get("event_id"), str) or not _UUID.fullmatch(event["event_id"]):
         return f"event_id {event.get('event_id')!r} is not a UUID"
     if type(event.get("event_time")) is not int or event["event_time"] <= 0:
         return f"event_time {event.get('event_time')!r} is not a positive epoch-microseconds value"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -28,7 +29,9 @@ from spendstream.store import ClickHouseStore
 from spendstream.wire import Codec, default_codec
 from stream_processors.budgets import BudgetBook, Period, Window, crossed
 from stream_processors.meter import MeterStage
-from stream_processors.pricing import PriceTable
+from stream_processors.price_feed import PriceFeed
+from stream_processors.pricing import Catalogue
+from stream_processors.repricer import reprice
 from stream_processors.sink import Sink
 
 __all__ = ["create_app"]
@@ -59,12 +62,12 @@ def create_app(
     *,
     datadir: str,
     store: ClickHouseStore,
-    prices: PriceTable | None = None,
+    catalogue: Catalogue | None = None,
     budgets: BudgetBook | None = None,
     codec: Codec | None = None,
 ) -> faust.App:
     codec = codec or default_codec()
-    price_table = prices or PriceTable.load()
+    cat = catalogue or Catalogue.load(fallback=settings.unpriced_fallback)
     book = budgets if budgets is not None else BudgetBook.load(settings.budgets_file)
     topics = settings.topics
     n = settings.partitions
@@ -106,7 +109,8 @@ def create_app(
     signalled = app.Table("signalled", default=str, key_type=str, value_type=str, partitions=n)
     # scope -> sequence number of the last signal, so subscribers can drop stale ones.
     sequence = app.Table("sequence", default=int, key_type=str, value_type=int, partitions=n)
-    stage = MeterStage(price_table, codec)
+    stage = MeterStage(cat, codec)
+    metrics: Counter[str] = Counter()
 
     async def check_budget(scope: str, period: Period, window: Window, before: int, after: int) -> None:
         for budget in book.for_scope(scope):
@@ -133,6 +137,7 @@ def create_app(
                 "sequence": sequence[scope],
             }
             await control_topic.send(key=scope.encode(), value=codec.encode("ControlSignal", signal))
+            metrics[f"signals|{state}"] += 1
             log.info(
                 "signal %s %s (%s): spend %d of %d pico-USD",
                 scope,
@@ -142,25 +147,47 @@ def create_app(
                 budget.limit_pico_usd,
             )
 
+    async def dead_letter(
+        reason: str, detail: str, topic: str, partition: int, offset: int, key: bytes | None, payload: bytes
+    ) -> None:
+        letter = {
+            "reason": reason,
+            "detail": detail,
+            "source_topic": topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "key": key,
+            "payload": payload,
+            "failed_at": _now_us(),
+        }
+        metrics[f"dead_letters|{reason}"] += 1
+        await dlq_topic.send(key=key, value=codec.encode("DeadLetter", letter))
+
+    feed = PriceFeed(
+        bootstrap=settings.bootstrap,
+        topic=topics.prices,
+        catalogue=cat,
+        codec=codec,
+        dead_letter=lambda *a: dead_letter(a[0], a[1], topics.prices, *a[2:]),
+        loop=app.loop,
+        beacon=app.beacon,
+    )
+
     @app.agent(raw_topic, name="meter")
     async def meter(stream: faust.StreamT[bytes]) -> None:
+        # Price nothing before the cards published at run time are known.
+        await feed.caught_up.wait()
         async for event in stream.events():
             msg = event.message
             result = stage.process(msg.key, msg.value, _now_us())
             for dead in result.dead:
-                letter = {
-                    "reason": dead.reason,
-                    "detail": dead.detail,
-                    "source_topic": msg.topic,
-                    "source_partition": msg.partition,
-                    "source_offset": msg.offset,
-                    "key": msg.key,
-                    "payload": dead.payload,
-                    "failed_at": _now_us(),
-                }
-                await dlq_topic.send(key=msg.key, value=codec.encode("DeadLetter", letter))
+                await dead_letter(
+                    dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload
+                )
             for project, payload in result.rekey:
                 await raw_topic.send(key=project.encode(), value=payload)
+            for status, count in result.statuses.items():
+                metrics[f"events|{status}"] += count
             if result.project is None:
                 continue
             project = result.project
@@ -187,7 +214,8 @@ def create_app(
     )
 
     @app.task
-    async def start_sink() -> None:
+    async def start_services() -> None:
+        await app.add_runtime_dependency(feed)
         await app.add_runtime_dependency(sink)
 
     @app.page("/health")
@@ -198,7 +226,10 @@ def create_app(
                     "status": "ok",
                     "sink_rows_written": sink.rows_written,
                     "budgets": len(book),
-                    "prices": len(price_table),
+                    "price_cards": len(cat),
+                    "catalogue_version": cat.version,
+                    "price_feed_caught_up": feed.caught_up.is_set(),
+                    "events": {k.split("|", 1)[1]: v for k, v in metrics.items() if k.startswith("events|")},
                 }
             )
 
@@ -212,10 +243,52 @@ def create_app(
                 return self.json({"error": str(exc)}, status=400)
             return self.json({"columns": result.columns, "rows": _jsonable(result.rows)})
 
+    @app.page("/reprice")
+    class Reprice(View):
+        async def post(self, request: Request) -> Response:
+            body = await request.json()
+            report = await asyncio.to_thread(
+                reprice, store, cat, int(body["from_us"]), int(body["to_us"]), body.get("model") or None
+            )
+            return self.json(
+                {"pricing_version": report.pricing_version, "events": report.events, "rows": report.rows()}
+            )
+
     @app.page("/flush")
     class Flush(View):
         async def post(self, request: Request) -> Response:
             await sink.flush()
             return self.json({"sink_rows_written": sink.rows_written})
+
+    @app.page("/metrics")
+    class Metrics(View):
+        """Prometheus text format."""
+
+        async def get(self, request: Request) -> Response:
+            lines = [
+                "# TYPE spendstream_events_total counter",
+                *(
+                    f'spendstream_events_total{{pricing_status="{k.split("|", 1)[1]}"}} {v}'
+                    for k, v in sorted(metrics.items())
+                    if k.startswith("events|")
+                ),
+                "# TYPE spendstream_dead_letters_total counter",
+                *(
+                    f'spendstream_dead_letters_total{{reason="{k.split("|", 1)[1]}"}} {v}'
+                    for k, v in sorted(metrics.items())
+                    if k.startswith("dead_letters|")
+                ),
+                "# TYPE spendstream_signals_total counter",
+                *(
+                    f'spendstream_signals_total{{state="{k.split("|", 1)[1]}"}} {v}'
+                    for k, v in sorted(metrics.items())
+                    if k.startswith("signals|")
+                ),
+                "# TYPE spendstream_sink_rows_written_total counter",
+                f"spendstream_sink_rows_written_total {sink.rows_written}",
+                "# TYPE spendstream_price_cards gauge",
+                f"spendstream_price_cards {len(cat)}",
+            ]
+            return self.text("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
 
     return app

@@ -11,18 +11,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from spendstream.errors import DecodeError, UnknownModel
+from spendstream.errors import DecodeError
 from spendstream.usage import usage_problem
 from spendstream.wire import Codec
 from stream_processors.budgets import PERIODS, Period, Window, window_for
-from stream_processors.pricing import PriceTable
+from stream_processors.pricing import Catalogue
 
 __all__ = ["DeadLetter", "MeterResult", "MeterStage"]
 
 
 @dataclass(frozen=True)
 class DeadLetter:
-    reason: str  # undecodable | wrong_schema | invalid_event | unknown_model
+    reason: str  # undecodable | wrong_schema | invalid_event
     detail: str
     payload: bytes
 
@@ -34,11 +34,12 @@ class MeterResult:
     spend: dict[tuple[Period, Window], int] = field(default_factory=lambda: defaultdict(int))
     dead: list[DeadLetter] = field(default_factory=list)
     rekey: list[tuple[str, bytes]] = field(default_factory=list)  # (project, UsageEvent message)
+    statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # priced/fallback/unpriced
 
 
 class MeterStage:
-    def __init__(self, prices: PriceTable, codec: Codec) -> None:
-        self.prices = prices
+    def __init__(self, catalogue: Catalogue, codec: Codec) -> None:
+        self.catalogue = catalogue
         self.codec = codec
 
     def process(self, key: bytes | None, value: bytes, now_us: int) -> MeterResult:
@@ -75,18 +76,25 @@ class MeterStage:
             # none) is forwarded with the right key instead of being counted by the wrong owner.
             result.rekey.append((project, self._single(event)))
             return
-        try:
-            card = self.prices.card(event["provider"], event["model"])
-        except UnknownModel as exc:
-            result.dead.append(DeadLetter("unknown_model", str(exc), self._single(event)))
-            return
-        cost = card.cost_pico(event)
+        priced = self.catalogue.price(event)
+        card = priced.card
         result.project = project
+        result.statuses[priced.status] += 1
         result.priced.append(
-            {"usage": event, "cost_pico_usd": cost, "price_card": card.id, "priced_at": now_us}
+            {
+                "usage": event,
+                "cost_pico_usd": priced.cost_pico,
+                "price_card": card.id if card else "",
+                "priced_at": now_us,
+                "pricing_status": priced.status,
+                "card_version": card.version if card else "",
+                "itemised": priced.itemised,
+                "unpriced_reason": priced.reason,
+            }
         )
-        for period in PERIODS:
-            result.spend[(period, window_for(period, event["event_time"]))] += cost
+        if priced.cost_pico:  # unpriced (None) moves no budget, but is counted and stored
+            for period in PERIODS:
+                result.spend[(period, window_for(period, event["event_time"]))] += priced.cost_pico
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -22,7 +23,7 @@ from spendstream.errors import DecodeError
 from spendstream.settings import Topics
 from spendstream.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
 from spendstream.wire import Codec
-from stream_processors.pricing import pico_to_usd
+from stream_processors.pricing import audio_micros, pico_to_usd
 
 __all__ = ["Sink"]
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 def usage_row(priced: dict[str, Any]) -> tuple[Any, ...]:
     u = priced["usage"]
+    cost = priced["cost_pico_usd"]
     return (
         u["event_id"],
         u["event_time"],
@@ -46,9 +48,24 @@ def usage_row(priced: dict[str, Any]) -> tuple[Any, ...]:
         u["output_tokens"],
         u["reasoning_tokens"],
         u["tags"],
-        pico_to_usd(priced["cost_pico_usd"]),
+        None if cost is None else pico_to_usd(cost),
         priced["price_card"],
         priced["priced_at"],
+        u["cache_write_1h_tokens"],
+        u["input_audio_tokens"],
+        u["output_audio_tokens"],
+        Decimal(audio_micros(u["audio_seconds"])).scaleb(-6),
+        u["characters"],
+        u["images"],
+        u["image_size"],
+        u["image_quality"],
+        u["requests"],
+        u["service_tier"],
+        u["region"],
+        priced["pricing_status"],
+        priced["card_version"],
+        {meter: pico_to_usd(v) for meter, v in priced["itemised"].items()},
+        priced["unpriced_reason"],
     )
 
 

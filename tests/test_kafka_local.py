@@ -100,11 +100,12 @@ def test_lifecycle_and_topics(kafka: LocalKafka) -> None:
     topics = Topics("test-kl.")
     created = asyncio.run(ensure_topics(BOOTSTRAP, topics, partitions=3))
     assert sorted(created) == sorted(topics.all())
-    assert len(created) == 4
+    assert len(created) == 5
     assert asyncio.run(_partition_counts(topics.all())) == dict.fromkeys(topics.all(), 3)
 
     configs = asyncio.run(_topic_configs(topics.all()))
     assert configs[topics.spend_control]["cleanup.policy"] == "compact"
+    assert configs[topics.prices]["cleanup.policy"] == "compact"
     assert configs[topics.usage_dlq]["retention.ms"] == str(DLQ_RETENTION_MS)
     assert configs[topics.usage_dlq]["cleanup.policy"] == "delete"
     assert configs[topics.usage_raw]["cleanup.policy"] == "delete"

@@ -7,10 +7,10 @@ from typing import Any
 from producers import build_event
 from spendstream.wire import default_codec
 from stream_processors.meter import MeterStage
-from stream_processors.pricing import PriceTable
+from stream_processors.pricing import Catalogue
 
 CODEC = default_codec()
-STAGE = MeterStage(PriceTable.load(), CODEC)
+STAGE = MeterStage(Catalogue.load(fallback="none"), CODEC)
 NOW = 1_800_000_000_000_000
 
 
@@ -35,9 +35,11 @@ def test_batch_is_priced_and_spend_split_by_window() -> None:
     assert result.project == "a"
     assert [p["cost_pico_usd"] for p in result.priced] == [3_500_000_000, 210_000_000]
     assert [p["price_card"] for p in result.priced] == [
-        "openai/gpt-4o@2024-10-01",
+        "openai/gpt-4o@2024-10-02",
         "openai/gpt-4o-mini@2024-07-18",
     ]
+    assert [p["pricing_status"] for p in result.priced] == ["priced", "priced"]
+    assert result.priced[0]["itemised"] == {"input": 2_500_000_000, "output": 1_000_000_000}
     spend = {(period, w.id): v for (period, w), v in result.spend.items()}
     assert spend == {
         ("daily", "day:2026-11-30"): 3_500_000_000,
@@ -66,12 +68,22 @@ def test_schema_valid_but_invalid_event_is_dead_lettered_alone() -> None:
     assert [p["usage"]["event_id"] for p in result.priced] == [good["event_id"]]
 
 
-def test_unknown_model_is_dead_lettered_never_zero() -> None:
+def test_unknown_model_is_stored_unpriced_never_zero() -> None:
     result = STAGE.process(b"a", CODEC.encode("UsageEvent", ev(model="gpt-9")), NOW)
-    assert [d.reason for d in result.dead] == ["unknown_model"]
-    assert "gpt-9" in result.dead[0].detail
-    assert result.priced == []
-    assert not result.spend
+    assert result.dead == []
+    [priced] = result.priced
+    assert (priced["pricing_status"], priced["cost_pico_usd"], priced["price_card"]) == ("unpriced", None, "")
+    assert "gpt-9" in priced["unpriced_reason"]
+    assert not result.spend  # unknown moves no budget without a fallback ...
+    assert result.statuses == {"unpriced": 1}
+
+
+def test_unknown_model_with_fallback_moves_the_budget() -> None:
+    stage = MeterStage(Catalogue.load(fallback="openai/gpt-4o@2024-10-02"), CODEC)
+    result = stage.process(b"a", CODEC.encode("UsageEvent", ev(model="gpt-9")), NOW)
+    [priced] = result.priced
+    assert (priced["pricing_status"], priced["cost_pico_usd"]) == ("fallback", 3_500_000_000)
+    assert sorted(result.spend.values()) == [3_500_000_000, 3_500_000_000]  # ... with one it does
 
 
 def test_wrong_schema_on_usage_raw() -> None:

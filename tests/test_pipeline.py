@@ -221,8 +221,15 @@ def test_sql_cli_goes_through_the_worker(run: dict[str, Any]) -> None:
 
 def test_watch_cli_decodes_the_control_topic(run: dict[str, Any]) -> None:
     worker: Worker = run["worker"]
-    out = subprocess.run([sys.executable, "-m", "spendstream", "watch", "--limit", "1"], env=worker.env,
-                         capture_output=True, text=True, timeout=60, check=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "spendstream", "watch", "--limit", "1"],
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=REPO,
+    )
     line = " ".join(out.stdout.split())
     assert line.startswith("BLOCKED project:over budget_exceeded spend $")
     assert f"of ${OVER_LIMIT_USD}.00 in day:" in line

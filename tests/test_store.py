@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from producers import build_event
 from spendstream.errors import QueryError
 from spendstream.store import USAGE_COLUMNS, ClickHouseStore
 from stream_processors.sink import usage_row
@@ -24,31 +26,44 @@ def store() -> Iterator[ClickHouseStore]:
     s.close()
 
 
-def priced(project: str, pico: int, event_id: str | None = None) -> dict[str, object]:
-    usage = {
-        "event_id": event_id or str(uuid.uuid4()),
-        "event_time": 1_795_780_800_123_456,
-        "project": project,
-        "team": None,
-        "user": "u1",
-        "service": "svc",
-        "provider": "openai",
-        "model": "gpt-4o",
-        "input_tokens": 1,
-        "cached_input_tokens": 0,
-        "cache_write_tokens": 0,
-        "output_tokens": 2,
-        "reasoning_tokens": 0,
-        "tags": {"k": "v"},
+def priced(project: str, pico: int | None, event_id: str | None = None) -> dict[str, object]:
+    usage = build_event(
+        service="svc",
+        project=project,
+        provider="openai",
+        model="gpt-4o",
+        input_tokens=1,
+        output_tokens=2,
+        user="u1",
+        tags={"k": "v"},
+        event_id=event_id,
+        audio_seconds="1.5",
+        event_time=datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=UTC),
+    )
+    return {
+        "usage": usage,
+        "cost_pico_usd": pico,
+        "price_card": "c",
+        "priced_at": 1_795_780_800_500_000,
+        "pricing_status": "priced" if pico is not None else "unpriced",
+        "card_version": "2024-10-02",
+        "itemised": {"input": pico} if pico else {},
+        "unpriced_reason": "",
     }
-    return {"usage": usage, "cost_pico_usd": pico, "price_card": "c", "priced_at": 1_795_780_800_500_000}
 
 
 def test_migrations_apply_once(store: ClickHouseStore) -> None:
-    assert store.migrate() == ["001_usage_events.sql", "002_dead_letters.sql"]
+    assert store.migrate() == ["001_usage_events.sql", "002_dead_letters.sql", "003_pricing_engine.sql"]
     assert store.migrate() == []
     tables = store.query("SHOW TABLES").rows
-    assert sorted(r[0] for r in tables) == ["dead_letters", "schema_migrations", "usage_events"]
+    assert sorted(r[0] for r in tables) == [
+        "dead_letters",
+        "pricing_runs",
+        "schema_migrations",
+        "usage_cost_latest",
+        "usage_events",
+        "usage_repriced",
+    ]
 
 
 def test_costs_sum_exactly_and_duplicates_collapse(store: ClickHouseStore) -> None:
@@ -57,9 +72,24 @@ def test_costs_sum_exactly_and_duplicates_collapse(store: ClickHouseStore) -> No
     rows = [usage_row(priced("a", 1)) for _ in range(999)] + [usage_row(priced("a", 3_500_000_000, dup))] * 3
     store.insert("usage_events", rows, USAGE_COLUMNS)
     result = store.query("SELECT count(), sum(cost_usd), toTypeName(sum(cost_usd)) FROM usage_events FINAL")
-    assert result.rows == [[1000, Decimal("0.003500000999"), "Decimal(38, 12)"]]
-    got = store.query("SELECT event_time, user, tags FROM usage_events LIMIT 1").rows[0]
-    assert (got[0].isoformat(), got[1], got[2]) == ("2026-11-27T12:00:00.123456", "u1", {"k": "v"})
+    assert result.rows == [[1000, Decimal("0.003500000999"), "Nullable(Decimal(38, 12))"]]
+    got = store.query(
+        "SELECT event_time, user, tags, audio_seconds, itemised FROM usage_events LIMIT 1"
+    ).rows[0]
+    assert (got[0].isoformat(), got[1], got[2], got[3]) == (
+        "2026-11-27T12:00:00.123456",
+        "u1",
+        {"k": "v"},
+        Decimal("1.5"),
+    )
+    assert got[4] == {"input": Decimal("0.000000000001")}
+
+
+def test_unpriced_cost_is_null_not_zero(store: ClickHouseStore) -> None:
+    store.migrate()
+    store.insert("usage_events", [usage_row(priced("a", None)), usage_row(priced("a", 5))], USAGE_COLUMNS)
+    rows = store.query("SELECT pricing_status, cost_usd FROM usage_events FINAL ORDER BY pricing_status").rows
+    assert rows == [["priced", Decimal("0.000000000005")], ["unpriced", None]]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,277 @@
+"""`spendstream price`, `spendstream prices show|set|import` and `spendstream reprice`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.table import Table
+
+from producers import build_event
+from spendstream.errors import ConfigError, InvalidUsage, SpendstreamError
+from spendstream.settings import Settings
+from spendstream.wire import default_codec
+from stream_processors.price_feed import publish_cards, published_cards
+from stream_processors.pricing import Catalogue, PriceCard, card_from_mapping, parse_instant, pico_to_usd
+
+prices_app = typer.Typer(no_args_is_help=True, help="The price catalogue: show, set and import price cards.")
+
+
+def _console() -> Any:
+    from spendstream.cli import console
+
+    return console
+
+
+def _catalogue(settings: Settings, *, online: bool, fallback: str = "none") -> tuple[Catalogue, int]:
+    """Seed catalogue plus the cards published on the prices topic (if the broker answers)."""
+    cat = Catalogue.load(fallback=fallback)
+    published: list[PriceCard] = []
+    if online:
+        try:
+            published = asyncio.run(
+                asyncio.wait_for(
+                    published_cards(settings.bootstrap, settings.topics.prices, default_codec()), 20
+                )
+            )
+        except (OSError, TimeoutError, Exception) as exc:
+            from spendstream.cli import err
+
+            err.print(
+                f"[yellow]warning[/yellow]: prices topic not read ({type(exc).__name__}); seed catalogue only"
+            )
+    for card in published:
+        cat.add(card)
+    return cat, len(published)
+
+
+def _event_from_json(text: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidUsage(f"--json is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidUsage("--json must be one UsageEvent object")
+    when = raw.pop("event_time", None)
+    if isinstance(when, str):
+        raw["event_time"] = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    elif isinstance(when, int):
+        raw["event_time"] = datetime.fromtimestamp(when / 1_000_000, UTC)
+    for drop in ("event_id",):
+        raw.pop(drop, None)
+    raw.setdefault("service", "cli")
+    raw.setdefault("project", "cli")
+    try:
+        return build_event(**raw)
+    except TypeError as exc:
+        raise InvalidUsage(f"--json: {exc}".replace("build_event() ", "")) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(prices_app, name="prices")
+
+    @app.command()
+    def price(
+        ctx: typer.Context,
+        json_event: Annotated[
+            str, typer.Option("--json", help="One UsageEvent as JSON (event_time ISO or omitted = now).")
+        ],
+        format: Annotated[str, typer.Option("--format", "-f", help="text or json")] = "text",
+        online: Annotated[bool, typer.Option(help="Also read cards published on the prices topic.")] = False,
+    ) -> None:
+        """Price one event without Kafka: exact total, the card used, and the cost per meter."""
+        event = _event_from_json(json_event)
+        cat, _ = _catalogue(ctx.obj, online=online)
+        priced = cat.price(event)
+        if priced.card is None or priced.cost_pico is None:
+            raise SpendstreamError(
+                f"no price for model {event['model']!r} (provider {event['provider']}): {priced.reason}. "
+                "See `spendstream prices show <model>`; add one with `spendstream prices set`."
+            )
+        card = priced.card
+        result = {
+            "total_usd": str(pico_to_usd(priced.cost_pico).normalize() if priced.cost_pico else Decimal("0")),
+            "card": {"id": card.id, "version": card.version, "source": card.source, "checked": card.checked},
+            "itemised": {m: str(pico_to_usd(v).normalize()) for m, v in priced.itemised.items()},
+            "provider": event["provider"],
+            "model": event["model"],
+            "service_tier": event["service_tier"],
+            "region": event["region"],
+        }
+        if format == "json":
+            print(json.dumps(result))
+            return
+        console = _console()
+        console.print(
+            f"[bold]${result['total_usd']}[/bold]  {event['provider']}/{event['model']} "
+            f"({event['service_tier']}, {event['region']})"
+        )
+        console.print(f"card {card.id}  source {card.source} (checked {card.checked})")
+        for meter, usd in result["itemised"].items():
+            console.print(f"  {meter:16} ${usd}")
+
+    @app.command()
+    def reprice(
+        ctx: typer.Context,
+        from_: Annotated[str, typer.Option("--from", help="Start (inclusive), e.g. 2026-11-01")],
+        to: Annotated[str, typer.Option("--to", help="End (exclusive), e.g. 2026-12-01")],
+        model: Annotated[str | None, typer.Option(help="Only this model id.")] = None,
+    ) -> None:
+        """Recompute costs in a time range with the current catalogue, as a new pricing version."""
+        settings: Settings = ctx.obj
+        start, end = parse_instant(from_), parse_instant(to)
+        if end <= start:
+            raise ConfigError("--to must be after --from")
+        body = {"from_us": start, "to_us": end, "model": model}
+        try:
+            response = httpx.post(f"http://127.0.0.1:{settings.web_port}/reprice", json=body, timeout=3600)
+            report = response.json()
+            if response.status_code != 200:
+                raise SpendstreamError(report.get("error", response.text))
+        except httpx.TransportError:
+            from spendstream.store import ClickHouseStore
+            from stream_processors.repricer import reprice as run
+
+            store = ClickHouseStore(settings.dsn, settings.clickhouse_database)
+            try:
+                store.migrate()
+                cat, _ = _catalogue(
+                    settings,
+                    online=not settings.local_kafka or _broker_up(settings),
+                    fallback=settings.unpriced_fallback,
+                )
+                result = run(store, cat, start, end, model)
+                report = {
+                    "pricing_version": result.pricing_version,
+                    "events": result.events,
+                    "rows": result.rows(),
+                }
+            finally:
+                store.close()
+        _print_report(report)
+
+    @prices_app.command("show")
+    def show(
+        ctx: typer.Context,
+        model: Annotated[str, typer.Argument(help="Model id, e.g. gpt-4o")],
+        online: Annotated[bool, typer.Option(help="Include cards published on the prices topic.")] = True,
+    ) -> None:
+        """Every card for a model, with its history (seed catalogue + published cards)."""
+        cat, published = _catalogue(ctx.obj, online=online)
+        cards = [c for c in cat.cards() if model in c.models or c.fine_tune_of == model]
+        if not cards:
+            raise SpendstreamError(f"no price card for model {model!r}; ids are exact (see docs/pricing.md)")
+        table = Table("card", "tier", "scope", "from", "to", "USD per 1M (or unit)", "source")
+        for c in sorted(cards, key=lambda c: (c.service_tier, c.scope, c.effective_from_us)):
+            prices = ", ".join(f"{k} {v}" for k, v in {**c.per_million, **c.per_unit, **c.per_image}.items())
+            if c.long_context_above is not None:
+                prices += f"; above {c.long_context_above:,}: " + ", ".join(
+                    f"{k} {v}" for k, v in c.long_context_per_million.items()
+                )
+            to = "" if c.effective_to_us is None else replace(c, effective_from_us=c.effective_to_us).version
+            table.add_row(c.id, c.service_tier, c.scope, c.version, to, prices, c.source)
+        _console().print(table)
+        _console().print(f"{len(cards)} cards ({published} published at run time in the whole catalogue)")
+
+    @prices_app.command("set")
+    def set_price(
+        ctx: typer.Context,
+        provider: Annotated[str, typer.Argument()],
+        model: Annotated[str, typer.Argument()],
+        source: Annotated[str, typer.Option(help="Where the price is published (URL).")],
+        input: Annotated[str | None, typer.Option(help="USD per 1M uncached input tokens")] = None,
+        cached_input: Annotated[str | None, typer.Option(help="USD per 1M cache-read tokens")] = None,
+        cache_write: Annotated[str | None, typer.Option(help="USD per 1M cache-write tokens (5 min)")] = None,
+        cache_write_1h: Annotated[
+            str | None, typer.Option(help="USD per 1M 1-hour cache-write tokens")
+        ] = None,
+        output: Annotated[str | None, typer.Option(help="USD per 1M output tokens")] = None,
+        effective_from: Annotated[str | None, typer.Option(help="UTC date or time; default now")] = None,
+        tier: Annotated[str, typer.Option(help="standard, batch, flex, priority")] = "standard",
+        scope: Annotated[str, typer.Option(help="global, regional, data_zone")] = "global",
+    ) -> None:
+        """Publish a price for a model; it prices events from `--effective-from` on, without restarts."""
+        per_million = {
+            k: v
+            for k, v in {
+                "input": input,
+                "cached_input": cached_input,
+                "cache_write": cache_write,
+                "cache_write_1h": cache_write_1h,
+                "output": output,
+            }.items()
+            if v is not None
+        }
+        start = effective_from or datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        card = card_from_mapping(
+            {
+                "provider": provider,
+                "models": [model],
+                "scope": scope,
+                "service_tier": tier,
+                "effective_from": start,
+                "source": source,
+                "checked": datetime.now(UTC).date().isoformat(),
+                "per_million": per_million,
+            }
+        )
+        _publish(ctx.obj, [card])
+
+    @prices_app.command("import")
+    def import_(
+        ctx: typer.Context,
+        file: Annotated[Path, typer.Argument(help="TOML file of [[card]] tables (format: docs/pricing.md)")],
+    ) -> None:
+        """Validate every card in a file and publish them to the prices topic."""
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+        _publish(ctx.obj, Catalogue.from_toml(text, str(file)).cards())
+
+
+def _broker_up(settings: Settings) -> bool:
+    from spendstream.worker import local_kafka
+
+    return local_kafka(settings).status().running
+
+
+def _publish(settings: Settings, cards: list[PriceCard]) -> None:
+    cat, _ = _catalogue(settings, online=True)
+    for card in cards:  # overlaps and bad prices fail here, before anything is published
+        cat.add(card)
+    asyncio.run(publish_cards(settings.bootstrap, settings.topics.prices, cards, default_codec()))
+    for card in cards:
+        _console().print(f"published {card.id} to {settings.topics.prices}")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    console = _console()
+    table = Table(
+        "project",
+        "model",
+        "events",
+        "previous USD",
+        "new USD",
+        "delta USD",
+        "newly priced",
+        title=f"pricing version {report['pricing_version']}: {report['events']:,} events re-priced",
+    )
+    for r in report["rows"]:
+        table.add_row(
+            r["project"],
+            r["model"],
+            f"{r['events']:,}",
+            r["previous_usd"],
+            r["new_usd"],
+            r["delta_usd"],
+            str(r["newly_priced"]),
+        )
+    console.print(table)
