@@ -227,6 +227,7 @@ prices_cli.register(app)
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the CLI reports failures itself
     try:
         app()
     except SpendstreamError as exc:

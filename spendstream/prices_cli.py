@@ -19,8 +19,25 @@ from spendstream.errors import ConfigError, InvalidUsage, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
 from stream_processors.price_feed import publish_cards, published_cards
-from stream_processors.pricing import Catalogue, PriceCard, card_from_mapping, parse_instant, pico_to_usd
+from stream_processors.pricing import (
+    PER_MILLION_METERS,
+    PER_UNIT_METERS,
+    Catalogue,
+    PriceCard,
+    card_from_mapping,
+    parse_instant,
+    pico_to_usd,
+)
 
+_SHORT = {
+    "cached_input": "cached",
+    "cache_write": "write 5m",
+    "cache_write_1h": "write 1h",
+    "input_audio": "audio in",
+    "output_audio": "audio out",
+    "audio_seconds": "per s",
+    "characters": "chars",
+}
 prices_app = typer.Typer(no_args_is_help=True, help="The price catalogue: show, set and import price cards.")
 
 
@@ -168,16 +185,29 @@ def register(app: typer.Typer) -> None:
         cards = [c for c in cat.cards() if model in c.models or c.fine_tune_of == model]
         if not cards:
             raise SpendstreamError(f"no price card for model {model!r}; ids are exact (see docs/pricing.md)")
-        table = Table("card", "tier", "scope", "from", "to", "USD per 1M (or unit)", "source")
-        for c in sorted(cards, key=lambda c: (c.service_tier, c.scope, c.effective_from_us)):
-            prices = ", ".join(f"{k} {v}" for k, v in {**c.per_million, **c.per_unit, **c.per_image}.items())
-            if c.long_context_above is not None:
-                prices += f"; above {c.long_context_above:,}: " + ", ".join(
-                    f"{k} {v}" for k, v in c.long_context_per_million.items()
-                )
+        cards.sort(key=lambda c: (c.service_tier != "standard", c.service_tier, c.scope, c.effective_from_us))
+        meters = [
+            m
+            for m in (*PER_MILLION_METERS, *PER_UNIT_METERS)
+            if any(m in {**c.per_million, **c.per_unit} for c in cards)
+        ]
+        table = Table(title=f"{model}: USD per 1M tokens (per unit for seconds, images, requests)")
+        for name in ("tier", "scope", "from", "to"):
+            table.add_column(name, no_wrap=True)
+        for m in meters:
+            table.add_column(_SHORT.get(m, m), justify="right")
+        for c in cards:
+            prices = {**c.per_million, **c.per_unit}
             to = "" if c.effective_to_us is None else replace(c, effective_from_us=c.effective_to_us).version
-            table.add_row(c.id, c.service_tier, c.scope, c.version, to, prices, c.source)
+            table.add_row(c.service_tier, c.scope, c.version, to, *(prices.get(m, "") for m in meters))
+            if c.long_context_above is not None:
+                lc = {**c.per_million, **c.long_context_per_million}
+                table.add_row(
+                    f"  prompt > {c.long_context_above:,}", "", "", "", *(lc.get(m, "") for m in meters)
+                )
         _console().print(table)
+        for source in sorted({c.source for c in cards}):
+            _console().print(f"source: {source}")
         _console().print(f"{len(cards)} cards ({published} published at run time in the whole catalogue)")
 
     @prices_app.command("set")
@@ -244,6 +274,10 @@ def _broker_up(settings: Settings) -> bool:
 
 
 def _publish(settings: Settings, cards: list[PriceCard]) -> None:
+    from spendstream.topics import ensure_topics, wait_for_broker
+
+    asyncio.run(wait_for_broker(settings.bootstrap, timeout=10))
+    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, settings.partitions))
     cat, _ = _catalogue(settings, online=True)
     for card in cards:  # overlaps and bad prices fail here, before anything is published
         cat.add(card)

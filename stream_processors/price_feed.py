@@ -128,11 +128,11 @@ async def publish_cards(bootstrap: str, topic: str, cards: list[PriceCard], code
 
 async def published_cards(bootstrap: str, topic: str, codec: Codec) -> list[PriceCard]:
     """Every valid card on the `prices` topic, in publication order (read to the current end)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
         partitions = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
     except ConfigError:
         return []  # no topic yet: nothing was published
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
         consumer.assign(partitions)
