@@ -57,14 +57,6 @@ PER_UNIT_METERS: Mapping[str, str] = {
     "images": "images",
     "requests": "requests",
 }
-# The prompt, for long-context cliffs: every input-side token meter (cache included).
-_PROMPT_FIELDS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "input_audio_tokens",
-)
 TIERS = ("standard", "batch", "flex", "priority")
 Status = Literal["priced", "fallback", "unpriced"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -203,18 +195,29 @@ class PriceCard:
     def price(self, event: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
         """(total pico-USD, pico-USD per meter) for one event."""
         rates = self.rates
-        if self.long_context_above is not None:
-            prompt = sum(event.get(f, 0) for f in _PROMPT_FIELDS)
-            if prompt > self.long_context_above:  # a cliff: exactly at the threshold stays base
-                rates = self.long_context_rates
+        get = event.get
+        if (
+            self.long_context_above is not None
+            and (
+                get("input_tokens", 0)
+                + get("cached_input_tokens", 0)
+                + get("cache_write_tokens", 0)
+                + get("cache_write_1h_tokens", 0)
+                + get("input_audio_tokens", 0)
+            )
+            > self.long_context_above
+        ):  # a cliff: exactly at the threshold stays base
+            rates = self.long_context_rates
         itemised: dict[str, int] = {}
-        total = 0
         for meter, fld, rate in rates:
-            quantity = audio_micros(event.get(fld)) if meter == "audio_seconds" else event.get(fld, 0)
+            quantity = get(fld, 0)
             if quantity:
-                cost = quantity * rate
-                itemised[meter] = cost
-                total += cost
+                if meter == "audio_seconds":
+                    quantity = audio_micros(quantity)
+                    if not quantity:
+                        continue
+                itemised[meter] = quantity * rate
+        total = sum(itemised.values())
         images = event.get("images", 0)
         if images and self.image_rates:
             variant = f"{event.get('image_size', '')}/{event.get('image_quality', '')}"
