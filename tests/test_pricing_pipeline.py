@@ -181,7 +181,7 @@ def test_unknown_model_is_visible_and_repriced_once_a_price_exists(
         f"SELECT pricing_status FROM usage_events FINAL WHERE event_id = '{event['event_id']}'"
     )
     assert status == "fallback"
-    assert Decimal(latest[0][0]) == Decimal("2") * Decimal("1.25") + Decimal("5.00")
+    assert Decimal(str(latest[0][0])) == Decimal("2") * Decimal("1.25") + Decimal("5.00")
 
 
 def test_price_cli_prices_one_event_without_kafka() -> None:
