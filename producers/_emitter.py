@@ -107,6 +107,7 @@ def build_event(
     requests: int = 0,
     service_tier: str = "standard",
     region: str = "global",
+    usage_source: str = "reported",
     team: str | None = None,
     user: str | None = None,
     tags: Mapping[str, str] | None = None,
@@ -148,6 +149,7 @@ def build_event(
         "requests": requests,
         "service_tier": service_tier,
         "region": region,
+        "usage_source": usage_source,
     }
     problem = usage_problem(event)
     if problem is not None:

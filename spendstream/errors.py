@@ -13,7 +13,11 @@ SpendstreamError                 base of everything below
 
 from __future__ import annotations
 
+from datetime import datetime
+from decimal import Decimal
+
 __all__ = [
+    "BudgetExceeded",
     "BufferFull",
     "ConfigError",
     "DecodeError",
@@ -65,6 +69,21 @@ class UnknownModel(SpendstreamError):
             f"{self.reason} (provider={provider!r} model={model!r}); it is never priced at zero: "
             "add a card with `spendstream prices set` or `spendstream prices import`"
         )
+
+
+class BudgetExceeded(SpendstreamError):
+    """A call was refused because a budget scope it counts against is blocked."""
+
+    def __init__(
+        self, scope: str, reason: str, spend_usd: Decimal, limit_usd: Decimal, window_end: datetime | None
+    ) -> None:
+        self.scope = scope
+        self.reason = reason
+        self.spend_usd = spend_usd
+        self.limit_usd = limit_usd
+        self.window_end = window_end
+        until = f" until {window_end:%Y-%m-%d %H:%M} UTC" if window_end else ""
+        super().__init__(f"{scope} is blocked ({reason}): spend ${spend_usd} of ${limit_usd}{until}")
 
 
 class QueryError(SpendstreamError):

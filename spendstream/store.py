@@ -55,6 +55,7 @@ USAGE_COLUMNS = (
     "card_version",
     "itemised",
     "unpriced_reason",
+    "usage_source",
 )
 DEAD_LETTER_COLUMNS = (
     "failed_at",

@@ -7,7 +7,7 @@ import re
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["COUNT_FIELDS", "PROVIDERS", "SERVICE_TIERS", "encode_seconds", "usage_problem"]
+__all__ = ["COUNT_FIELDS", "PROVIDERS", "SERVICE_TIERS", "USAGE_SOURCES", "encode_seconds", "usage_problem"]
 
 COUNT_FIELDS = (
     "input_tokens",
@@ -24,6 +24,7 @@ COUNT_FIELDS = (
 )
 PROVIDERS = frozenset({"openai", "anthropic", "google", "bedrock", "azure", "mistral", "cohere", "vertex_ai"})
 SERVICE_TIERS = ("standard", "batch", "flex", "priority")
+USAGE_SOURCES = ("reported", "estimated", "missing")
 _REQUIRED_TEXT = ("project", "service", "provider", "model")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
@@ -66,6 +67,9 @@ def usage_problem(event: dict[str, Any]) -> str | None:
     tier = event.get("service_tier", "standard")
     if tier not in SERVICE_TIERS:
         return f"service_tier {tier!r} is not one of {', '.join(SERVICE_TIERS)}"
+    source = event.get("usage_source", "reported")
+    if source not in USAGE_SOURCES:
+        return f"usage_source {source!r} is not one of {', '.join(USAGE_SOURCES)}"
     if not isinstance(event.get("event_id"), str) or not _UUID.fullmatch(event["event_id"]):
         return f"event_id {event.get('event_id')!r} is not a UUID"
     if type(event.get("event_time")) is not int or event["event_time"] <= 0:

@@ -66,6 +66,7 @@ def usage_row(priced: dict[str, Any]) -> tuple[Any, ...]:
         priced["card_version"],
         {meter: pico_to_usd(v) for meter, v in priced["itemised"].items()},
         priced["unpriced_reason"],
+        u["usage_source"],
     )
 
 

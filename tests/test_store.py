@@ -53,7 +53,12 @@ def priced(project: str, pico: int | None, event_id: str | None = None) -> dict[
 
 
 def test_migrations_apply_once(store: ClickHouseStore) -> None:
-    assert store.migrate() == ["001_usage_events.sql", "002_dead_letters.sql", "003_pricing_engine.sql"]
+    assert store.migrate() == [
+        "001_usage_events.sql",
+        "002_dead_letters.sql",
+        "003_pricing_engine.sql",
+        "004_usage_source.sql",
+    ]
     assert store.migrate() == []
     tables = store.query("SHOW TABLES").rows
     assert sorted(r[0] for r in tables) == [

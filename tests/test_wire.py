@@ -42,6 +42,7 @@ V2_DEFAULTS = {
     "requests": 0,
     "service_tier": "standard",
     "region": "global",
+    "usage_source": "reported",
 }
 EVENT_V2 = {
     **EVENT,
