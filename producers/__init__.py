@@ -1,8 +1,10 @@
-"""What services call: emitters that publish usage events to Kafka.
+"""What services call: emitters that publish usage events to Kafka, and guards that obey the
+kill switch on `spend.control`.
 
-from producers import Emitter, SyncEmitter
+    from producers import Emitter, Guard, SyncEmitter, SyncGuard
 """
 
 from producers._emitter import Emitter, SyncEmitter, build_event
+from producers._guard import Guard, ScopeState, SyncGuard
 
-__all__ = ["Emitter", "SyncEmitter", "build_event"]
+__all__ = ["Emitter", "Guard", "ScopeState", "SyncEmitter", "SyncGuard", "build_event"]

@@ -1,0 +1,267 @@
+"""Guard: obey the kill switch without a network call on the check path.
+
+A Guard reads the compacted `spend.control` topic from the beginning (so it learns the current
+state of every scope), follows it, and keeps the latest signal per scope in memory. `check()`
+looks the call's scopes up in that dict and raises `BudgetExceeded` when one is blocked.
+
+If the control topic cannot be read (not caught up yet, broker unreachable), `check()` fails open
+by default (calls go through, and it logs loudly), or fails closed with `fail_open=False`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future as ThreadFuture
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from spendstream.errors import BudgetExceeded
+from spendstream.topics import partitions_of
+from spendstream.wire import default_codec
+
+__all__ = ["Guard", "ScopeState", "SyncGuard"]
+
+log = logging.getLogger(__name__)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ScopeState:
+    """The latest ControlSignal of one scope."""
+
+    scope: str
+    state: str  # ok | warn | blocked
+    reason: str
+    spend_pico_usd: int
+    limit_pico_usd: int
+    window: str
+    window_end_us: int
+    sequence: int
+    decided_at_us: int
+
+    def blocks(self, now_us: int) -> bool:
+        # A block ends with its window even if no `ok` signal has arrived yet (window_end 0 = no end).
+        return self.state == "blocked" and (self.window_end_us == 0 or now_us < self.window_end_us)
+
+    def error(self) -> BudgetExceeded:
+        end = _EPOCH + timedelta(microseconds=self.window_end_us) if self.window_end_us else None
+        return BudgetExceeded(
+            self.scope,
+            self.reason,
+            Decimal(self.spend_pico_usd).scaleb(-12),
+            Decimal(self.limit_pico_usd).scaleb(-12),
+            end,
+        )
+
+
+def scopes_for(project: str, team: str | None, user: str | None) -> list[str]:
+    """The budget scopes a call counts against (model-filtered scopes are matched separately)."""
+    scopes = ["org", f"project:{project}"]
+    if team:
+        scopes.append(f"team:{team}")
+    if user:
+        scopes.append(f"user:{user}")
+    return scopes
+
+
+class Guard:
+    """Async Guard. `async with Guard(bootstrap_servers=...) as guard: guard.check(project=...)`."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topic: str = "spend.control",
+        fail_open: bool = True,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        self.topic = topic
+        self.fail_open = fail_open
+        self._bootstrap = bootstrap_servers
+        self._ready_timeout = ready_timeout
+        self._states: dict[str, ScopeState] = {}
+        self._model_scopes: dict[str, list[tuple[str, str]]] = {}  # project -> [(glob, scope)]
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
+        self._healthy = False
+        self._last_warning = 0.0
+        self.signals_seen = 0
+
+    # -- the check path: no I/O ---------------------------------------------------------------
+    def check(
+        self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
+    ) -> None:
+        """Raise BudgetExceeded if any scope this call counts against is blocked."""
+        if not self._healthy:
+            self._unavailable(project)
+            return
+        now = time.time_ns() // 1000
+        states = self._states
+        for scope in scopes_for(project, team, user):
+            s = states.get(scope)
+            if s is not None and s.blocks(now):
+                raise s.error()
+        if model is not None:
+            for glob, scope in self._model_scopes.get(project, ()):
+                s = states.get(scope)
+                if s is not None and s.blocks(now) and fnmatch.fnmatchcase(model, glob):
+                    raise s.error()
+
+    def state(self, scope: str) -> ScopeState | None:
+        return self._states.get(scope)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def _unavailable(self, project: str) -> None:
+        if self.fail_open:
+            now = time.monotonic()
+            if now - self._last_warning > 10:
+                self._last_warning = now
+                log.error(
+                    "Guard cannot read %s: failing OPEN (calls are not checked against budgets)", self.topic
+                )
+            return
+        raise BudgetExceeded(f"project:{project}", "control_unavailable", Decimal(0), Decimal(0), None)
+
+    # -- following the topic ------------------------------------------------------------------
+    def _apply(self, value: bytes | None) -> None:
+        if value is None:
+            return
+        name, s = default_codec().decode(value)
+        if name != "ControlSignal":
+            return
+        seen = self._states.get(s["scope"])
+        if seen is not None and s["sequence"] <= seen.sequence:
+            return  # stale or repeated
+        state = ScopeState(
+            s["scope"],
+            s["state"],
+            s["reason"],
+            s["spend_pico_usd"],
+            s["limit_pico_usd"],
+            s["window"],
+            s["window_end"],
+            s["sequence"],
+            s["decided_at"],
+        )
+        self._states[state.scope] = state
+        self.signals_seen += 1
+        if "/model:" in state.scope and state.scope.startswith("project:"):
+            project, glob = state.scope[len("project:") :].split("/model:", 1)
+            entries = self._model_scopes.setdefault(project, [])
+            if (glob, state.scope) not in entries:
+                entries.append((glob, state.scope))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="spendstream-guard")
+        try:
+            await asyncio.wait_for(self._caught_up.wait(), self._ready_timeout)
+        except TimeoutError:
+            log.error("Guard not caught up with %s after %.0f s", self.topic, self._ready_timeout)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                partitions = [
+                    TopicPartition(self.topic, p) for p in await partitions_of(self._bootstrap, self.topic)
+                ]
+                self._consumer = AIOKafkaConsumer(
+                    bootstrap_servers=self._bootstrap,
+                    group_id=None,
+                    enable_auto_commit=False,
+                    client_id=f"spendstream-guard-{uuid.uuid4().hex[:8]}",
+                    fetch_max_wait_ms=20,
+                )
+                await self._consumer.start()
+                self._consumer.assign(partitions)
+                await self._consumer.seek_to_beginning()
+                end = await self._consumer.end_offsets(partitions)
+                while True:
+                    batch = await self._consumer.getmany(timeout_ms=200)
+                    for messages in batch.values():
+                        for msg in messages:
+                            self._apply(msg.value)
+                    if not self._caught_up.is_set():
+                        positions = [await self._consumer.position(tp) for tp in partitions]
+                        if all(pos >= end[tp] for pos, tp in zip(positions, partitions, strict=True)):
+                            self._caught_up.set()
+                            self._healthy = True
+                            log.info("Guard caught up with %s: %d scopes", self.topic, len(self._states))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker went away: report unhealthy, retry
+                self._healthy = False
+                log.error("Guard lost %s (%s); retrying in 1 s", self.topic, exc)
+                await asyncio.sleep(1)
+            finally:
+                if self._consumer is not None:
+                    await self._consumer.stop()
+                    self._consumer = None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._healthy = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class SyncGuard:
+    """Guard for non-async code: follows the topic in a daemon thread; `check()` is the same."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="spendstream-guard", daemon=True)
+        self._thread.start()
+        self._guard = Guard(**kwargs)
+        fut: ThreadFuture[None] = asyncio.run_coroutine_threadsafe(self._guard.start(), self._loop)
+        fut.result()
+
+    def check(
+        self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
+    ) -> None:
+        self._guard.check(project=project, team=team, user=user, model=model)
+
+    def state(self, scope: str) -> ScopeState | None:
+        return self._guard.state(scope)
+
+    @property
+    def healthy(self) -> bool:
+        return self._guard.healthy
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._guard.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
