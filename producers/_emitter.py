@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
 from datetime import datetime
@@ -85,6 +85,18 @@ class _Buffer:
             self.space.notify_all()
 
 
+_ZERO_SECONDS = b"\x00"
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID string; ~4x faster than str(uuid.uuid4())."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def build_event(
     *,
     service: str,
@@ -120,11 +132,11 @@ def build_event(
     `output_tokens` includes reasoning. Token counts have no default: unknown is never zero.
     """
     try:
-        seconds = encode_seconds(audio_seconds)
+        seconds = _ZERO_SECONDS if audio_seconds == 0 else encode_seconds(audio_seconds)
     except (TypeError, ValueError, ArithmeticError) as exc:
         raise InvalidUsage(str(exc)) from None
     event = {
-        "event_id": event_id or str(uuid.uuid4()),
+        "event_id": event_id or _uuid4(),
         "event_time": _micros(event_time),
         "project": project,
         "team": team,
