@@ -178,16 +178,22 @@ def watch(
         bool, typer.Option(help="Replay the whole (compacted) topic first: the current state of every scope.")
     ] = True,
     limit: Annotated[int, typer.Option(help="Stop after this many signals (0 = never).")] = 0,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="text, or json (one object per line)")
+    ] = "text",
 ) -> None:
     """Tail spend.control, decoded: every budget state change as it happens."""
-    from spendstream.control import format_signal, tail_control
+    from spendstream.control import format_signal, signal_json, tail_control
 
     settings = _settings(ctx)
 
     async def run() -> None:
         seen = 0
         async for signal in tail_control(settings.bootstrap, settings.topics.spend_control, from_beginning):
-            console.print(format_signal(signal))
+            if format == "json":
+                print(json.dumps(signal_json(signal)), flush=True)
+            else:
+                console.print(format_signal(signal))
             seen += 1
             if limit and seen >= limit:
                 return

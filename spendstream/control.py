@@ -13,7 +13,7 @@ from spendstream.wire import default_codec
 from stream_processors.budgets import utc_from_micros
 from stream_processors.pricing import pico_to_usd
 
-__all__ = ["format_signal", "tail_control"]
+__all__ = ["format_signal", "signal_json", "tail_control"]
 
 _CENT = Decimal("0.01")
 
@@ -46,9 +46,24 @@ def _usd(pico: int) -> str:
 
 def format_signal(s: dict[str, Any]) -> str:
     colour = {"blocked": "red", "warn": "yellow", "ok": "green"}[s["state"]]
-    return (
-        f"[{colour}]{s['state'].upper():7}[/{colour}] {s['scope']:28} {s['reason']:16} "
-        f"spend {_usd(s['spend_pico_usd'])} of {_usd(s['limit_pico_usd'])} in {s['window']} "
-        f"(until {utc_from_micros(s['window_end']):%Y-%m-%d %H:%M} UTC) "
-        f"seq {s['sequence']} decided {utc_from_micros(s['decided_at']):%H:%M:%S.%f} UTC"
-    )
+    what = s["reason"] + (f" {s['level']}%" if s["reason"] == "threshold" and s.get("level") else "")
+    text = f"[{colour}]{s['state'].upper():7}[/{colour}] {s['scope']:28} {what:18}"
+    if s["limit_pico_usd"]:
+        text += f" spend {_usd(s['spend_pico_usd'])} of {_usd(s['limit_pico_usd'])}"
+    if s["window"]:
+        text += f" in {s['window']}"
+    if s["window_end"]:
+        text += f" (until {utc_from_micros(s['window_end']):%Y-%m-%d %H:%M} UTC)"
+    if s.get("projected_at"):
+        text += f", projected to reach the limit {utc_from_micros(s['projected_at']):%Y-%m-%d %H:%M} UTC"
+    return text + f" seq {s['sequence']} decided {utc_from_micros(s['decided_at']):%H:%M:%S.%f} UTC"
+
+
+def signal_json(s: dict[str, Any]) -> dict[str, Any]:
+    """A ControlSignal for machines: money as exact decimal strings, times as ISO UTC."""
+    out = dict(s)
+    for field in ("spend_pico_usd", "limit_pico_usd"):
+        out[field.replace("_pico_usd", "_usd")] = str(pico_to_usd(out.pop(field)))
+    for field in ("window_start", "window_end", "decided_at", "projected_at"):
+        out[field] = utc_from_micros(out[field]).isoformat() if out.get(field) else None
+    return out

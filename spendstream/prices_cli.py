@@ -18,7 +18,7 @@ from producers import build_event
 from spendstream.errors import ConfigError, InvalidUsage, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
-from stream_processors.price_feed import publish_cards, published_cards
+from stream_processors.feeds import cards_of, publish, read_compacted
 from stream_processors.pricing import (
     PER_MILLION_METERS,
     PER_UNIT_METERS,
@@ -53,12 +53,13 @@ def _catalogue(settings: Settings, *, online: bool, fallback: str = "none") -> t
     published: list[PriceCard] = []
     if online:
         try:
-            published = asyncio.run(
+            records = asyncio.run(
                 asyncio.wait_for(
-                    published_cards(settings.bootstrap, settings.topics.prices, default_codec()), 20
+                    read_compacted(settings.bootstrap, settings.topics.prices, default_codec()), 20
                 )
             )
-        except (OSError, TimeoutError, Exception) as exc:
+            published = cards_of(records)
+        except Exception as exc:  # any broker failure: say so and go on with the seed catalogue
             from spendstream.cli import err
 
             err.print(
@@ -281,7 +282,11 @@ def _publish(settings: Settings, cards: list[PriceCard]) -> None:
     cat, _ = _catalogue(settings, online=True)
     for card in cards:  # overlaps and bad prices fail here, before anything is published
         cat.add(card)
-    asyncio.run(publish_cards(settings.bootstrap, settings.topics.prices, cards, default_codec()))
+    codec = default_codec()
+    records: list[tuple[bytes, bytes | None]] = [
+        (card.id.encode(), codec.encode("PriceCard", card.to_record())) for card in cards
+    ]
+    asyncio.run(publish(settings.bootstrap, settings.topics.prices, records))
     for card in cards:
         _console().print(f"published {card.id} to {settings.topics.prices}")
 

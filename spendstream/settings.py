@@ -24,9 +24,19 @@ class Topics:
         self.spend_control = f"{prefix}spend.control"
         self.usage_dlq = f"{prefix}usage.dlq"
         self.prices = f"{prefix}prices"
+        self.budgets = f"{prefix}budgets"
+        self.spend_deltas = f"{prefix}spend.deltas"
 
     def all(self) -> list[str]:
-        return [self.usage_raw, self.usage_priced, self.spend_control, self.usage_dlq, self.prices]
+        return [
+            self.usage_raw,
+            self.usage_priced,
+            self.spend_control,
+            self.usage_dlq,
+            self.prices,
+            self.budgets,
+            self.spend_deltas,
+        ]
 
 
 class Settings(BaseSettings):
@@ -58,6 +68,12 @@ class Settings(BaseSettings):
         default="max",
         description="Charge events of models without a price at: max (the provider's most expensive "
         "card in force, so budgets still move), none (stay unpriced), or a card id.",
+    )
+    late_grace_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description="An event whose window ended longer ago than this is recorded and flagged late, "
+        "and decides no signal.",
     )
     worker_id: str = Field(default="spendstream", description="Faust app id / consumer group.")
     web_port: int = Field(default=6066, description="Worker HTTP port (health, /sql for the CLI).")

@@ -8,6 +8,8 @@ its source topic, so all topics must have the same, deliberate partition count.
     spend.control   latest budget state/decision per key    cleanup.policy=compact
     usage.dlq       poison events with the reason attached  retention.ms = 30 days
     prices          price cards published at run time       cleanup.policy=compact
+    budgets         budget specs per scope                  cleanup.policy=compact
+    spend.deltas    spend per scope, repartitioned by scope broker default retention (internal)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def topic_configs(topics: Topics) -> dict[str, dict[str, str]]:
         topics.spend_control: {"cleanup.policy": "compact"},
         topics.usage_dlq: {"retention.ms": str(DLQ_RETENTION_MS)},
         topics.prices: {"cleanup.policy": "compact"},
+        topics.budgets: {"cleanup.policy": "compact"},
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 
 import faust
@@ -13,8 +14,9 @@ from spendstream.kafka_local import LocalKafka
 from spendstream.settings import Settings
 from spendstream.store import ClickHouseStore
 from spendstream.topics import ensure_topics, wait_for_broker
+from stream_processors.budgets import Spec, load_specs
 
-__all__ = ["local_kafka", "prepare", "run_worker"]
+__all__ = ["local_kafka", "prepare", "publish_specs", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,26 @@ def prepare(settings: Settings, say: Callable[[str], None]) -> str:
         cluster = "external-" + hashlib.sha256(settings.bootstrap.encode()).hexdigest()[:12]
     created = asyncio.run(ensure_topics(settings.bootstrap, settings.topics, settings.partitions))
     say(f"topics: {', '.join(settings.topics.all())}" + (f" (created {len(created)})" if created else ""))
+    specs = load_specs(settings.budgets_file)
+    if specs:  # the budgets file is an import format for the budgets topic
+        asyncio.run(publish_specs(settings, specs))
+        say(f"budgets: imported {len(specs)} scopes from {settings.budgets_file}")
     datadir = settings.worker_dir / cluster
     datadir.mkdir(parents=True, exist_ok=True)
     return str(datadir)
+
+
+async def publish_specs(settings: Settings, specs: list[Spec]) -> None:
+    """Publish budget specs to the budgets topic (key = scope)."""
+    from spendstream.wire import default_codec
+    from stream_processors.feeds import publish
+
+    now = time.time_ns() // 1000
+    codec = default_codec()
+    records: list[tuple[bytes, bytes | None]] = [
+        (spec.scope.encode(), codec.encode("BudgetSpec", spec.to_record(now))) for spec in specs
+    ]
+    await publish(settings.bootstrap, settings.topics.budgets, records)
 
 
 def run_worker(settings: Settings, say: Callable[[str], None], loglevel: str = "info") -> None:

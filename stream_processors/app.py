@@ -1,12 +1,14 @@
 """The worker: one Faust app wiring the stages to their topics and tables.
 
-    usage.raw --meter--> usage.priced --sink--> ClickHouse usage_events
-                 |  \\--> usage.dlq    --sink--> ClickHouse dead_letters
-                 \\--> spend (table) --budget check--> spend.control
+    usage.raw --meter--> usage.priced ---------------------------sink--> ClickHouse usage_events
+                  |  \\--> usage.dlq -----------------------------sink--> ClickHouse dead_letters
+                  \\--> spend.deltas (by scope) --budget--> spend.control
+                              budgets (by scope) --/     (table: scopes)
+    prices --price feed--> catalogue;  budgets --budget feed--> model filters, `budget list`
 
-The meter agent is the single writer of each project's spend (key = project, one partition per
-key), so budget checks have no check-then-record race. Guarantee: at least once; see
-docs/architecture.md for what that means for spend after a crash.
+The meter is partitioned by project; it re-partitions each message's spend by budget scope, so
+every scope (org, team, project, user, model filter) has exactly one writer: no check-then-record
+race, no limit multiplied by replicas. See docs/architecture.md for the guarantees.
 """
 
 from __future__ import annotations
@@ -14,33 +16,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 import faust
+from aiokafka.partitioner import murmur2
 from faust.web import Request, Response, View
 
-from spendstream.errors import QueryError
+from spendstream.errors import ConfigError, QueryError
 from spendstream.settings import Settings
 from spendstream.store import ClickHouseStore
 from spendstream.wire import Codec, default_codec
-from stream_processors.budgets import BudgetBook, Period, Window, crossed
+from stream_processors.budgets import MINUTE_US, Decision, Spec, apply_deltas, decide, new_state
+from stream_processors.feeds import BudgetFeed, PriceFeed
 from stream_processors.meter import MeterStage
-from stream_processors.price_feed import PriceFeed
 from stream_processors.pricing import Catalogue
 from stream_processors.repricer import reprice
 from stream_processors.sink import Sink
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "partition_for"]
 
 log = logging.getLogger(__name__)
 
 
 def _now_us() -> int:
     return time.time_ns() // 1_000
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2), so scope-keyed records from any producer co-partition."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def _jsonable(value: Any) -> Any:
@@ -63,14 +71,13 @@ def create_app(
     datadir: str,
     store: ClickHouseStore,
     catalogue: Catalogue | None = None,
-    budgets: BudgetBook | None = None,
     codec: Codec | None = None,
 ) -> faust.App:
     codec = codec or default_codec()
     cat = catalogue or Catalogue.load(fallback=settings.unpriced_fallback)
-    book = budgets if budgets is not None else BudgetBook.load(settings.budgets_file)
     topics = settings.topics
     n = settings.partitions
+    grace_us = settings.late_grace_seconds * 1_000_000
     app = faust.App(
         settings.worker_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -83,15 +90,16 @@ def create_app(
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
         producer_max_request_size=8 << 20,
+        producer_linger_ms=1,
         consumer_max_fetch_size=8 << 20,
         stream_buffer_maxsize=64,
         broker_commit_every=500,
         broker_commit_interval=1.0,
     )
 
-    def raw(name: str) -> faust.TopicT:
+    def raw(*names: str) -> faust.TopicT:
         return app.topic(
-            name,
+            *names,
             key_type=bytes,
             value_type=bytes,
             key_serializer="raw",
@@ -102,50 +110,17 @@ def create_app(
 
     raw_topic, priced_topic = raw(topics.usage_raw), raw(topics.usage_priced)
     control_topic, dlq_topic = raw(topics.spend_control), raw(topics.usage_dlq)
+    deltas_topic = raw(topics.spend_deltas)
+    budget_input = raw(topics.spend_deltas, topics.budgets)
 
-    # scope|window -> spend in pico-USD. Changelog-backed: restored on restart.
-    spend = app.Table("spend", default=int, key_type=str, value_type=int, partitions=n)
-    # scope|window -> last state signalled ("ok" until a signal says otherwise).
-    signalled = app.Table("signalled", default=str, key_type=str, value_type=str, partitions=n)
-    # scope -> sequence number of the last signal, so subscribers can drop stale ones.
-    sequence = app.Table("sequence", default=int, key_type=str, value_type=int, partitions=n)
-    stage = MeterStage(cat, codec)
+    # scope -> {"w", "late", "m", "applied", "sig", "seq"} (stream_processors/budgets.py). One value
+    # per scope, so spend, dedup offsets and the last signal change in one changelog record.
+    scopes = app.Table("scopes", default=None, key_type=str, value_type=dict, partitions=n)
+    # scope -> BudgetSpec record, from the budgets topic (co-partitioned with spend.deltas)
+    specs = app.Table("specs", default=None, key_type=str, value_type=dict, partitions=n)
+    parsed_specs: dict[tuple[str, int], Spec] = {}
+    attention: dict[str, int] = {}  # scopes not ok -> partition: the timer re-decides them
     metrics: Counter[str] = Counter()
-
-    async def check_budget(scope: str, period: Period, window: Window, before: int, after: int) -> None:
-        for budget in book.for_scope(scope):
-            if budget.period != period:
-                continue
-            key = f"{scope}|{window.id}"
-            state = "blocked" if after >= budget.limit_pico_usd else "ok"
-            if state == (signalled[key] or "ok"):
-                continue
-            if state == "blocked" and not crossed(before, after, budget.limit_pico_usd):
-                log.warning("%s is over budget without a crossing (restored state?)", key)
-            signalled[key] = state
-            sequence[scope] += 1
-            signal = {
-                "scope": scope,
-                "state": state,
-                "reason": "budget_exceeded" if state == "blocked" else "budget_ok",
-                "window": window.id,
-                "window_start": window.start_us,
-                "window_end": window.end_us,
-                "spend_pico_usd": after,
-                "limit_pico_usd": budget.limit_pico_usd,
-                "decided_at": _now_us(),
-                "sequence": sequence[scope],
-            }
-            await control_topic.send(key=scope.encode(), value=codec.encode("ControlSignal", signal))
-            metrics[f"signals|{state}"] += 1
-            log.info(
-                "signal %s %s (%s): spend %d of %d pico-USD",
-                scope,
-                state,
-                window.id,
-                after,
-                budget.limit_pico_usd,
-            )
 
     async def dead_letter(
         reason: str, detail: str, topic: str, partition: int, offset: int, key: bytes | None, payload: bytes
@@ -163,22 +138,28 @@ def create_app(
         metrics[f"dead_letters|{reason}"] += 1
         await dlq_topic.send(key=key, value=codec.encode("DeadLetter", letter))
 
-    feed = PriceFeed(
-        bootstrap=settings.bootstrap,
+    feed_args = {"bootstrap": settings.bootstrap, "codec": codec, "loop": app.loop, "beacon": app.beacon}
+    price_feed = PriceFeed(
         topic=topics.prices,
         catalogue=cat,
-        codec=codec,
+        **feed_args,  # type: ignore[arg-type]
         dead_letter=lambda *a: dead_letter(a[0], a[1], topics.prices, *a[2:]),
-        loop=app.loop,
-        beacon=app.beacon,
     )
+    budget_feed = BudgetFeed(
+        topic=topics.budgets,
+        **feed_args,  # type: ignore[arg-type]
+        dead_letter=lambda *a: dead_letter(a[0], a[1], topics.budgets, *a[2:]),
+    )
+    stage = MeterStage(cat, codec, budget_feed.model_globs)
 
     @app.agent(raw_topic, name="meter")
     async def meter(stream: faust.StreamT[bytes]) -> None:
-        # Price nothing before the cards published at run time are known.
-        await feed.caught_up.wait()
+        # Price nothing before the cards and budgets published at run time are known.
+        await price_feed.caught_up.wait()
+        await budget_feed.caught_up.wait()
         async for event in stream.events():
             msg = event.message
+            stage.model_globs = budget_feed.model_globs
             result = stage.process(msg.key, msg.value, _now_us())
             for dead in result.dead:
                 await dead_letter(
@@ -190,16 +171,139 @@ def create_app(
                 metrics[f"events|{status}"] += count
             if result.project is None:
                 continue
-            project = result.project
             await priced_topic.send(
-                key=project.encode(), value=codec.encode("PricedBatch", {"events": result.priced})
+                key=result.project.encode(), value=codec.encode("PricedBatch", {"events": result.priced})
             )
-            scope = f"project:{project}"
-            for (period, window), delta in result.spend.items():
-                key = f"{scope}|{window.id}"
-                before = spend[key]
-                spend[key] = before + delta
-                await check_budget(scope, period, window, before, before + delta)
+            by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
+            for (scope, minute), (pico, count) in result.spend.items():
+                by_partition[partition_for(scope, n)].append(
+                    {"scope": scope, "minute": minute, "pico_usd": pico, "events": count}
+                )
+            for partition, deltas in by_partition.items():
+                batch = {"source_partition": msg.partition, "source_offset": msg.offset, "deltas": deltas}
+                await deltas_topic.send(
+                    key=deltas[0]["scope"].encode(),
+                    value=codec.encode("SpendDeltaBatch", batch),
+                    partition=partition,
+                )
+
+    def spec_of(scope: str) -> Spec | None:
+        record = specs.get(scope)
+        if record is None:
+            return None
+        cache_key = (scope, int(record.get("updated_at", 0)))
+        spec = parsed_specs.get(cache_key)
+        if spec is None:
+            spec = parsed_specs[cache_key] = Spec.from_record(record)
+        return spec
+
+    async def decide_and_signal(scope: str, state: dict[str, Any], partition: int) -> None:
+        """Publish exactly one ControlSignal per change of (state, reason, level, window)."""
+        now = _now_us()
+        decision: Decision = decide(state, spec_of(scope), now)
+        if decision.state == "ok":
+            attention.pop(scope, None)
+        else:
+            attention[scope] = partition
+        if decision.key == state["sig"]:
+            return
+        state["sig"] = decision.key
+        state["seq"] += 1
+        signal = {
+            "scope": scope,
+            "state": decision.state,
+            "reason": decision.reason,
+            "window": decision.window.id,
+            "window_start": decision.window.start_us,
+            "window_end": decision.window.end_us,
+            "spend_pico_usd": decision.spend_pico,
+            "limit_pico_usd": decision.limit_pico,
+            "decided_at": now,
+            "sequence": state["seq"],
+            "level": decision.level,
+            "mode": decision.mode,
+            "projected_at": decision.projected_at_us,
+        }
+        await control_topic.send(key=scope.encode(), value=codec.encode("ControlSignal", signal))
+        metrics[f"signals|{decision.state}"] += 1
+        log.info(
+            "signal %s %s (%s %s): spend %d of %d pico-USD",
+            scope,
+            decision.state,
+            decision.reason,
+            decision.window.id,
+            decision.spend_pico,
+            decision.limit_pico,
+        )
+
+    @app.agent(budget_input, name="budget")
+    async def budget(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            if msg.topic == topics.budgets:
+                scope = (msg.key or b"").decode()
+                try:
+                    record = codec.decode(msg.value)[1] if msg.value else None
+                    if record is not None:
+                        Spec.from_record(record)  # validate before it decides anything
+                except (ConfigError, Exception) as exc:
+                    await dead_letter(
+                        "invalid_budget",
+                        str(exc),
+                        msg.topic,
+                        msg.partition,
+                        msg.offset,
+                        msg.key,
+                        msg.value or b"",
+                    )
+                    continue
+                if record is None:
+                    specs.pop(scope, None)
+                else:
+                    specs[scope] = record
+                state = scopes.get(scope) or new_state()
+                await decide_and_signal(scope, state, msg.partition)
+                scopes[scope] = state
+                continue
+            try:
+                _, batch = codec.decode(msg.value)
+            except Exception as exc:
+                await dead_letter(
+                    "undecodable", str(exc), msg.topic, msg.partition, msg.offset, msg.key, msg.value
+                )
+                continue
+            grouped: dict[str, list[tuple[int, int]]] = defaultdict(list)
+            for d in batch["deltas"]:
+                grouped[d["scope"]].append((d["minute"], d["pico_usd"]))
+            source, offset = str(batch["source_partition"]), batch["source_offset"]
+            now = _now_us()
+            for scope, deltas in grouped.items():
+                state = scopes.get(scope) or new_state()
+                if offset >= 0:
+                    if state["applied"].get(source, -1) >= offset:
+                        metrics["deltas|duplicate"] += 1
+                        continue  # re-delivered after a restart: already counted
+                    state["applied"][source] = offset
+                late = apply_deltas(state, deltas, spec_of(scope), now, grace_us)
+                if late:
+                    metrics["late_pico_usd|beyond_grace"] += late
+                await decide_and_signal(scope, state, msg.partition)
+                scopes[scope] = state
+
+    @app.timer(1.0)
+    async def tick() -> None:
+        """Re-decide scopes that are not ok, so a new window or a cooled-down rate unblocks them."""
+        now_min = _now_us() // MINUTE_US
+        by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for scope, partition in list(attention.items()):
+            by_partition[partition].append({"scope": scope, "minute": now_min, "pico_usd": 0, "events": 0})
+        for partition, deltas in by_partition.items():
+            batch = {"source_partition": -1, "source_offset": -1, "deltas": deltas}
+            await deltas_topic.send(
+                key=deltas[0]["scope"].encode(),
+                value=codec.encode("SpendDeltaBatch", batch),
+                partition=partition,
+            )
 
     sink = Sink(
         bootstrap=settings.bootstrap,
@@ -215,7 +319,8 @@ def create_app(
 
     @app.task
     async def start_services() -> None:
-        await app.add_runtime_dependency(feed)
+        await app.add_runtime_dependency(price_feed)
+        await app.add_runtime_dependency(budget_feed)
         await app.add_runtime_dependency(sink)
 
     @app.page("/health")
@@ -225,13 +330,59 @@ def create_app(
                 {
                     "status": "ok",
                     "sink_rows_written": sink.rows_written,
-                    "budgets": len(book),
+                    "budgets": len(budget_feed.specs),
                     "price_cards": len(cat),
                     "catalogue_version": cat.version,
-                    "price_feed_caught_up": feed.caught_up.is_set(),
+                    "feeds_caught_up": price_feed.caught_up.is_set() and budget_feed.caught_up.is_set(),
                     "events": {k.split("|", 1)[1]: v for k, v in metrics.items() if k.startswith("events|")},
                 }
             )
+
+    @app.page("/budgets")
+    class Budgets(View):
+        """Every budget with its current window, spend and state (scopes owned by this worker)."""
+
+        async def get(self, request: Request) -> Response:
+            now = _now_us()
+            rows = []
+            for scope, spec in sorted(budget_feed.specs.items()):
+                state = scopes.get(scope) or new_state()
+                for lim in spec.limits:
+                    win = lim.current(now)
+                    if lim.rolling_minutes is None:
+                        spend = state["w"].get(win.id, 0)
+                    else:
+                        spend = sum(v for k, v in state["m"].items() if int(k) >= win.start_us // MINUTE_US)
+                    rows.append(
+                        {
+                            "scope": scope,
+                            "window": win.id,
+                            "window_end": win.end_us,
+                            "mode": lim.mode,
+                            "spend_usd": str(Decimal(spend).scaleb(-12)),
+                            "limit_usd": str(Decimal(lim.limit_pico).scaleb(-12)),
+                            "percent": round(spend * 100 / lim.limit_pico, 1),
+                            "state": state["sig"][0],
+                            "reason": state["sig"][1],
+                            "late_usd": str(Decimal(sum(state["late"].values())).scaleb(-12)),
+                        }
+                    )
+                if not spec.limits:
+                    rows.append(
+                        {
+                            "scope": scope,
+                            "window": "",
+                            "window_end": 0,
+                            "mode": "",
+                            "spend_usd": "",
+                            "limit_usd": "",
+                            "percent": 0,
+                            "state": state["sig"][0],
+                            "reason": state["sig"][1],
+                            "late_usd": "0",
+                        }
+                    )
+            return self.json({"budgets": rows})
 
     @app.page("/sql")
     class Sql(View):
@@ -265,25 +416,22 @@ def create_app(
         """Prometheus text format."""
 
         async def get(self, request: Request) -> Response:
-            lines = [
-                "# TYPE spendstream_events_total counter",
-                *(
-                    f'spendstream_events_total{{pricing_status="{k.split("|", 1)[1]}"}} {v}'
+            names = {
+                "events": ("spendstream_events_total", "pricing_status"),
+                "dead_letters": ("spendstream_dead_letters_total", "reason"),
+                "signals": ("spendstream_signals_total", "state"),
+                "deltas": ("spendstream_spend_deltas_total", "kind"),
+                "late_pico_usd": ("spendstream_late_spend_pico_usd_total", "kind"),
+            }
+            lines = []
+            for prefix, (metric, label) in names.items():
+                lines.append(f"# TYPE {metric} counter")
+                lines += [
+                    f'{metric}{{{label}="{k.split("|", 1)[1]}"}} {v}'
                     for k, v in sorted(metrics.items())
-                    if k.startswith("events|")
-                ),
-                "# TYPE spendstream_dead_letters_total counter",
-                *(
-                    f'spendstream_dead_letters_total{{reason="{k.split("|", 1)[1]}"}} {v}'
-                    for k, v in sorted(metrics.items())
-                    if k.startswith("dead_letters|")
-                ),
-                "# TYPE spendstream_signals_total counter",
-                *(
-                    f'spendstream_signals_total{{state="{k.split("|", 1)[1]}"}} {v}'
-                    for k, v in sorted(metrics.items())
-                    if k.startswith("signals|")
-                ),
+                    if k.startswith(f"{prefix}|")
+                ]
+            lines += [
                 "# TYPE spendstream_sink_rows_written_total counter",
                 f"spendstream_sink_rows_written_total {sink.rows_written}",
                 "# TYPE spendstream_price_cards gauge",

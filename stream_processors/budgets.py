@@ -1,150 +1,469 @@
-"""Budget windows and the crossing rule, as pure functions.
+"""Budgets, windows and the decision rule, as pure functions (no Kafka, no Faust).
 
-Windows are calendar periods in UTC decided by the event's own time (never the wall clock), so a
-replayed or late event counts where it belongs. A window is identified by a string such as
-`day:2026-11-27` or `month:2026-11`; spend tables key on `<scope>|<window id>`.
+Scopes: `org`, `team:<id>`, `project:<id>`, `user:<id>`, and `project:<id>/model:<glob>`. An event
+counts against every scope it matches. Windows are decided by event time: calendar `daily`,
+`weekly` (ISO weeks, Monday) and `monthly` in the budget's IANA time zone (a Berlin day is not a
+UTC day; DST days have 23 or 25 hours), and `rolling:<n>m|h|d` over minute buckets.
+
+The state of one scope is a plain dict (stored as one value in the worker's `scopes` table, so a
+single changelog record updates spend, dedup offsets and the last signal together):
+
+    {"w": {window id: pico-USD}, "late": {window id: pico-USD}, "m": {minute: pico-USD},
+     "applied": {usage.raw partition: offset}, "sig": [state, reason, level, window], "seq": n}
 """
 
 from __future__ import annotations
 
+import fnmatch
+import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from spendstream.errors import ConfigError
 
 __all__ = [
-    "PERIODS",
-    "Budget",
-    "BudgetBook",
-    "Period",
+    "Decision",
+    "Limit",
+    "Spec",
     "Window",
-    "crossed",
+    "apply_deltas",
+    "calendar_window",
+    "decide",
+    "load_specs",
+    "parse_scope",
+    "scopes_for_event",
     "utc_from_micros",
-    "window_for",
 ]
 
-Period = Literal["daily", "monthly"]
-PERIODS: tuple[Period, ...] = ("daily", "monthly")
-_MICROS_PER_DAY = 86_400 * 1_000_000
-_EPOCH = date(1970, 1, 1)
-
-
-@dataclass(frozen=True)
-class Window:
-    id: str  # day:YYYY-MM-DD or month:YYYY-MM
-    start_us: int  # inclusive, microseconds since the epoch (UTC)
-    end_us: int  # exclusive
-
-
-def _micros(d: date) -> int:
-    return (d - _EPOCH).days * _MICROS_PER_DAY
-
-
-@lru_cache(maxsize=4096)
-def _windows_of_day(day_index: int) -> tuple[Window, Window]:
-    day = _EPOCH + timedelta(days=day_index)
-    daily = Window(f"day:{day.isoformat()}", _micros(day), _micros(day + timedelta(days=1)))
-    first = day.replace(day=1)
-    after = date(first.year + first.month // 12, first.month % 12 + 1, 1)
-    monthly = Window(f"month:{first:%Y-%m}", _micros(first), _micros(after))
-    return daily, monthly
-
-
-def window_for(period: Period, event_time_us: int) -> Window:
-    """The UTC calendar window of `period` that contains the instant `event_time_us`."""
-    daily, monthly = _windows_of_day(event_time_us // _MICROS_PER_DAY)
-    return daily if period == "daily" else monthly
-
-
-def crossed(spend_before: int, spend_after: int, limit: int) -> bool:
-    """True exactly once per crossing: when spend goes from below the limit to at or above it."""
-    return spend_before < limit <= spend_after
-
-
-@dataclass(frozen=True)
-class Budget:
-    scope: str  # e.g. project:checkout
-    period: Period
-    limit_pico_usd: int
-
-
-def _amount_to_pico(where: str, raw: Any) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
-        raise ConfigError(f'{where}: amount must be a number of USD such as "50.00", got {raw!r}')
-    try:
-        usd = Decimal(str(raw))
-    except InvalidOperation:
-        raise ConfigError(f"{where}: {raw!r} is not a decimal amount of USD") from None
-    if usd <= 0 or usd.as_tuple().exponent < -12:  # type: ignore[operator]
-        raise ConfigError(f"{where}: {raw!r} must be positive with at most 12 decimals")
-    return int(usd.scaleb(12))
-
-
-class BudgetBook:
-    """The budgets in force, by scope. Loaded from a YAML or TOML file:
-
-    ```yaml
-    budgets:
-      project:checkout: {daily: "50.00", monthly: "1000"}
-      project:search:   {monthly: "200"}
-    ```
-    """
-
-    def __init__(self, budgets: list[Budget]) -> None:
-        self._by_scope: dict[str, list[Budget]] = {}
-        for budget in budgets:
-            self._by_scope.setdefault(budget.scope, []).append(budget)
-
-    def for_scope(self, scope: str) -> list[Budget]:
-        return self._by_scope.get(scope, [])
-
-    def __iter__(self) -> Any:
-        return (b for budgets in self._by_scope.values() for b in budgets)
-
-    def __len__(self) -> int:
-        return sum(len(b) for b in self._by_scope.values())
-
-    @classmethod
-    def from_mapping(cls, data: Any, source: str = "budgets") -> BudgetBook:
-        if data is None:
-            return cls([])
-        if not isinstance(data, dict) or not isinstance(data.get("budgets", {}), dict):
-            raise ConfigError(f"{source}: expected a top-level 'budgets' mapping of scope -> limits")
-        budgets = []
-        for scope, limits in (data.get("budgets") or {}).items():
-            if not isinstance(scope, str) or not scope.startswith("project:") or scope == "project:":
-                raise ConfigError(f"{source}: scope {scope!r} must look like project:<id>")
-            if not isinstance(limits, dict) or not limits:
-                raise ConfigError(f'{source}: {scope} needs limits such as {{monthly: "100"}}')
-            for period, amount in limits.items():
-                if period not in PERIODS:
-                    raise ConfigError(f"{source}: {scope}: period {period!r} is not one of {PERIODS}")
-                pico = _amount_to_pico(f"{source}: {scope}.{period}", amount)
-                budgets.append(Budget(scope, period, pico))
-        return cls(budgets)
-
-    @classmethod
-    def load(cls, path: Path | None) -> BudgetBook:
-        if path is None:
-            return cls([])
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read budgets file {path}: {exc.strerror}") from None
-        try:
-            data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"budgets file {path} is not valid: {exc}") from None
-        return cls.from_mapping(data, str(path))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+MINUTE_US = 60_000_000
+_SCOPE = re.compile(r"^(org|team:[^/\s]+|project:[^/\s]+|user:[^/\s]+|project:[^/\s]+/model:\S+)$")
+_ROLLING = re.compile(r"^rolling:(\d+)(m|h|d)$")
+_UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
+RUNAWAY_MINUTES = 5  # the recent rate is the spend of the last 5 minutes ...
+BASELINE_MINUTES = 60  # ... compared with the 5-minute average of the hour before
+FORECAST_MIN_HISTORY = 10  # minutes of spend needed before a forecast is made
+_SEVERITY = {"ok": 0, "warn": 1, "blocked": 2}
+_REASON_RANK = {
+    "manual": 5,
+    "runaway": 4,
+    "budget_exceeded": 3,
+    "threshold": 2,
+    "forecast": 1,
+    "within_budget": 0,
+}
 
 
 def utc_from_micros(us: int) -> datetime:
     """Exact conversion of epoch microseconds to an aware UTC datetime (for display)."""
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+    return _EPOCH + us * _US
+
+
+def _micros(dt: datetime) -> int:
+    return (dt - _EPOCH) // _US
+
+
+def parse_scope(scope: str) -> str:
+    if not _SCOPE.match(scope):
+        raise ConfigError(
+            f"scope {scope!r} must be org, team:<id>, project:<id>, user:<id> or project:<id>/model:<glob>"
+        )
+    return scope
+
+
+def _zone(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"time zone {tz!r} is not an IANA name such as Europe/Berlin or UTC") from None
+
+
+@dataclass(frozen=True)
+class Window:
+    id: str  # e.g. day:2026-11-27@Europe/Berlin, week:2026-W48@UTC, month:2026-11@UTC, rolling:60m
+    start_us: int  # inclusive
+    end_us: int  # exclusive
+
+
+@lru_cache(maxsize=65536)
+def calendar_window(period: str, tz: str, minute: int) -> Window:
+    """The calendar window of `period` in time zone `tz` containing the given epoch minute."""
+    zone = _zone(tz)
+    local = utc_from_micros(minute * MINUTE_US).astimezone(zone)
+    day = local.date()
+    if period == "daily":
+        first, after, label = day, day + timedelta(days=1), f"day:{day.isoformat()}"
+    elif period == "weekly":
+        first = day - timedelta(days=day.weekday())
+        after = first + timedelta(days=7)
+        iso = first.isocalendar()
+        label = f"week:{iso.year}-W{iso.week:02d}"
+    elif period == "monthly":
+        first = day.replace(day=1)
+        after = date(first.year + first.month // 12, first.month % 12 + 1, 1)
+        label = f"month:{first:%Y-%m}"
+    else:
+        raise ConfigError(f"window {period!r} is not daily, weekly, monthly or rolling:<n>m|h|d")
+
+    def start(d: date) -> int:  # local midnight (a DST gap at midnight resolves forward)
+        return _micros(datetime(d.year, d.month, d.day, tzinfo=zone))
+
+    return Window(f"{label}@{tz}", start(first), start(after))
+
+
+@dataclass(frozen=True)
+class Limit:
+    window: str  # daily | weekly | monthly | rolling:<n>m|h|d
+    tz: str
+    limit_pico: int
+    warn: tuple[int, ...] = (50, 80)
+    mode: Literal["hard", "soft"] = "hard"
+
+    @property
+    def rolling_minutes(self) -> int | None:
+        m = _ROLLING.match(self.window)
+        return int(m.group(1)) * _UNIT_MINUTES[m.group(2)] if m else None
+
+    def current(self, now_us: int) -> Window:
+        minutes = self.rolling_minutes
+        if minutes is not None:
+            now_min = now_us // MINUTE_US
+            return Window(self.window, (now_min - minutes + 1) * MINUTE_US, (now_min + 1) * MINUTE_US)
+        return calendar_window(self.window, self.tz, now_us // MINUTE_US)
+
+
+def _usd(where: str, raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float | Decimal):
+        raise ConfigError(f'{where}: amount must be USD such as "50.00", got {raw!r}')
+    try:
+        usd = Decimal(str(raw))
+    except InvalidOperation:
+        raise ConfigError(f"{where}: {raw!r} is not a decimal amount of USD") from None
+    if not usd.is_finite() or usd <= 0 or usd.as_tuple().exponent < -12:  # type: ignore[operator]
+        raise ConfigError(f"{where}: {raw!r} must be positive with at most 12 decimals")
+    return int(usd.scaleb(12))
+
+
+def make_limit(
+    scope: str, window: str, amount: Any, tz: str = "UTC", warn: Iterable[int] = (50, 80), mode: str = "hard"
+) -> Limit:
+    where = f"budget {scope} {window}"
+    if window not in ("daily", "weekly", "monthly") and not _ROLLING.match(window):
+        raise ConfigError(
+            f"{where}: window must be daily, weekly, monthly or rolling:<n>m|h|d (e.g. rolling:60m)"
+        )
+    _zone(tz)
+    levels = tuple(sorted({int(w) for w in warn}))
+    if any(not 0 < w < 100 for w in levels):
+        raise ConfigError(f"{where}: warn levels are percentages between 1 and 99, got {list(levels)}")
+    if mode not in ("hard", "soft"):
+        raise ConfigError(f"{where}: mode must be hard (block at the limit) or soft (warn only)")
+    return Limit(window, tz, _usd(where, amount), levels, mode)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Every budget of one scope, plus its manual block and runaway rule."""
+
+    scope: str
+    limits: tuple[Limit, ...] = ()
+    manual_block: bool = False
+    manual_reason: str = ""
+    runaway_multiplier: int = 0
+    runaway_pico_per_minute: int | None = None
+
+    def to_record(self, now_us: int) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "limits": [
+                {
+                    "window": lim.window,
+                    "tz": lim.tz,
+                    "limit_usd": str(Decimal(lim.limit_pico).scaleb(-12).normalize()),
+                    "warn_percent": list(lim.warn),
+                    "mode": lim.mode,
+                }
+                for lim in self.limits
+            ],
+            "manual_block": self.manual_block,
+            "manual_reason": self.manual_reason,
+            "runaway_multiplier": self.runaway_multiplier,
+            "runaway_usd_per_minute": ""
+            if self.runaway_pico_per_minute is None
+            else str(Decimal(self.runaway_pico_per_minute).scaleb(-12).normalize()),
+            "updated_at": now_us,
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Spec:
+        scope = parse_scope(r["scope"])
+        limits = tuple(
+            make_limit(
+                scope,
+                lim["window"],
+                lim["limit_usd"],
+                lim.get("tz", "UTC"),
+                lim.get("warn_percent", (50, 80)),
+                lim.get("mode", "hard"),
+            )
+            for lim in r.get("limits", ())
+        )
+        per_min = r.get("runaway_usd_per_minute") or ""
+        return cls(
+            scope,
+            limits,
+            bool(r.get("manual_block")),
+            r.get("manual_reason", ""),
+            int(r.get("runaway_multiplier") or 0),
+            _usd(f"budget {scope} runaway", per_min) if per_min else None,
+        )
+
+
+def _spec_from_file_entry(scope: str, entry: Any, source: str) -> Spec:
+    parse_scope(scope)
+    if not isinstance(entry, dict) or not entry:
+        raise ConfigError(f'{source}: {scope} needs limits such as {{monthly: "100"}}')
+    limits = []
+    for key, value in entry.items():
+        if key in ("daily", "weekly", "monthly") or str(key).startswith("rolling:"):
+            limits.append(make_limit(scope, key, value))
+    for lim in entry.get("limits", []):
+        if not isinstance(lim, dict) or "window" not in lim or "limit" not in lim:
+            raise ConfigError(f"{source}: {scope}: each of limits needs window and limit")
+        limits.append(
+            make_limit(
+                scope,
+                lim["window"],
+                lim["limit"],
+                lim.get("tz", "UTC"),
+                lim.get("warn", (50, 80)),
+                lim.get("mode", "hard"),
+            )
+        )
+    runaway = entry.get("runaway") or {}
+    unknown = (
+        set(entry)
+        - {"daily", "weekly", "monthly", "limits", "runaway"}
+        - {k for k in entry if str(k).startswith("rolling:")}
+    )
+    if unknown:
+        raise ConfigError(
+            f"{source}: {scope}: unknown keys {sorted(unknown)} (windows are daily, weekly, monthly, rolling:<n>m)"
+        )
+    per_min = runaway.get("usd_per_minute")
+    return Spec(
+        scope,
+        tuple(limits),
+        runaway_multiplier=int(runaway.get("multiplier", 0)),
+        runaway_pico_per_minute=_usd(f"{source}: {scope} runaway", per_min) if per_min else None,
+    )
+
+
+def load_specs(path: Path | None) -> list[Spec]:
+    """Budgets from a YAML or TOML file (an import format for the `budgets` topic):
+
+    ```yaml
+    budgets:
+      project:checkout: {daily: "50", monthly: "1000"}            # UTC calendar windows
+      team:data:
+        limits: [{window: monthly, tz: Europe/Berlin, limit: "5000", warn: [50, 80], mode: hard}]
+        runaway: {multiplier: 10, usd_per_minute: "5"}
+    ```
+    """
+    if path is None:
+        return []
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read budgets file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"budgets file {path} is not valid: {exc}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict) or not isinstance(data.get("budgets", {}), dict):
+        raise ConfigError(f"{path}: expected a top-level 'budgets' mapping of scope -> limits")
+    return [
+        _spec_from_file_entry(str(scope), entry, str(path))
+        for scope, entry in (data.get("budgets") or {}).items()
+    ]
+
+
+def scopes_for_event(
+    project: str, team: str | None, user: str | None, model: str, model_globs: Iterable[str] = ()
+) -> list[str]:
+    """Every scope an event counts against."""
+    scopes = ["org", f"project:{project}"]
+    if team:
+        scopes.append(f"team:{team}")
+    if user:
+        scopes.append(f"user:{user}")
+    scopes.extend(f"project:{project}/model:{g}" for g in model_globs if fnmatch.fnmatchcase(model, g))
+    return scopes
+
+
+# -- applying spend ---------------------------------------------------------------------------
+
+
+def new_state() -> dict[str, Any]:
+    return {"w": {}, "late": {}, "m": {}, "applied": {}, "sig": ["ok", "within_budget", 0, ""], "seq": 0}
+
+
+def apply_deltas(
+    state: dict[str, Any], deltas: Iterable[tuple[int, int]], spec: Spec | None, now_us: int, grace_us: int
+) -> int:
+    """Add (minute, pico-USD) deltas to a scope's state; returns pico-USD that arrived past the grace.
+
+    Calendar windows: the configured limits' windows plus the UTC day and month (always kept, so
+    spend is known before a budget exists). A late event counts in the window it belongs to; one
+    later than the grace after its window's end is recorded under "late" and decides nothing.
+    """
+    limits = spec.limits if spec else ()
+    calendars = {(lim.window, lim.tz) for lim in limits if lim.rolling_minutes is None}
+    calendars |= {("daily", "UTC"), ("monthly", "UTC")}
+    keep_minutes = max([lim.rolling_minutes or 0 for lim in limits] + [RUNAWAY_MINUTES + BASELINE_MINUTES])
+    now_min = now_us // MINUTE_US
+    late_total = 0
+    w, late, m = state["w"], state["late"], state["m"]
+    for minute, pico in deltas:
+        if not pico:
+            continue
+        if minute > now_min - keep_minutes:
+            m[str(minute)] = m.get(str(minute), 0) + pico
+        for period, tz in calendars:
+            win = calendar_window(period, tz, minute)
+            if win.end_us + grace_us <= now_us:
+                late[win.id] = late.get(win.id, 0) + pico
+                late_total += pico
+            else:
+                w[win.id] = w.get(win.id, 0) + pico
+    for minute in [k for k in m if int(k) <= now_min - keep_minutes]:
+        del m[minute]
+    horizon = now_us - 40 * 86_400_000_000  # keep 40 days of closed windows for `budget list`
+    for table in (w, late):
+        for wid in [k for k in table if _window_end_of(k) < horizon]:
+            del table[wid]
+    return late_total
+
+
+@lru_cache(maxsize=65536)
+def _window_end_of(window_id: str) -> int:
+    label, _, tz = window_id.partition("@")
+    kind, _, value = label.partition(":")
+    if kind == "day":
+        d = date.fromisoformat(value)
+    elif kind == "week":
+        year, week = value.split("-W")
+        d = date.fromisocalendar(int(year), int(week), 1)
+    else:
+        d = date.fromisoformat(value + "-01")
+    period = {"day": "daily", "week": "weekly", "month": "monthly"}[kind]
+    minute = (
+        _micros(datetime(d.year, d.month, d.day, 12, tzinfo=_zone(tz or "UTC"))) // MINUTE_US
+    )  # local noon
+    return calendar_window(period, tz or "UTC", minute).end_us
+
+
+# -- deciding ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: str  # ok | warn | blocked
+    reason: str
+    level: int = 0
+    window: Window = field(default_factory=lambda: Window("", 0, 0))
+    spend_pico: int = 0
+    limit_pico: int = 0
+    mode: str = "hard"
+    projected_at_us: int = 0
+
+    @property
+    def key(self) -> list[Any]:
+        return [self.state, self.reason, self.level, self.window.id]
+
+    def _rank(self) -> tuple[int, int, int]:
+        return (_SEVERITY[self.state], _REASON_RANK[self.reason], self.level)
+
+
+def _minutes_sum(m: Mapping[str, int], first: int, last: int) -> int:
+    return sum(v for k, v in m.items() if first <= int(k) <= last)
+
+
+def decide(state: Mapping[str, Any], spec: Spec | None, now_us: int) -> Decision:
+    """The scope's state now: the most severe of manual block, runaway, limits, warns and forecasts."""
+    if spec is None:
+        return Decision("ok", "within_budget")
+    now_min = now_us // MINUTE_US
+    m = state["m"]
+    found: list[Decision] = [Decision("ok", "within_budget")]
+    if spec.manual_block:
+        found.append(Decision("blocked", "manual"))
+    recent = _minutes_sum(m, now_min - RUNAWAY_MINUTES + 1, now_min)
+    history = [int(k) for k in m if int(k) <= now_min - RUNAWAY_MINUTES]
+    cooldown = Window(
+        f"rolling:{RUNAWAY_MINUTES}m",
+        (now_min - RUNAWAY_MINUTES + 1) * MINUTE_US,
+        (now_min + RUNAWAY_MINUTES) * MINUTE_US,
+    )
+    if spec.runaway_pico_per_minute is not None and recent > spec.runaway_pico_per_minute * RUNAWAY_MINUTES:
+        found.append(
+            Decision(
+                "blocked", "runaway", 100, cooldown, recent, spec.runaway_pico_per_minute * RUNAWAY_MINUTES
+            )
+        )
+    if spec.runaway_multiplier and history and min(history) <= now_min - BASELINE_MINUTES // 2:
+        baseline_total = _minutes_sum(
+            m, now_min - RUNAWAY_MINUTES - BASELINE_MINUTES + 1, now_min - RUNAWAY_MINUTES
+        )
+        baseline = baseline_total * RUNAWAY_MINUTES // BASELINE_MINUTES
+        if baseline and recent > spec.runaway_multiplier * baseline:
+            found.append(
+                Decision("blocked", "runaway", 100, cooldown, recent, spec.runaway_multiplier * baseline)
+            )
+    for lim in spec.limits:
+        win = lim.current(now_us)
+        if lim.rolling_minutes is not None:
+            spend = _minutes_sum(m, win.start_us // MINUTE_US, now_min)
+        else:
+            spend = state["w"].get(win.id, 0)
+        if spend >= lim.limit_pico:
+            hard = lim.mode == "hard"
+            found.append(
+                Decision(
+                    "blocked" if hard else "warn",
+                    "budget_exceeded" if hard else "threshold",
+                    100,
+                    win,
+                    spend,
+                    lim.limit_pico,
+                    lim.mode,
+                )
+            )
+            continue
+        levels = [p for p in lim.warn if spend * 100 >= p * lim.limit_pico]
+        if levels:
+            found.append(Decision("warn", "threshold", max(levels), win, spend, lim.limit_pico, lim.mode))
+        elif lim.rolling_minutes is None:
+            recent_hour = [int(k) for k in m if int(k) > now_min - 60]
+            if recent_hour and min(recent_hour) <= now_min - FORECAST_MIN_HISTORY:
+                span = now_min - min(recent_hour) + 1  # burn rate over the observed part of the last hour
+                per_minute = _minutes_sum(m, now_min - 59, now_min) / span
+                if per_minute > 0:
+                    crossing = now_us + int((lim.limit_pico - spend) / per_minute * MINUTE_US)
+                    if crossing < win.end_us:
+                        found.append(
+                            Decision("warn", "forecast", 0, win, spend, lim.limit_pico, lim.mode, crossing)
+                        )
+    return max(found, key=Decision._rank)

@@ -14,7 +14,7 @@ from typing import Any
 from spendstream.errors import DecodeError
 from spendstream.usage import usage_problem
 from spendstream.wire import Codec
-from stream_processors.budgets import PERIODS, Period, Window, window_for
+from stream_processors.budgets import MINUTE_US, scopes_for_event
 from stream_processors.pricing import Catalogue
 
 __all__ = ["DeadLetter", "MeterResult", "MeterStage"]
@@ -31,16 +31,20 @@ class DeadLetter:
 class MeterResult:
     project: str | None = None  # the project of every priced event (= the message key)
     priced: list[dict[str, Any]] = field(default_factory=list)  # PricedUsage records
-    spend: dict[tuple[Period, Window], int] = field(default_factory=lambda: defaultdict(int))
+    # (scope, event minute) -> pico-USD and event count: what this message adds to each budget scope
+    spend: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
     rekey: list[tuple[str, bytes]] = field(default_factory=list)  # (project, UsageEvent message)
     statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # priced/fallback/unpriced
 
 
 class MeterStage:
-    def __init__(self, catalogue: Catalogue, codec: Codec) -> None:
+    def __init__(
+        self, catalogue: Catalogue, codec: Codec, model_globs: dict[str, list[str]] | None = None
+    ) -> None:
         self.catalogue = catalogue
         self.codec = codec
+        self.model_globs = model_globs if model_globs is not None else {}  # project -> model-filter budgets
 
     def process(self, key: bytes | None, value: bytes, now_us: int) -> MeterResult:
         result = MeterResult()
@@ -93,8 +97,15 @@ class MeterStage:
             }
         )
         if priced.cost_pico:  # unpriced (None) moves no budget, but is counted and stored
-            for period in PERIODS:
-                result.spend[(period, window_for(period, event["event_time"]))] += priced.cost_pico
+            minute = event["event_time"] // MINUTE_US
+            globs = self.model_globs.get(project, ())
+            for scope in scopes_for_event(project, event["team"], event["user"], event["model"], globs):
+                slot = result.spend.get((scope, minute))
+                if slot is None:
+                    result.spend[(scope, minute)] = [priced.cost_pico, 1]
+                else:
+                    slot[0] += priced.cost_pico
+                    slot[1] += 1
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)

@@ -40,12 +40,13 @@ def test_batch_is_priced_and_spend_split_by_window() -> None:
     ]
     assert [p["pricing_status"] for p in result.priced] == ["priced", "priced"]
     assert result.priced[0]["itemised"] == {"input": 2_500_000_000, "output": 1_000_000_000}
-    spend = {(period, w.id): v for (period, w), v in result.spend.items()}
-    assert spend == {
-        ("daily", "day:2026-11-30"): 3_500_000_000,
-        ("monthly", "month:2026-11"): 3_500_000_000,
-        ("daily", "day:2026-12-01"): 210_000_000,
-        ("monthly", "month:2026-12"): 210_000_000,
+    m1 = e1["event_time"] // 60_000_000
+    m2 = e2["event_time"] // 60_000_000
+    assert result.spend == {  # every scope the events count against, per minute of event time
+        ("org", m1): [3_500_000_000, 1],
+        ("project:a", m1): [3_500_000_000, 1],
+        ("org", m2): [210_000_000, 1],
+        ("project:a", m2): [210_000_000, 1],
     }
     assert result.dead == []
     assert result.rekey == []
@@ -83,7 +84,24 @@ def test_unknown_model_with_fallback_moves_the_budget() -> None:
     result = stage.process(b"a", CODEC.encode("UsageEvent", ev(model="gpt-9")), NOW)
     [priced] = result.priced
     assert (priced["pricing_status"], priced["cost_pico_usd"]) == ("fallback", 3_500_000_000)
-    assert sorted(result.spend.values()) == [3_500_000_000, 3_500_000_000]  # ... with one it does
+    assert sorted(result.spend.values()) == [[3_500_000_000, 1], [3_500_000_000, 1]]  # ... with one it does
+
+
+def test_spend_is_split_by_team_user_and_model_filter_scopes() -> None:
+    stage = MeterStage(Catalogue.load(fallback="none"), CODEC, {"a": ["gpt-4o*", "claude-*"]})
+    events = [ev(team="t", user="u1"), ev(team="t", user="u2"), ev(team="t", user="u1", model="gpt-4o-mini")]
+    for e in events:
+        e["event_time"] = events[0]["event_time"]
+    result = stage.process(b"a", CODEC.encode("UsageBatch", {"events": events}), NOW)
+    by_scope = {scope: v for (scope, _), v in result.spend.items()}
+    assert by_scope == {
+        "org": [7_210_000_000, 3],
+        "project:a": [7_210_000_000, 3],
+        "team:t": [7_210_000_000, 3],
+        "user:u1": [3_710_000_000, 2],
+        "user:u2": [3_500_000_000, 1],
+        "project:a/model:gpt-4o*": [7_210_000_000, 3],
+    }
 
 
 def test_wrong_schema_on_usage_raw() -> None:

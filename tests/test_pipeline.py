@@ -156,14 +156,20 @@ def test_exactly_one_blocked_signal_for_the_project_over_budget(run: dict[str, A
     worker: Worker = run["worker"]
     messages = asyncio.run(read_all(run["kafka"], worker.topics.spend_control))
     signals = [default_codec().decode(v)[1] for _, v in messages]
-    assert [(s["scope"], s["state"], s["reason"], s["sequence"]) for s in signals] == [
-        ("project:over", "blocked", "budget_exceeded", 1)
-    ]
-    signal = signals[0]
-    assert messages[0][0] == b"project:over"  # compacted topic, key = scope
+    assert {s["scope"] for s in signals} == {"project:over"}  # none for the projects under budget
+    assert {k for k, _ in messages} == {b"project:over"}  # compacted topic, key = scope
+    blocked = [s for s in signals if s["state"] == "blocked"]
+    assert [(s["reason"], s["level"]) for s in blocked] == [("budget_exceeded", 100)]  # exactly one
+    # warn signals (50 %, 80 %) may precede it, each once, in order; the block is the last word
+    assert [s["sequence"] for s in signals] == list(range(1, len(signals) + 1))
+    assert signals[-1]["state"] == "blocked"
+    assert all(s["state"] == "warn" and s["reason"] == "threshold" for s in signals[:-1])
+    assert len({s["level"] for s in signals}) == len(signals)
+    signal = blocked[0]
     assert signal["limit_pico_usd"] == int(OVER_LIMIT_USD * 10**12)
     assert signal["spend_pico_usd"] >= signal["limit_pico_usd"]
     assert signal["window"].startswith("day:")
+    assert signal["window"].endswith("@UTC")
     assert signal["window_end"] - signal["window_start"] == 86_400 * 10**6
     assert Decimal(run["expected"]["over"]["usd"]) > OVER_LIMIT_USD
 
@@ -221,8 +227,9 @@ def test_sql_cli_goes_through_the_worker(run: dict[str, Any]) -> None:
 
 def test_watch_cli_decodes_the_control_topic(run: dict[str, Any]) -> None:
     worker: Worker = run["worker"]
-    out = subprocess.run(
-        [sys.executable, "-m", "spendstream", "watch", "--limit", "1"],
+    count = len(asyncio.run(read_all(run["kafka"], worker.topics.spend_control)))
+    text = subprocess.run(
+        [sys.executable, "-m", "spendstream", "watch", "--limit", str(count)],
         env=worker.env,
         capture_output=True,
         text=True,
@@ -230,9 +237,25 @@ def test_watch_cli_decodes_the_control_topic(run: dict[str, Any]) -> None:
         check=True,
         cwd=REPO,
     )
-    line = " ".join(out.stdout.split())
-    assert line.startswith("BLOCKED project:over budget_exceeded spend $")
-    assert f"of ${OVER_LIMIT_USD}.00 in day:" in line
+    assert "BLOCKED project:over budget_exceeded spend $" in " ".join(text.stdout.split())
+    out = subprocess.run(
+        [sys.executable, "-m", "spendstream", "watch", "--limit", str(count), "-f", "json"],
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=REPO,
+    )
+    last = json.loads(out.stdout.splitlines()[-1])
+    assert (last["scope"], last["state"], last["reason"], last["limit_usd"]) == (
+        "project:over",
+        "blocked",
+        "budget_exceeded",
+        "40.000000000000",
+    )
+    assert Decimal(last["spend_usd"]) >= OVER_LIMIT_USD
+    assert last["window_end"].endswith("T00:00:00+00:00")
 
 
 def test_worker_stops_cleanly_on_sigterm(kafka: str, tmp_path: Path) -> None:
