@@ -6,5 +6,15 @@ kill switch on `spend.control`.
 
 from producers._emitter import Emitter, SyncEmitter, build_event
 from producers._guard import Guard, ScopeState, SyncGuard
+from producers._meter_call import meter_call, metered
 
-__all__ = ["Emitter", "Guard", "ScopeState", "SyncEmitter", "SyncGuard", "build_event"]
+__all__ = [
+    "Emitter",
+    "Guard",
+    "ScopeState",
+    "SyncEmitter",
+    "SyncGuard",
+    "build_event",
+    "meter_call",
+    "metered",
+]

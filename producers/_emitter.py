@@ -33,6 +33,8 @@ from spendstream.wire import Codec, default_codec
 
 __all__ = ["Emitter", "SyncEmitter"]
 
+_MAX_ATTEMPTS = 8  # retriable delivery failures (leader changes, timeouts): ~25 s of backoff in all
+
 log = logging.getLogger(__name__)
 
 
@@ -252,25 +254,40 @@ class Emitter:
         return str(event["event_id"])
 
     async def _send_buffered(self) -> None:
-        assert self._producer is not None
         for project, events in self._buffer.take_all().items():
             key = project.encode()
             for i in range(0, len(events), self._batch_events):
                 chunk = events[i : i + self._batch_events]
-                value = self._codec.encode("UsageBatch", {"events": chunk})
-                fut = await self._producer.send(self.topic, value, key=key)
-                self._pending.add(fut)
-                fut.add_done_callback(functools.partial(self._delivered, n=len(chunk)))
+                await self._send(key, self._codec.encode("UsageBatch", {"events": chunk}), len(chunk), 0)
 
-    def _delivered(self, fut: asyncio.Future[Any], n: int) -> None:
+    async def _send(self, key: bytes, value: bytes, n: int, attempt: int) -> None:
+        assert self._producer is not None
+        fut = await self._producer.send(self.topic, value, key=key)
+        self._pending.add(fut)
+        fut.add_done_callback(functools.partial(self._delivered, key=key, value=value, n=n, attempt=attempt))
+
+    def _delivered(self, fut: asyncio.Future[Any], *, key: bytes, value: bytes, n: int, attempt: int) -> None:
         self._pending.discard(fut)
+        error = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or error is None:
+            self._buffer.release(n)
+            self.sent_events += 0 if fut.cancelled() else n
+            return
+        if getattr(error, "retriable", False) and attempt < _MAX_ATTEMPTS:
+            # e.g. a leader election: the batch is still ours, send it again (event_id keeps it idempotent)
+            log.warning("usage batch of %d events not delivered (%s); retry %d", n, error, attempt + 1)
+            retry = asyncio.ensure_future(self._retry(key, value, n, attempt + 1))
+            self._pending.add(retry)
+            retry.add_done_callback(self._pending.discard)
+            return
         self._buffer.release(n)
-        if fut.cancelled() or fut.exception() is not None:
-            self.failed_events += n
-            self._failure = fut.exception() if not fut.cancelled() else EmitterClosed("cancelled")
-            log.error("lost %d usage events: Kafka delivery failed: %s", n, self._failure)
-        else:
-            self.sent_events += n
+        self.failed_events += n
+        self._failure = error
+        log.error("lost %d usage events: Kafka delivery failed after %d attempts: %s", n, attempt + 1, error)
+
+    async def _retry(self, key: bytes, value: bytes, n: int, attempt: int) -> None:
+        await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+        await self._send(key, value, n, attempt)
 
     async def _send_loop(self) -> None:
         assert self._wake is not None
@@ -281,9 +298,9 @@ class Emitter:
             await self._send_buffered()
 
     async def flush(self) -> None:
-        """Send everything buffered and wait until Kafka has acknowledged it."""
+        """Send everything buffered and wait until Kafka has acknowledged it (retries included)."""
         await self._send_buffered()
-        if self._pending:
+        while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
         if self._failure is not None:
             failure, self._failure = self._failure, None

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from spendstream import prices_cli
+from spendstream import budgets_cli, prices_cli
 from spendstream.errors import QueryError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.store import ClickHouseStore, QueryResult
@@ -229,6 +229,7 @@ def config(ctx: typer.Context) -> None:
 
 
 prices_cli.register(app)
+budgets_cli.register(app)
 
 
 def main() -> None:

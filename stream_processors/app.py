@@ -115,9 +115,9 @@ def create_app(
 
     # scope -> {"w", "late", "m", "applied", "sig", "seq"} (stream_processors/budgets.py). One value
     # per scope, so spend, dedup offsets and the last signal change in one changelog record.
-    scopes = app.Table("scopes", default=None, key_type=str, value_type=dict, partitions=n)
+    scopes = app.Table("scopes", default=None, key_type=str, partitions=n)  # JSON values
     # scope -> BudgetSpec record, from the budgets topic (co-partitioned with spend.deltas)
-    specs = app.Table("specs", default=None, key_type=str, value_type=dict, partitions=n)
+    specs = app.Table("specs", default=None, key_type=str, partitions=n)
     parsed_specs: dict[tuple[str, int], Spec] = {}
     attention: dict[str, int] = {}  # scopes not ok -> partition: the timer re-decides them
     metrics: Counter[str] = Counter()

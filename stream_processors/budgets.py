@@ -39,8 +39,11 @@ __all__ = [
     "calendar_window",
     "decide",
     "load_specs",
+    "make_limit",
+    "new_state",
     "parse_scope",
     "scopes_for_event",
+    "usd_to_pico_checked",
     "utc_from_micros",
 ]
 
@@ -142,7 +145,7 @@ class Limit:
         return calendar_window(self.window, self.tz, now_us // MINUTE_US)
 
 
-def _usd(where: str, raw: Any) -> int:
+def usd_to_pico_checked(where: str, raw: Any) -> int:
     if isinstance(raw, bool) or not isinstance(raw, str | int | float | Decimal):
         raise ConfigError(f'{where}: amount must be USD such as "50.00", got {raw!r}')
     try:
@@ -168,7 +171,7 @@ def make_limit(
         raise ConfigError(f"{where}: warn levels are percentages between 1 and 99, got {list(levels)}")
     if mode not in ("hard", "soft"):
         raise ConfigError(f"{where}: mode must be hard (block at the limit) or soft (warn only)")
-    return Limit(window, tz, _usd(where, amount), levels, mode)  # type: ignore[arg-type]
+    return Limit(window, tz, usd_to_pico_checked(where, amount), levels, mode)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ class Spec:
             bool(r.get("manual_block")),
             r.get("manual_reason", ""),
             int(r.get("runaway_multiplier") or 0),
-            _usd(f"budget {scope} runaway", per_min) if per_min else None,
+            usd_to_pico_checked(f"budget {scope} runaway", per_min) if per_min else None,
         )
 
 
@@ -265,7 +268,9 @@ def _spec_from_file_entry(scope: str, entry: Any, source: str) -> Spec:
         scope,
         tuple(limits),
         runaway_multiplier=int(runaway.get("multiplier", 0)),
-        runaway_pico_per_minute=_usd(f"{source}: {scope} runaway", per_min) if per_min else None,
+        runaway_pico_per_minute=usd_to_pico_checked(f"{source}: {scope} runaway", per_min)
+        if per_min
+        else None,
     )
 
 

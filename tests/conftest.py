@@ -20,7 +20,8 @@ from spendstream.kafka_local import LocalKafka
 from spendstream.settings import Topics
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_KAFKA_PORT = 19092  # not the default 9092: a developer's own broker keeps running
+# Not the default 9092, so a developer's own broker keeps running; override to run two sessions at once.
+TEST_KAFKA_PORT = int(os.environ.get("SPENDSTREAM_TEST_KAFKA_PORT", "19092"))
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,9 @@ def test_weeks_are_iso_weeks_starting_monday() -> None:
 
 
 instants = st.datetimes(
-    min_value=datetime(2001, 1, 1), max_value=datetime(2099, 1, 1), timezones=st.just(UTC)  # noqa: DTZ001 (naive bounds are what hypothesis takes)
+    min_value=datetime(2001, 1, 1),  # noqa: DTZ001 (hypothesis takes naive bounds)
+    max_value=datetime(2099, 1, 1),  # noqa: DTZ001
+    timezones=st.just(UTC),
 )
 zones = st.sampled_from(
     ["UTC", BERLIN, "America/New_York", "Asia/Kolkata", "Pacific/Chatham", "Australia/Lord_Howe"]

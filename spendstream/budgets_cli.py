@@ -1,0 +1,196 @@
+"""`spendstream budget set|list|rm|import|runaway` and `spendstream block|unblock`.
+
+Budgets live on the compacted `budgets` topic (key = scope). Every command reads the scope's
+current spec from the topic, changes it, and publishes it: the worker applies it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.table import Table
+
+from spendstream.errors import ConfigError, SpendstreamError
+from spendstream.settings import Settings
+from spendstream.wire import default_codec
+from stream_processors.budgets import (
+    Spec,
+    load_specs,
+    make_limit,
+    parse_scope,
+    usd_to_pico_checked,
+    utc_from_micros,
+)
+from stream_processors.feeds import publish, read_compacted
+
+budget_app = typer.Typer(no_args_is_help=True, help="Budgets per scope, managed at run time.")
+
+
+def _console() -> Any:
+    from spendstream.cli import console
+
+    return console
+
+
+def _ready(settings: Settings) -> None:
+    from spendstream.topics import ensure_topics, wait_for_broker
+
+    asyncio.run(wait_for_broker(settings.bootstrap, timeout=10))
+    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, settings.partitions))
+
+
+def current_specs(settings: Settings) -> dict[str, Spec]:
+    records = asyncio.run(read_compacted(settings.bootstrap, settings.topics.budgets, default_codec()))
+    return {k.decode(): Spec.from_record(v) for k, v in records.items() if v is not None}
+
+
+def _publish(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = ()) -> None:
+    now = time.time_ns() // 1000
+    codec = default_codec()
+    records: list[tuple[bytes, bytes | None]] = [
+        (s.scope.encode(), codec.encode("BudgetSpec", s.to_record(now))) for s in specs
+    ]
+    records += [(scope.encode(), None) for scope in removed]
+    asyncio.run(publish(settings.bootstrap, settings.topics.budgets, records))
+
+
+def _change(settings: Settings, scope: str, **changes: Any) -> Spec:
+    parse_scope(scope)
+    _ready(settings)
+    spec = current_specs(settings).get(scope, Spec(scope))
+    spec = dataclasses.replace(spec, **changes)
+    _publish(settings, [spec])
+    return spec
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(budget_app, name="budget")
+
+    @budget_app.command("set")
+    def set_budget(
+        ctx: typer.Context,
+        scope: Annotated[
+            str, typer.Argument(help="org, team:<id>, project:<id>, user:<id>, project:<id>/model:<glob>")
+        ],
+        amount: Annotated[str, typer.Argument(help="Limit in USD, e.g. 500 or 12.50")],
+        window: Annotated[str, typer.Option(help="daily, weekly, monthly, or rolling:<n>m|h|d")] = "monthly",
+        tz: Annotated[str, typer.Option(help="IANA time zone of calendar windows")] = "UTC",
+        warn: Annotated[str, typer.Option(help="Warn levels in percent, comma-separated")] = "50,80",
+        mode: Annotated[str, typer.Option(help="hard (block at the limit) or soft (warn only)")] = "hard",
+    ) -> None:
+        """Set (or replace) the budget of a scope for one window; applied at once, no restart."""
+        try:
+            levels = [int(x) for x in warn.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--warn takes percentages such as 50,80, not {warn!r}") from None
+        limit = make_limit(scope, window, amount, tz, levels, mode)
+        settings: Settings = ctx.obj
+        parse_scope(scope)
+        _ready(settings)
+        spec = current_specs(settings).get(scope, Spec(scope))
+        others = tuple(lim for lim in spec.limits if (lim.window, lim.tz) != (window, tz))
+        _publish(settings, [dataclasses.replace(spec, limits=(*others, limit))])
+        _console().print(f"budget {scope}: {window} ({tz}) ${amount} {mode}, warn at {levels}%")
+
+    @budget_app.command("rm")
+    def rm_budget(
+        ctx: typer.Context,
+        scope: Annotated[str, typer.Argument()],
+        window: Annotated[str | None, typer.Option(help="Remove only this window's limit")] = None,
+    ) -> None:
+        """Remove a scope's budgets (or one window's); a blocked scope unblocks at once."""
+        settings: Settings = ctx.obj
+        _ready(settings)
+        spec = current_specs(settings).get(parse_scope(scope))
+        if spec is None:
+            raise SpendstreamError(f"{scope} has no budget (see `spendstream budget list`)")
+        if window is None:
+            _publish(settings, [Spec(scope)])  # decided ok at once, then removed
+            _publish(settings, [], removed=(scope,))
+            _console().print(f"removed every budget of {scope}")
+            return
+        kept = tuple(lim for lim in spec.limits if lim.window != window)
+        if len(kept) == len(spec.limits):
+            raise SpendstreamError(f"{scope} has no {window} budget")
+        _publish(settings, [dataclasses.replace(spec, limits=kept)])
+        _console().print(f"removed the {window} budget of {scope}")
+
+    @budget_app.command("runaway")
+    def runaway(
+        ctx: typer.Context,
+        scope: Annotated[str, typer.Argument()],
+        multiplier: Annotated[
+            int,
+            typer.Option(
+                help="Block when the last 5 min cost more than N x the hour's 5-min average (0 = off)"
+            ),
+        ] = 10,
+        usd_per_minute: Annotated[
+            str | None, typer.Option(help="Block when the last 5 min average more than this per minute")
+        ] = None,
+    ) -> None:
+        """Set the runaway rule of a scope (the weekend backlog script)."""
+        per_min = usd_to_pico_checked(f"runaway {scope}", usd_per_minute) if usd_per_minute else None
+        _change(ctx.obj, scope, runaway_multiplier=multiplier, runaway_pico_per_minute=per_min)
+        _console().print(
+            f"runaway rule for {scope}: multiplier {multiplier}, ceiling ${usd_per_minute or '-'}/min"
+        )
+
+    @budget_app.command("import")
+    def import_budgets(
+        ctx: typer.Context, file: Annotated[Path, typer.Argument(help="YAML or TOML budgets file")]
+    ) -> None:
+        """Publish every budget of a file (the format of SPENDSTREAM_BUDGETS_FILE)."""
+        specs = load_specs(file)
+        _ready(ctx.obj)
+        _publish(ctx.obj, specs)
+        _console().print(f"imported {len(specs)} scopes from {file}")
+
+    @budget_app.command("list")
+    def list_budgets(ctx: typer.Context) -> None:
+        """Every budget with its current window, spend, percentage and state."""
+        settings: Settings = ctx.obj
+        try:
+            rows = httpx.get(f"http://127.0.0.1:{settings.web_port}/budgets", timeout=30).json()["budgets"]
+        except httpx.TransportError:
+            raise SpendstreamError(
+                f"no worker answers on port {settings.web_port}: spend is known by the worker; start it with `spendstream up`"
+            ) from None
+        table = Table("scope", "window", "spend", "limit", "%", "state", "until (UTC)")
+        for r in rows:
+            colour = {"blocked": "red", "warn": "yellow"}.get(r["state"], "green")
+            end = f"{utc_from_micros(r['window_end']):%Y-%m-%d %H:%M}" if r["window_end"] else ""
+            spend = f"${float(r['spend_usd']):,.2f}" if r["spend_usd"] else ""
+            limit = f"${float(r['limit_usd']):,.2f}" if r["limit_usd"] else ""
+            table.add_row(
+                r["scope"],
+                r["window"],
+                spend,
+                limit,
+                f"{r['percent']:.1f}",
+                f"[{colour}]{r['state']}[/{colour}] {r['reason']}",
+                end,
+            )
+        _console().print(table)
+
+    @app.command()
+    def block(
+        ctx: typer.Context,
+        scope: Annotated[str, typer.Argument()],
+        reason: Annotated[str, typer.Option(help="Why (shown to everyone refused)")],
+    ) -> None:
+        """Operator kill switch: block a scope now, until `spendstream unblock`."""
+        _change(ctx.obj, scope, manual_block=True, manual_reason=reason)
+        _console().print(f"[red]blocked[/red] {scope}: {reason}")
+
+    @app.command()
+    def unblock(ctx: typer.Context, scope: Annotated[str, typer.Argument()]) -> None:
+        """Lift a manual block (budgets still apply)."""
+        _change(ctx.obj, scope, manual_block=False, manual_reason="")
+        _console().print(f"[green]unblocked[/green] {scope}")

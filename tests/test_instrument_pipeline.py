@@ -1,0 +1,84 @@
+"""End to end: an application that changed one line (its SDK's http_client) shows up priced in
+ClickHouse, streams included, and a cut stream is priced on its flagged estimate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+import pytest
+
+from producers import SyncEmitter
+from producers.instrument import MeteringTransport
+from tests.conftest import Worker, start_worker
+from tests.providers.replay import ReplayServer
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning"),
+]
+CLAUDE = "claude-sonnet-4-5-20250929"
+
+
+@pytest.fixture(scope="module")
+def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    w = start_worker(kafka, tmp_path_factory.mktemp("instrument"), "budgets: {}\n")
+    yield w
+    w.stop()
+
+
+def rows(worker: Worker, query: str, n: int, timeout: float = 90) -> list[list[Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        worker.flush()
+        found = worker.sql(query)
+        if len(found) >= n or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_instrumented_calls_are_priced_in_clickhouse(kafka: str, worker: Worker) -> None:
+    with (
+        ReplayServer() as server,
+        SyncEmitter(bootstrap_servers=kafka, service="e2e", topic=worker.topics.usage_raw) as emitter,
+    ):
+        http = httpx2.Client(transport=MeteringTransport(emitter=emitter, project="e2e-shop"))
+        claude = anthropic.Anthropic(base_url=server.url, api_key="k", http_client=http, max_retries=0)
+        gpt = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", http_client=http, max_retries=0)
+        msgs: Any = [{"role": "user", "content": "Say hello"}]
+        claude.messages.create(
+            model=CLAUDE, max_tokens=64, messages=msgs, extra_headers={"X-Spendstream-Tags": "case=messages"}
+        )
+        with claude.messages.stream(
+            model=CLAUDE, max_tokens=64, messages=msgs, extra_headers={"X-Spendstream-Tags": "case=stream"}
+        ) as stream:
+            assert "".join(stream.text_stream) == "Hello!"
+        with pytest.raises(Exception):  # noqa: B017, PT011 - the SDK's own error for a dropped connection
+            for _ in gpt.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=msgs,
+                stream=True,
+                extra_headers={"X-Spendstream-Tags": "case=cut", "x-replay-cut": "3"},
+            ):
+                pass
+        emitter.flush()
+    got = rows(
+        worker,
+        "SELECT tags['case'], usage_source, toString(cost_usd), pricing_status, input_tokens, output_tokens "
+        "FROM usage_events FINAL WHERE project = 'e2e-shop' ORDER BY tags['case']",
+        3,
+    )
+    by_case = {r[0]: [r[1], Decimal(r[2]), *r[3:]] for r in got}
+    assert set(by_case) == {"cut", "messages", "stream"}
+    # 50 x $3 + 1800 cache reads x $0.30 + 1548 5m writes x $3.75 + 500 1h writes x $6 + 503 x $15, per M
+    assert by_case["messages"][:3] == ["reported", Decimal("0.01704"), "priced"]
+    # the stream: 25 input x $3 + 15 output x $15, per M
+    assert by_case["stream"][:3] == ["reported", Decimal("0.0003"), "priced"]
+    usage_source, cost, status, input_tokens, output_tokens = by_case["cut"]
+    assert (usage_source, status, input_tokens, output_tokens) == ("estimated", "priced", 3, 7)
+    assert cost > 0  # priced on the estimate, never $0
