@@ -51,7 +51,8 @@ class _Buffer:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.size = 0
+        self.size = 0  # accepted and not yet acknowledged (or failed): buffered + in flight
+        self.unsent = 0  # buffered, not yet handed to the producer
         self._by_project: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self.space = threading.Condition(self._lock)
@@ -67,6 +68,7 @@ class _Buffer:
                 )
             self._by_project.setdefault(event["project"], []).append(event)
             self.size += 1
+            self.unsent += 1
 
     def try_put(self, event: dict[str, Any]) -> bool:
         with self._lock:
@@ -74,11 +76,13 @@ class _Buffer:
                 return False
             self._by_project.setdefault(event["project"], []).append(event)
             self.size += 1
+            self.unsent += 1
             return True
 
     def take_all(self) -> dict[str, list[dict[str, Any]]]:
         with self._lock:
             taken, self._by_project = self._by_project, {}
+            self.unsent = 0
             return taken
 
     def release(self, n: int) -> None:
@@ -199,6 +203,8 @@ class Emitter:
         self._wake: asyncio.Event | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         self._failure: BaseException | None = None
+        self._send_lock = asyncio.Lock()
+        self._stopping = False
         self._closed = False
         self.sent_events = 0
         self.failed_events = 0
@@ -229,7 +235,7 @@ class Emitter:
     def _accept(self, event: dict[str, Any]) -> None:
         if not self._buffer.try_put(event):
             raise BufferFull(f"emitter buffer full ({self._buffer.capacity} events waiting for Kafka)")
-        if self._buffer.size >= self._batch_events and self._wake is not None:
+        if self._buffer.unsent >= self._batch_events and self._wake is not None:
             self._wake.set()
 
     async def emit(self, *, project: str, provider: str, model: str, **usage: Any) -> str:
@@ -241,7 +247,7 @@ class Emitter:
             if self._failure is not None:
                 raise self._failure
             await asyncio.sleep(self._linger)
-        if self._buffer.size >= self._batch_events and self._wake is not None:
+        if self._buffer.unsent >= self._batch_events and self._wake is not None:
             self._wake.set()
         return str(event["event_id"])
 
@@ -254,25 +260,40 @@ class Emitter:
         return str(event["event_id"])
 
     async def _send_buffered(self) -> None:
-        for project, events in self._buffer.take_all().items():
-            key = project.encode()
-            for i in range(0, len(events), self._batch_events):
-                chunk = events[i : i + self._batch_events]
-                await self._send(key, self._codec.encode("UsageBatch", {"events": chunk}), len(chunk), 0)
+        # One sender at a time (the linger loop, flush, close): events taken from the buffer are
+        # handed to the producer before anyone can conclude that nothing is left to send.
+        async with self._send_lock:
+            for project, events in self._buffer.take_all().items():
+                key = project.encode()
+                for i in range(0, len(events), self._batch_events):
+                    chunk = events[i : i + self._batch_events]
+                    await self._send(key, self._codec.encode("UsageBatch", {"events": chunk}), len(chunk), 0)
 
     async def _send(self, key: bytes, value: bytes, n: int, attempt: int) -> None:
         assert self._producer is not None
-        fut = await self._producer.send(self.topic, value, key=key)
+        try:
+            fut = await self._producer.send(self.topic, value, key=key)
+        except Exception as exc:  # e.g. no metadata while the broker is away: same policy as a failed ack
+            self._failed(exc, key=key, value=value, n=n, attempt=attempt)
+            return
         self._pending.add(fut)
         fut.add_done_callback(functools.partial(self._delivered, key=key, value=value, n=n, attempt=attempt))
 
     def _delivered(self, fut: asyncio.Future[Any], *, key: bytes, value: bytes, n: int, attempt: int) -> None:
         self._pending.discard(fut)
-        error = None if fut.cancelled() else fut.exception()
-        if fut.cancelled() or error is None:
-            self._buffer.release(n)
-            self.sent_events += 0 if fut.cancelled() else n
+        if fut.cancelled():
+            self._failed(
+                EmitterClosed("delivery cancelled"), key=key, value=value, n=n, attempt=_MAX_ATTEMPTS
+            )
             return
+        error = fut.exception()
+        if error is None:
+            self._buffer.release(n)
+            self.sent_events += n
+            return
+        self._failed(error, key=key, value=value, n=n, attempt=attempt)
+
+    def _failed(self, error: BaseException, *, key: bytes, value: bytes, n: int, attempt: int) -> None:
         if getattr(error, "retriable", False) and attempt < _MAX_ATTEMPTS:
             # e.g. a leader election: the batch is still ours, send it again (event_id keeps it idempotent)
             log.warning("usage batch of %d events not delivered (%s); retry %d", n, error, attempt + 1)
@@ -291,17 +312,21 @@ class Emitter:
 
     async def _send_loop(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._linger)
             self._wake.clear()
             await self._send_buffered()
 
     async def flush(self) -> None:
-        """Send everything buffered and wait until Kafka has acknowledged it (retries included)."""
+        """Send everything accepted so far and wait until Kafka has acknowledged it (retries
+        included); raises the delivery error if some events could not be delivered."""
         await self._send_buffered()
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        while self._buffer.size > self._buffer.unsent or self._pending:
+            if self._pending:
+                await asyncio.gather(*list(self._pending), return_exceptions=True)
+            else:
+                await asyncio.sleep(0.001)  # handed to the producer by the loop a moment ago
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
@@ -311,12 +336,15 @@ class Emitter:
         if self._closed:
             return
         self._closed = True
+        self._stopping = True
         try:
+            if self._wake is not None:
+                self._wake.set()
+            if self._sender is not None:
+                await self._sender  # the loop finishes its current send and exits
             if self._producer is not None:
                 await self.flush()
         finally:
-            if self._sender is not None:
-                self._sender.cancel()
             if self._producer is not None:
                 await self._producer.stop()
 
@@ -361,6 +389,8 @@ class SyncEmitter:
         em = self._emitter
         event = build_event(service=em.service, project=project, provider=provider, model=model, **usage)
         em._buffer.put(event, self._block_timeout)
+        if em._buffer.unsent == em._batch_events and em._wake is not None:  # a full batch: send it now
+            self._loop.call_soon_threadsafe(em._wake.set)
         return str(event["event_id"])
 
     @property

@@ -150,7 +150,7 @@ def create_app(
         **feed_args,  # type: ignore[arg-type]
         dead_letter=lambda *a: dead_letter(a[0], a[1], topics.budgets, *a[2:]),
     )
-    stage = MeterStage(cat, codec, budget_feed.model_globs)
+    stage = MeterStage(cat, codec, budget_feed.model_globs, budget_feed.specs)
 
     @app.agent(raw_topic, name="meter")
     async def meter(stream: faust.StreamT[bytes]) -> None:

@@ -8,6 +8,7 @@ a `UsageBatch` of hundreds of events costs one pass through the agent.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,11 +41,18 @@ class MeterResult:
 
 class MeterStage:
     def __init__(
-        self, catalogue: Catalogue, codec: Codec, model_globs: dict[str, list[str]] | None = None
+        self,
+        catalogue: Catalogue,
+        codec: Codec,
+        model_globs: dict[str, list[str]] | None = None,
+        budgeted: Container[str] = (),
     ) -> None:
         self.catalogue = catalogue
         self.codec = codec
         self.model_globs = model_globs if model_globs is not None else {}  # project -> model-filter budgets
+        # Scopes with a budget: org and project spend is always kept; team and user spend only for
+        # budgeted scopes (fanning out to every user of every message would cost more than pricing).
+        self.budgeted = budgeted
 
     def process(self, key: bytes | None, value: bytes, now_us: int) -> MeterResult:
         result = MeterResult()
@@ -99,7 +107,10 @@ class MeterStage:
         if priced.cost_pico:  # unpriced (None) moves no budget, but is counted and stored
             minute = event["event_time"] // MINUTE_US
             globs = self.model_globs.get(project, ())
-            for scope in scopes_for_event(project, event["team"], event["user"], event["model"], globs):
+            team, user = event["team"], event["user"]
+            team = team if team and f"team:{team}" in self.budgeted else None
+            user = user if user and f"user:{user}" in self.budgeted else None
+            for scope in scopes_for_event(project, team, user, event["model"], globs):
                 slot = result.spend.get((scope, minute))
                 if slot is None:
                     result.spend[(scope, minute)] = [priced.cost_pico, 1]

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -175,11 +176,11 @@ class PriceCard:
     long_context_rates: tuple[tuple[str, str, int], ...] = ()
     image_rates: Mapping[str, int] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def version(self) -> str:
         return _iso(self.effective_from_us)
 
-    @property
+    @cached_property
     def id(self) -> str:
         model = self.models[0] if self.models else f"ft:{self.fine_tune_of}"
         qualifiers = "".join(

@@ -65,7 +65,12 @@ class Worker:
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # never leave a worker behind
+            self.process.wait()
+            raise
 
 
 def start_worker(bootstrap: str, state_dir: Path, budgets: str, **extra: str) -> Worker:

@@ -82,3 +82,45 @@ def test_instrumented_calls_are_priced_in_clickhouse(kafka: str, worker: Worker)
     usage_source, cost, status, input_tokens, output_tokens = by_case["cut"]
     assert (usage_source, status, input_tokens, output_tokens) == ("estimated", "priced", 3, 7)
     assert cost > 0  # priced on the estimate, never $0
+
+
+def test_a_project_blocked_on_spend_control_is_refused_before_any_bytes_go_upstream(
+    kafka: str, worker: Worker
+) -> None:
+    """The real chain: operator block -> worker -> spend.control -> a Guard in this process -> 429."""
+    import subprocess
+    import sys
+
+    from producers import SyncGuard
+    from tests.conftest import REPO
+
+    block = subprocess.run(
+        [sys.executable, "-m", "spendstream", "block", "project:e2e-blocked", "--reason", "runaway script"],
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert block.returncode == 0, block.stderr
+    with (
+        ReplayServer() as server,
+        SyncEmitter(bootstrap_servers=kafka, service="e2e", topic=worker.topics.usage_raw) as emitter,
+        SyncGuard(bootstrap_servers=kafka, topic=worker.topics.spend_control) as guard,
+    ):
+        deadline = time.monotonic() + 30
+        while (s := guard.state("project:e2e-blocked")) is None or s.state != "blocked":
+            assert time.monotonic() < deadline, "the block never reached the guard"
+            time.sleep(0.05)
+        http = httpx2.Client(transport=MeteringTransport(emitter=emitter, project="e2e-blocked", guard=guard))
+        gpt = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", http_client=http, max_retries=0)
+        with pytest.raises(openai.RateLimitError) as refused:
+            gpt.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        body = refused.value.body
+        assert isinstance(body, dict)
+        assert "project:e2e-blocked" in str(body)
+        assert "manual" in str(body)
+        assert server.requests == []  # nothing reached the provider
+        other = httpx2.Client(transport=MeteringTransport(emitter=emitter, project="e2e-free", guard=guard))
+        ok = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", http_client=other, max_retries=0)
+        ok.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert len(server.requests) == 1

@@ -100,7 +100,7 @@ def test_lifecycle_and_topics(kafka: LocalKafka) -> None:
     topics = Topics("test-kl.")
     created = asyncio.run(ensure_topics(BOOTSTRAP, topics, partitions=3))
     assert sorted(created) == sorted(topics.all())
-    assert len(created) == 5
+    assert len(created) == 7
     assert asyncio.run(_partition_counts(topics.all())) == dict.fromkeys(topics.all(), 3)
 
     configs = asyncio.run(_topic_configs(topics.all()))

@@ -88,7 +88,8 @@ def test_unknown_model_with_fallback_moves_the_budget() -> None:
 
 
 def test_spend_is_split_by_team_user_and_model_filter_scopes() -> None:
-    stage = MeterStage(Catalogue.load(fallback="none"), CODEC, {"a": ["gpt-4o*", "claude-*"]})
+    budgeted = {"team:t", "user:u1", "user:u2", "project:a/model:gpt-4o*"}
+    stage = MeterStage(Catalogue.load(fallback="none"), CODEC, {"a": ["gpt-4o*", "claude-*"]}, budgeted)
     events = [ev(team="t", user="u1"), ev(team="t", user="u2"), ev(team="t", user="u1", model="gpt-4o-mini")]
     for e in events:
         e["event_time"] = events[0]["event_time"]
@@ -102,6 +103,10 @@ def test_spend_is_split_by_team_user_and_model_filter_scopes() -> None:
         "user:u2": [3_500_000_000, 1],
         "project:a/model:gpt-4o*": [7_210_000_000, 3],
     }
+    unbudgeted = MeterStage(Catalogue.load(fallback="none"), CODEC).process(
+        b"a", CODEC.encode("UsageBatch", {"events": events}), NOW
+    )
+    assert {scope for scope, _ in unbudgeted.spend} == {"org", "project:a"}  # no fan-out without budgets
 
 
 def test_wrong_schema_on_usage_raw() -> None:
