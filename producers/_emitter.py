@@ -23,11 +23,14 @@ from concurrent.futures import Future as ThreadFuture
 from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from aiokafka import AIOKafkaProducer
 
 from spendstream.errors import BufferFull, EmitterClosed, InvalidUsage
+
+if TYPE_CHECKING:
+    from producers.instrument._protocols import GuardLike
 from spendstream.usage import encode_seconds, usage_problem
 from spendstream.wire import Codec, default_codec
 
@@ -188,11 +191,13 @@ class Emitter:
         batch_events: int = 500,
         linger_ms: int = 20,
         codec: Codec | None = None,
+        guard: GuardLike | None = None,
     ) -> None:
         if not service:
             raise InvalidUsage("service must name the emitting service, e.g. 'checkout-api'")
         self.service = service
         self.topic = topic
+        self.guard = guard
         self._bootstrap = bootstrap_servers
         self._batch_events = batch_events
         self._linger = linger_ms / 1000
@@ -237,6 +242,17 @@ class Emitter:
             raise BufferFull(f"emitter buffer full ({self._buffer.capacity} events waiting for Kafka)")
         if self._buffer.unsent >= self._batch_events and self._wake is not None:
             self._wake.set()
+
+    def check(
+        self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
+    ) -> None:
+        """Ask the emitter's Guard before a call costs money: raises BudgetExceeded when a scope the
+        call counts against is blocked (no network call). Without a guard, allows everything.
+
+        Recording spend is never refused: `emit()` reports what was already spent.
+        """
+        if self.guard is not None:
+            self.guard.check(project=project, team=team, user=user, model=model)
 
     async def emit(self, *, project: str, provider: str, model: str, **usage: Any) -> str:
         """Validate and buffer one event; returns its event_id. Waits only while the buffer is full."""
@@ -396,6 +412,12 @@ class SyncEmitter:
     @property
     def sent_events(self) -> int:
         return self._emitter.sent_events
+
+    def check(
+        self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
+    ) -> None:
+        """See Emitter.check: refuse a call before it costs money when its scope is blocked."""
+        self._emitter.check(project=project, team=team, user=user, model=model)
 
     def flush(self) -> None:
         self._call(self._emitter.flush())

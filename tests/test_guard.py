@@ -80,3 +80,15 @@ def test_fail_open_by_default_and_closed_on_request() -> None:
                 closed_guard.check(project="anything")
 
     asyncio.run(run())
+
+
+def test_an_emitter_given_a_guard_refuses_before_the_call(kafka: str, worker: Worker) -> None:
+    with (
+        SyncGuard(bootstrap_servers=kafka, topic=worker.topics.spend_control) as guard,
+        SyncEmitter(bootstrap_servers=kafka, service="t", topic=worker.topics.usage_raw, guard=guard) as em,
+    ):
+        with pytest.raises(BudgetExceeded, match="project:capped"):
+            em.check(project="capped", model="gpt-4o-mini")
+        em.check(project="free")  # allowed
+    with SyncEmitter(bootstrap_servers=kafka, service="t", topic=worker.topics.usage_raw) as unguarded:
+        unguarded.check(project="capped")  # no guard: nothing is refused

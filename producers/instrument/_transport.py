@@ -204,7 +204,8 @@ class _Core:
         self.team = team
         self.user = user
         self.tags = dict(tags or {})
-        self.guard = guard
+        # an Emitter given a Guard (Emitter(guard=...)) guards every call it meters
+        self.guard = guard if guard is not None else getattr(emitter, "guard", None)
         self.on_blocked = on_blocked
         self.region = region
         self.stats = TransportStats()
