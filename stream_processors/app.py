@@ -95,6 +95,10 @@ def create_app(
         stream_buffer_maxsize=64,
         broker_commit_every=500,
         broker_commit_interval=1.0,
+        # A crashed worker's partitions move to a live one after 10 s, not Kafka's default minute:
+        # until then nobody decides those scopes' budgets.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
     )
 
     def raw(*names: str) -> faust.TopicT:
