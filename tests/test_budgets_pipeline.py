@@ -304,7 +304,9 @@ def test_kill_9_of_the_worker_mid_stream_loses_and_doubles_nothing(kafka: str, t
         row = budgets(w2)[("project:k9", "day")]
         w2.flush()
         [[n, total]] = w2.sql("SELECT count(), sum(cost_usd) FROM usage_events FINAL WHERE project = 'k9'")
-        print(f"after kill -9: spend table ${row['spend_usd']}, ClickHouse {n} rows ${total}, expected ${expected}")
+        print(
+            f"after kill -9: spend table ${row['spend_usd']}, ClickHouse {n} rows ${total}, expected ${expected}"
+        )
         assert Decimal(row["spend_usd"]) == expected  # spend tables: nothing lost, nothing counted twice
         assert (n, Decimal(str(total))) == (6000, expected)  # ClickHouse too
         found = signals(kafka, w2, "project:k9")
