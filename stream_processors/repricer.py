@@ -17,25 +17,14 @@ from decimal import Decimal
 from typing import Any
 
 from spendstream.store import ClickHouseStore
+from spendstream.usage import COUNT_FIELDS
 from stream_processors.pricing import Catalogue, pico_to_usd, usd_to_pico
 
 __all__ = ["RepriceReport", "reprice"]
 
 log = logging.getLogger(__name__)
 
-_METER_COLUMNS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "input_audio_tokens",
-    "output_audio_tokens",
-    "characters",
-    "images",
-    "requests",
-)
+_METER_COLUMNS = COUNT_FIELDS  # every meter column, in UsageEvent order
 _REPRICED_COLUMNS = (
     "pricing_version",
     "event_id",
