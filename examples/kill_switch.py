@@ -1,45 +1,24 @@
-"""Obey the kill switch: read spend.control from the beginning, keep the latest state per scope.
+"""Obey the kill switch: refuse a call before it costs money when its budget scope is blocked.
 
-The topic is compacted with key = scope, so a new subscriber learns the state of every scope.
-A `blocked` signal holds until its window ends; `sequence` orders signals of one scope.
+The Guard reads the compacted `spend.control` topic from the beginning (so it knows the state of
+every scope at once), follows it in a background thread, and `check()` makes no network call.
 
     .venv/bin/python examples/kill_switch.py checkout
 """
 
-import asyncio
 import sys
 import time
 
-from aiokafka import AIOKafkaConsumer
+from producers import SyncGuard
+from spendstream.errors import BudgetExceeded
 
-from spendstream.wire import default_codec
+project = sys.argv[1] if len(sys.argv) > 1 else "checkout"
 
-state: dict[str, dict] = {}  # scope -> latest ControlSignal
-
-
-def allowed(project: str) -> bool:
-    s = state.get(f"project:{project}")
-    return s is None or s["state"] != "blocked" or s["window_end"] <= time.time_ns() // 1000
-
-
-async def main(project: str) -> None:
-    consumer = AIOKafkaConsumer(
-        "spend.control", bootstrap_servers="127.0.0.1:9092", group_id=None, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        async for msg in consumer:
-            _, signal = default_codec().decode(msg.value)
-            seen = state.get(signal["scope"])
-            if seen is None or signal["sequence"] > seen["sequence"]:
-                state[signal["scope"]] = signal
-            print(
-                f"{project}: {'allowed' if allowed(project) else 'BLOCKED'} "
-                f"(last signal: {signal['scope']} {signal['state']})"
-            )
-    finally:
-        await consumer.stop()
-
-
-if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "checkout"))
+with SyncGuard(bootstrap_servers="127.0.0.1:9092") as guard:  # fail_open=False to refuse when blind
+    for _ in range(30):
+        try:
+            guard.check(project=project, team="commerce", user="u1", model="gpt-4o")
+            print(f"{project}: allowed")  # ... call the model here
+        except BudgetExceeded as refused:
+            print(f"{project}: refused: {refused}")  # scope, reason, spend, limit, window end
+        time.sleep(1)
