@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,7 @@ from stream_processors.budgets import (
 )
 from stream_processors.feeds import publish, read_compacted
 
+_CENT = Decimal("0.01")
 budget_app = typer.Typer(no_args_is_help=True, help="Budgets per scope, managed at run time.")
 
 
@@ -166,8 +168,8 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             colour = {"blocked": "red", "warn": "yellow"}.get(r["state"], "green")
             end = f"{utc_from_micros(r['window_end']):%Y-%m-%d %H:%M}" if r["window_end"] else ""
-            spend = f"${float(r['spend_usd']):,.2f}" if r["spend_usd"] else ""
-            limit = f"${float(r['limit_usd']):,.2f}" if r["limit_usd"] else ""
+            spend = f"${Decimal(r['spend_usd']).quantize(_CENT):,}" if r["spend_usd"] else ""
+            limit = f"${Decimal(r['limit_usd']).quantize(_CENT):,}" if r["limit_usd"] else ""
             table.add_row(
                 r["scope"],
                 r["window"],

@@ -145,11 +145,23 @@ class Limit:
         return calendar_window(self.window, self.tz, now_us // MINUTE_US)
 
 
+class _ExactLoader(yaml.SafeLoader):
+    """YAML with decimals read from their text (`daily: 12.5` is Decimal("12.5")), never a float."""
+
+
+def _exact_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
+    return Decimal(str(loader.construct_scalar(node)))
+
+
+_ExactLoader.add_constructor("tag:yaml.org,2002:float", _exact_decimal)
+
+
 def usd_to_pico_checked(where: str, raw: Any) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, str | int | float | Decimal):
+    """A USD amount (decimal string, int or Decimal: never a float) as positive pico-USD."""
+    if isinstance(raw, bool) or not isinstance(raw, str | int | Decimal):
         raise ConfigError(f'{where}: amount must be USD such as "50.00", got {raw!r}')
     try:
-        usd = Decimal(str(raw))
+        usd = Decimal(raw)
     except InvalidOperation:
         raise ConfigError(f"{where}: {raw!r} is not a decimal amount of USD") from None
     if not usd.is_finite() or usd <= 0 or usd.as_tuple().exponent < -12:  # type: ignore[operator]
@@ -292,7 +304,11 @@ def load_specs(path: Path | None) -> list[Spec]:
     except OSError as exc:
         raise ConfigError(f"cannot read budgets file {path}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = (
+            tomllib.loads(text, parse_float=Decimal)
+            if path.suffix == ".toml"
+            else yaml.load(text, Loader=_ExactLoader)
+        )
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"budgets file {path} is not valid: {exc}") from None
     if data is None:

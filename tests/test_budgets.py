@@ -265,3 +265,15 @@ def test_bad_budget_files_say_what_is_wrong(tmp_path: Path, text: str, message: 
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_specs(path)
+
+
+def test_unquoted_decimals_are_read_exactly_never_as_floats(tmp_path: Path) -> None:
+    y = tmp_path / "b.yaml"
+    y.write_text("budgets:\n  project:a: {daily: 0.1, monthly: 12.000000000001}\n")
+    t = tmp_path / "b.toml"
+    t.write_text('[budgets."project:a"]\ndaily = 0.1\n')
+    (yaml_spec,) = load_specs(y)
+    assert [lim.limit_pico for lim in yaml_spec.limits] == [100_000_000_000, 12_000_000_000_001]
+    assert [lim.limit_pico for lim in load_specs(t)[0].limits] == [100_000_000_000]
+    with pytest.raises(ConfigError, match="amount must be USD"):
+        make_limit("project:a", "daily", 0.1)  # a float from code is refused, not rounded
