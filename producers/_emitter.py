@@ -172,7 +172,8 @@ def build_event(
         "region": region,
         "usage_source": usage_source,
     }
-    problem = usage_problem(event)
+    # an id and a time this function made itself are valid by construction: check only the caller's
+    problem = usage_problem(event, check_identity=event_id is not None or event_time is not None)
     if problem is not None:
         raise InvalidUsage(problem)
     return event

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from spendstream.errors import BudgetExceeded
 from spendstream.topics import partitions_of
+from spendstream.usage import scopes_for_event
 from spendstream.wire import default_codec
 
 __all__ = ["Guard", "ScopeState", "SyncGuard"]
@@ -65,16 +65,6 @@ class ScopeState:
         )
 
 
-def scopes_for(project: str, team: str | None, user: str | None) -> list[str]:
-    """The budget scopes a call counts against (model-filtered scopes are matched separately)."""
-    scopes = ["org", f"project:{project}"]
-    if team:
-        scopes.append(f"team:{team}")
-    if user:
-        scopes.append(f"user:{user}")
-    return scopes
-
-
 class Guard:
     """Async Guard. `async with Guard(bootstrap_servers=...) as guard: guard.check(project=...)`."""
 
@@ -91,7 +81,7 @@ class Guard:
         self._bootstrap = bootstrap_servers
         self._ready_timeout = ready_timeout
         self._states: dict[str, ScopeState] = {}
-        self._model_scopes: dict[str, list[tuple[str, str]]] = {}  # project -> [(glob, scope)]
+        self._model_globs: dict[str, list[str]] = {}  # project -> globs of its model-filter scopes
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
@@ -109,15 +99,11 @@ class Guard:
             return
         now = time.time_ns() // 1000
         states = self._states
-        for scope in scopes_for(project, team, user):
+        globs = self._model_globs.get(project, ()) if model is not None else ()
+        for scope in scopes_for_event(project, team, user, model or "", globs):
             s = states.get(scope)
             if s is not None and s.blocks(now):
                 raise s.error()
-        if model is not None:
-            for glob, scope in self._model_scopes.get(project, ()):
-                s = states.get(scope)
-                if s is not None and s.blocks(now) and fnmatch.fnmatchcase(model, glob):
-                    raise s.error()
 
     def state(self, scope: str) -> ScopeState | None:
         return self._states.get(scope)
@@ -162,9 +148,9 @@ class Guard:
         self.signals_seen += 1
         if "/model:" in state.scope and state.scope.startswith("project:"):
             project, glob = state.scope[len("project:") :].split("/model:", 1)
-            entries = self._model_scopes.setdefault(project, [])
-            if (glob, state.scope) not in entries:
-                entries.append((glob, state.scope))
+            globs = self._model_globs.setdefault(project, [])
+            if glob not in globs:
+                globs.append(glob)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="spendstream-guard")

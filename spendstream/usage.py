@@ -3,11 +3,20 @@ the meter (dead-letter with the reason)."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["COUNT_FIELDS", "PROVIDERS", "SERVICE_TIERS", "USAGE_SOURCES", "encode_seconds", "usage_problem"]
+__all__ = [
+    "COUNT_FIELDS",
+    "SERVICE_TIERS",
+    "USAGE_SOURCES",
+    "encode_seconds",
+    "scopes_for_event",
+    "usage_problem",
+]
 
 COUNT_FIELDS = (
     "input_tokens",
@@ -22,7 +31,6 @@ COUNT_FIELDS = (
     "images",
     "requests",
 )
-PROVIDERS = frozenset({"openai", "anthropic", "google", "bedrock", "azure", "mistral", "cohere", "vertex_ai"})
 SERVICE_TIERS = ("standard", "batch", "flex", "priority")
 USAGE_SOURCES = ("reported", "estimated", "missing")
 _REQUIRED_TEXT = ("project", "service", "provider", "model")
@@ -40,8 +48,11 @@ def encode_seconds(seconds: Decimal | str | int) -> bytes:
     return value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True)
 
 
-def usage_problem(event: dict[str, Any]) -> str | None:
-    """Why `event` (a UsageEvent record) is invalid, or None if it is valid."""
+def usage_problem(event: dict[str, Any], *, check_identity: bool = True) -> str | None:
+    """Why `event` (a UsageEvent record) is invalid, or None if it is valid.
+
+    `check_identity=False` skips event_id and event_time, for a caller that generated them.
+    """
     for field in _REQUIRED_TEXT:
         value = event.get(field)
         if not isinstance(value, str) or not value.strip():
@@ -70,8 +81,24 @@ def usage_problem(event: dict[str, Any]) -> str | None:
     source = event.get("usage_source", "reported")
     if source not in USAGE_SOURCES:
         return f"usage_source {source!r} is not one of {', '.join(USAGE_SOURCES)}"
+    if not check_identity:
+        return None
     if not isinstance(event.get("event_id"), str) or not _UUID.fullmatch(event["event_id"]):
         return f"event_id {event.get('event_id')!r} is not a UUID"
     if type(event.get("event_time")) is not int or event["event_time"] <= 0:
         return f"event_time {event.get('event_time')!r} is not a positive epoch-microseconds value"
     return None
+
+
+def scopes_for_event(
+    project: str, team: str | None, user: str | None, model: str, model_globs: Iterable[str] = ()
+) -> list[str]:
+    """Every budget scope an event (or a call) counts against: org, project, team, user, and the
+    project's model-filter scopes whose glob matches the model."""
+    scopes = ["org", f"project:{project}"]
+    if team:
+        scopes.append(f"team:{team}")
+    if user:
+        scopes.append(f"user:{user}")
+    scopes.extend(f"project:{project}/model:{g}" for g in model_globs if fnmatch.fnmatchcase(model, g))
+    return scopes

@@ -14,7 +14,6 @@ single changelog record updates spend, dedup offsets and the last signal togethe
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -29,6 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from spendstream.errors import ConfigError
+from spendstream.usage import scopes_for_event
 
 __all__ = [
     "Decision",
@@ -319,19 +319,6 @@ def load_specs(path: Path | None) -> list[Spec]:
         _spec_from_file_entry(str(scope), entry, str(path))
         for scope, entry in (data.get("budgets") or {}).items()
     ]
-
-
-def scopes_for_event(
-    project: str, team: str | None, user: str | None, model: str, model_globs: Iterable[str] = ()
-) -> list[str]:
-    """Every scope an event counts against."""
-    scopes = ["org", f"project:{project}"]
-    if team:
-        scopes.append(f"team:{team}")
-    if user:
-        scopes.append(f"user:{user}")
-    scopes.extend(f"project:{project}/model:{g}" for g in model_globs if fnmatch.fnmatchcase(model, g))
-    return scopes
 
 
 # -- applying spend ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -61,6 +62,16 @@ class Worker:
 
     def flush(self) -> None:
         httpx.post(f"http://127.0.0.1:{self.port}/flush", timeout=60).raise_for_status()
+
+    def wait_rows(self, query: str, n: int, timeout: float = 90) -> list[list[Any]]:
+        """Flush the sink and run `query` until it returns at least `n` rows (or time is up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.flush()
+            found = self.sql(query)
+            if len(found) >= n or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:

@@ -32,16 +32,6 @@ def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wor
     w.stop()
 
 
-def rows(worker: Worker, query: str, n: int, timeout: float = 90) -> list[list[Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        worker.flush()
-        found = worker.sql(query)
-        if len(found) >= n or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
-
-
 def test_instrumented_calls_are_priced_in_clickhouse(kafka: str, worker: Worker) -> None:
     with (
         ReplayServer() as server,
@@ -67,8 +57,7 @@ def test_instrumented_calls_are_priced_in_clickhouse(kafka: str, worker: Worker)
             ):
                 pass
         emitter.flush()
-    got = rows(
-        worker,
+    got = worker.wait_rows(
         "SELECT tags['case'], usage_source, toString(cost_usd), pricing_status, input_tokens, output_tokens "
         "FROM usage_events FINAL WHERE project = 'e2e-shop' ORDER BY tags['case']",
         3,

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer
 from producers import Emitter, SyncEmitter
 from spendstream.settings import Topics
 from spendstream.topics import ensure_topics
+from spendstream.usage import COUNT_FIELDS
 from spendstream.wire import default_codec
 from stream_processors.pricing import audio_micros
 from tests.conftest import REPO
@@ -37,19 +38,7 @@ pytestmark = [
 LEGACY_PYTHON = REPO / ".venv-sdk-legacy" / "bin" / "python"
 LEGACY_PINS = {"openai": "2.8.1", "anthropic": "0.75.0", "http": "httpx"}
 GENERATIONS = ("current", "legacy")
-METERS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "input_audio_tokens",
-    "output_audio_tokens",
-    "characters",
-    "images",
-    "requests",
-)
+METERS = COUNT_FIELDS  # every meter of UsageEvent
 TAG_FIELDS = ("usage_missing", "usage_estimate", "batch_line")
 
 

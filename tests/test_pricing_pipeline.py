@@ -51,16 +51,6 @@ async def send(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None
         await producer.stop()
 
 
-def wait_rows(worker: Worker, query: str, n: int, timeout: float = 60) -> list[list[Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        worker.flush()
-        rows = worker.sql(query)
-        if len(rows) >= n or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     w = start_worker(kafka, tmp_path_factory.mktemp("pricing"), "budgets: {}\n")
@@ -111,8 +101,7 @@ def test_a_published_price_changes_the_cost_of_later_events_only(kafka: str, wor
         event_time=change,
     )
     asyncio.run(send(kafka, worker.topics.usage_raw, [before, after]))
-    rows = wait_rows(
-        worker,
+    rows = worker.wait_rows(
         "SELECT toString(event_id), cost_usd, price_card, card_version FROM usage_events FINAL "
         "WHERE project = 'p1' ORDER BY event_time",
         2,
@@ -140,8 +129,7 @@ def test_unknown_model_is_visible_and_repriced_once_a_price_exists(
         event_time=datetime(2026, 11, 20, 12, tzinfo=UTC),
     )
     asyncio.run(send(kafka, worker.topics.usage_raw, [event]))
-    [row] = wait_rows(
-        worker,
+    [row] = worker.wait_rows(
         "SELECT pricing_status, price_card, cost_usd > 0, unpriced_reason FROM usage_events "
         "FINAL WHERE project = 'p2'",
         1,
