@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaProducer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -30,6 +29,7 @@ from producers import Emitter
 from spendstream.control import format_signal, tail_control
 from spendstream.errors import BufferFull, SpendstreamError
 from spendstream.settings import Settings
+from stream_processors.feeds import publish
 from stream_processors.pricing import Catalogue, pico_to_usd
 
 __all__ = ["run_demo"]
@@ -220,14 +220,11 @@ async def _emit_unknown_model(settings: Settings) -> str:
         input_tokens=100,
         output_tokens=10,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            settings.topics.usage_raw, default_codec().encode("UsageEvent", event), key=b"checkout"
-        )
-    finally:
-        await producer.stop()
+    await publish(
+        settings.bootstrap,
+        settings.topics.usage_raw,
+        [(b"checkout", default_codec().encode("UsageEvent", event))],
+    )
     return str(event["event_id"])
 
 

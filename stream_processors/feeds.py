@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -147,7 +147,7 @@ class BudgetFeed(_Feed):
         return f"budget {scope} {'removed' if record is None else 'set'}"
 
 
-async def publish(bootstrap: str, topic: str, records: list[tuple[bytes, bytes | None]]) -> None:
+async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes, bytes | None]]) -> None:
     """Publish (key, value) records and wait until Kafka has them all."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from producers import build_event
 from spendstream.wire import default_codec
+from stream_processors.feeds import publish
 from tests.conftest import REPO, Worker, start_worker
 
 pytestmark = pytest.mark.integration
@@ -62,16 +63,6 @@ async def read_all(bootstrap: str, topic: str, idle: float = 3.0) -> list[tuple[
     return out
 
 
-async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for key, value in messages:
-            await producer.send_and_wait(topic, value, key=key)
-    finally:
-        await producer.stop()
-
-
 @pytest.fixture(scope="module")
 def run(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Start a worker, push the workload and the bad messages, wait until ClickHouse has it all."""
@@ -90,7 +81,7 @@ def run(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
             "input_tokens": -7,
         }
         asyncio.run(
-            produce(
+            publish(
                 kafka,
                 worker.topics.usage_raw,
                 [(b"alpha", GARBAGE), (b"alpha", default_codec().encode("UsageEvent", bad))],

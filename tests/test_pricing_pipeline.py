@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from producers import build_event
 from spendstream.wire import default_codec
+from stream_processors.feeds import publish
 from tests.conftest import REPO, Worker, start_worker
 
 pytestmark = pytest.mark.integration
@@ -39,16 +39,8 @@ def health(worker: Worker) -> dict[str, Any]:
     return body
 
 
-async def send(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for e in events:
-            await producer.send_and_wait(
-                topic, default_codec().encode("UsageEvent", e), key=e["project"].encode()
-            )
-    finally:
-        await producer.stop()
+def usage_messages(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes | None]]:
+    return [(e["project"].encode(), default_codec().encode("UsageEvent", e)) for e in events]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +92,7 @@ def test_a_published_price_changes_the_cost_of_later_events_only(kafka: str, wor
         output_tokens=0,
         event_time=change,
     )
-    asyncio.run(send(kafka, worker.topics.usage_raw, [before, after]))
+    asyncio.run(publish(kafka, worker.topics.usage_raw, usage_messages([before, after])))
     rows = worker.wait_rows(
         "SELECT toString(event_id), cost_usd, price_card, card_version FROM usage_events FINAL "
         "WHERE project = 'p1' ORDER BY event_time",
@@ -128,7 +120,7 @@ def test_unknown_model_is_visible_and_repriced_once_a_price_exists(
         output_tokens=1_000_000,
         event_time=datetime(2026, 11, 20, 12, tzinfo=UTC),
     )
-    asyncio.run(send(kafka, worker.topics.usage_raw, [event]))
+    asyncio.run(publish(kafka, worker.topics.usage_raw, usage_messages([event])))
     [row] = worker.wait_rows(
         "SELECT pricing_status, price_card, cost_usd > 0, unpriced_reason FROM usage_events "
         "FINAL WHERE project = 'p2'",
