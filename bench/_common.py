@@ -26,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from spendstream.kafka_local import KAFKA_VERSION, LocalKafka
@@ -170,8 +170,8 @@ async def end_offsets(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> 
     return offsets
 
 
-async def read_topic(topic: str) -> list[tuple[bytes | None, bytes]]:
-    """Every message of `topic` (key, value), partition by partition."""
+async def read_records(topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every message of `topic` with its offset and timestamp, partition by partition."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=BOOTSTRAP, enable_auto_commit=False, fetch_max_bytes=64 << 20
     )
@@ -180,13 +180,18 @@ async def read_topic(topic: str) -> list[tuple[bytes | None, bytes]]:
         ends = await end_offsets(consumer, await partitions(topic))
         consumer.assign(list(ends))
         await consumer.seek_to_beginning(*ends)
-        want, out = sum(ends.values()), list[tuple[bytes | None, bytes]]()
+        want, out = sum(ends.values()), list[ConsumerRecord[bytes, bytes]]()
         while len(out) < want:
             for messages in (await consumer.getmany(timeout_ms=1000)).values():
-                out.extend((m.key, m.value) for m in messages)
+                out.extend(messages)
         return out
     finally:
         await consumer.stop()
+
+
+async def read_topic(topic: str) -> list[tuple[bytes | None, bytes]]:
+    """Every message of `topic` (key, value), partition by partition."""
+    return [(m.key, m.value or b"") for m in await read_records(topic)]
 
 
 # -- measuring -------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Enforcement latency: from producing the event that crosses a budget to a Guard in another
 process seeing `blocked`, under a background load, with one worker.
 
-    .venv/bin/python bench/enforcement.py [--crossings 220] [--load 5000]
+    .venv/bin/python bench/enforcement.py [--crossings 220] [--load 5000] [--profile]
 
 - One worker (`spendstream up`), budgets `project:cross-<i>: {daily: "1"}` for every crossing.
 - A load process emits `--load` events/s (other projects) for the whole run.
-- A guard process (SyncGuard on spend.control) prints the wall-clock time it first sees each
-  `project:cross-<i>` blocked.
+- A guard process (SyncGuard on spend.control) prints the wall-clock time it applies the first
+  `blocked` of each `project:cross-<i>` (its `on_signal` callback: no polling loop competing
+  for the CPU).
 - This process, every 50 ms, emits one $1.50 event for the next cross-<i> and records the time
   just before `emit()`. Latency = seen - produced (same machine clock).
 Baseline in the same run: a raw Kafka hop (aiokafka produce -> a consumer in another process sees
@@ -35,32 +36,38 @@ from bench._common import (
     free_port,
     new_run_id,
     percentiles_us,
+    print_profile,
+    profile_rows,
+    read_records,
     say,
     write_result,
 )
+from bench._profiled_worker import PROFILE_START, PROFILE_STOP
 from producers import SyncEmitter
 from spendstream.settings import Topics
 from spendstream.topics import ensure_topics
+from spendstream.wire import default_codec
 
 GUARD = """
-import sys, time
+import sys, threading, time
 from producers import SyncGuard
 bootstrap, topic, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with SyncGuard(bootstrap_servers=bootstrap, topic=topic) as guard:
+pending = {f"project:cross-{i}" for i in range(n)}
+done = threading.Event()
+def seen(s):
+    if s.state == "blocked" and s.scope in pending:
+        print(s.scope, time.time(), flush=True)
+        pending.discard(s.scope)
+        if not pending:
+            done.set()
+with SyncGuard(bootstrap_servers=bootstrap, topic=topic, on_signal=seen) as guard:
     print("ready", flush=True)
-    pending = {f"project:cross-{i}" for i in range(n)}
-    deadline = time.time() + 600
-    while pending and time.time() < deadline:
-        for scope in list(pending):
-            s = guard.state(scope)
-            if s is not None and s.state == "blocked":
-                print(scope, time.time(), flush=True)
-                pending.discard(scope)
-        time.sleep(0.0005)
+    done.wait(600)
 """
 
 LOAD = """
 import sys, time, random
+from bench._profiled_worker import PROFILE_START, PROFILE_STOP
 from producers import SyncEmitter
 bootstrap, topic, rate, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 rng = random.Random(3)
@@ -134,10 +141,49 @@ def kafka_hop_baseline(topic: str, samples: int) -> list[int]:
     return [int(seen) - int(sent) for sent, seen in (line.split() for line in out.splitlines() if line)]
 
 
+def gc_seconds(port: int) -> float:
+    """The worker's garbage-collection pauses so far (its /metrics), in seconds."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("spendstream_gc_pause")
+    )
+
+
+async def stage_stamps(topics: Topics) -> dict[str, tuple[int, int, int]]:
+    """Per crossing scope: the Kafka timestamps (ms) of its usage.raw message, of the first
+    spend.deltas batch carrying its spend, and of its first `blocked` on spend.control."""
+    codec = default_codec()
+    raw = {
+        f"project:{m.key.decode()}": m.timestamp
+        for m in await read_records(topics.usage_raw)
+        if m.key is not None and m.key.startswith(b"cross-")
+    }
+    deltas: dict[str, int] = {}
+    for m in await read_records(topics.spend_deltas):
+        for d in codec.decode(m.value or b"")[1]["deltas"]:
+            if d["scope"] in raw and d["pico_usd"]:
+                deltas[d["scope"]] = min(deltas.get(d["scope"], m.timestamp), m.timestamp)
+    blocked: dict[str, int] = {}
+    for m in await read_records(topics.spend_control):
+        signal = codec.decode(m.value or b"")[1]
+        if signal["scope"] in raw and signal["state"] == "blocked":
+            blocked.setdefault(signal["scope"], m.timestamp)
+    return {s: (raw[s], deltas[s], blocked[s]) for s in raw if s in deltas and s in blocked}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crossings", type=int, default=220)
     parser.add_argument("--load", type=int, default=5000, help="background events per second")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=20.0,
+        help="seconds of load before the first crossing (a fresh broker JVM spends its first seconds JIT-compiling)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="run the worker under cProfile (crossings only)"
+    )
     args = parser.parse_args()
     run_id = new_run_id("enforcement")
     topics = Topics(f"{run_id}.")
@@ -147,7 +193,7 @@ def main() -> None:
     budgets.write_text(
         "budgets:\n" + "".join(f'  project:cross-{i}: {{daily: "1"}}\n' for i in range(args.crossings))
     )
-    with bench_broker(run_id):
+    with bench_broker(run_id) as kafka:
         asyncio.run(ensure_topics(BOOTSTRAP, topics, 4))
         port = free_port()
         env = {
@@ -160,8 +206,12 @@ def main() -> None:
             "SPENDSTREAM_BUDGETS_FILE": str(budgets),
         }
         log = (state / "worker.log").open("wb")
+        prof = state / "worker.prof"
+        cmd = [sys.executable, "-m", "spendstream"]
+        if args.profile:
+            cmd = [sys.executable, str(REPO / "bench" / "_profiled_worker.py"), str(prof)]
         worker = subprocess.Popen(
-            [sys.executable, "-m", "spendstream", "up", "--log-level", "warning"],
+            [*cmd, "up", "--log-level", "warning"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -188,15 +238,22 @@ def main() -> None:
             )
             assert guard.stdout is not None
             assert guard.stdout.readline().strip() == "ready"
-            seconds = args.crossings * 0.05 + 10
+            seconds = args.warmup + 10 + args.crossings * 0.05 + 10
             load = subprocess.Popen(
                 [sys.executable, "-c", LOAD, BOOTSTRAP, topics.usage_raw, str(args.load), str(seconds)],
                 stdout=subprocess.PIPE,
                 text=True,
                 cwd=REPO,
             )
-            time.sleep(3)  # let the load reach its rate
-            cpu0 = cpu_seconds(worker.pid)
+            time.sleep(args.warmup)  # the load reaches its rate; the broker's JIT compiler settles
+            say("measuring the raw Kafka hop again, under the load")
+            loaded = kafka_hop_baseline(f"{topics.prefix}hop-loaded", 200)
+            broker_pid = kafka.status().pid
+            assert broker_pid is not None
+            cpu0, broker_cpu0, t0 = cpu_seconds(worker.pid), cpu_seconds(broker_pid), time.monotonic()
+            gc0 = gc_seconds(port)
+            if args.profile:
+                worker.send_signal(PROFILE_START)
             produced: dict[str, float] = {}
             with SyncEmitter(
                 bootstrap_servers=BOOTSTRAP, service="bench", topic=topics.usage_raw, linger_ms=1
@@ -216,6 +273,12 @@ def main() -> None:
             load_out, _ = load.communicate(timeout=300)
             load_sent, load_seconds = load_out.split()
             worker_cpu = cpu_seconds(worker.pid) - cpu0
+            broker_cpu = cpu_seconds(broker_pid) - broker_cpu0
+            crossing_seconds = time.monotonic() - t0
+            worker_gc = gc_seconds(port) - gc0
+            if args.profile:
+                worker.send_signal(PROFILE_STOP)
+            stamps = asyncio.run(stage_stamps(topics))
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=60)
@@ -224,18 +287,43 @@ def main() -> None:
     latencies = [int((seen[s] - produced[s]) * 1e9) for s in produced if s in seen]
     enforcement = percentiles_us(latencies)
     hop = percentiles_us(baseline)
+    # Where the time goes, from the Kafka timestamps (ms; set by each producer as it sends).
+    hops = {
+        "emit_to_usage_raw": [(stamps[s][0] - produced[s] * 1000) * 1e6 for s in produced if s in stamps],
+        "meter_usage_raw_to_spend_deltas": [(st[1] - st[0]) * 1e6 for st in stamps.values()],
+        "budget_spend_deltas_to_spend_control": [(st[2] - st[1]) * 1e6 for st in stamps.values()],
+        "guard_spend_control_to_seen": [
+            (seen[s] * 1000 - st[2]) * 1e6 for s, st in stamps.items() if s in seen
+        ],
+    }
     result: dict[str, Any] = {
         "crossings": args.crossings,
         "crossings_seen": len(latencies),
         "background_load_events_per_s": round(int(load_sent) / float(load_seconds)),
         "enforcement_latency_us": enforcement,
+        "stages_us": {name: percentiles_us([int(x) for x in xs]) for name, xs in hops.items()},
         "kafka_hop_baseline_us": hop,
+        "kafka_hop_under_load_us": percentiles_us(loaded),
         "ratio_p50_to_kafka_hop": round(enforcement["p50"] / hop["p50"], 2),
         "ratio_p99_to_kafka_hop": round(enforcement["p99"] / hop["p99"], 2),
+        "warmup_seconds": args.warmup,
+        "crossing_phase_seconds": round(crossing_seconds, 1),
         "worker_cpu_seconds_during_crossings": round(worker_cpu, 1),
+        "broker_cpu_seconds_during_crossings": round(broker_cpu, 1),
+        "worker_gc_pause_seconds_during_crossings": round(worker_gc, 2),
         "target_p99_ms": 250,
         "target_met": enforcement["p99"] < 250_000,
     }
+    if args.profile:
+        result["profile"] = {
+            "stats_file": str(prof),
+            "top_tottime": profile_rows(prof, "tottime"),
+            "top_cumulative": profile_rows(prof, "cumulative"),
+        }
+        print_profile("worker, by own time", result["profile"]["top_tottime"])
+        print_profile("worker, by cumulative time", result["profile"]["top_cumulative"])
+    for name, p in result["stages_us"].items():
+        say(f"  {name:40} p50 {p['p50'] / 1000:7.1f} ms   p99 {p['p99'] / 1000:7.1f} ms")
     path = write_result("enforcement", result)
     say(json.dumps(result, indent=2))
     say(

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -75,8 +76,13 @@ class Guard:
         topic: str = "spend.control",
         fail_open: bool = True,
         ready_timeout: float = 30.0,
+        on_signal: Callable[[ScopeState], object] | None = None,
     ) -> None:
+        """`on_signal`, if given, is called with every newer signal as the Guard applies it (in
+        the Guard's event loop; SyncGuard: its thread), e.g. to alert or to drain a queue. An
+        exception it raises is logged and does not stop the Guard."""
         self.topic = topic
+        self.on_signal = on_signal
         self.fail_open = fail_open
         self._bootstrap = bootstrap_servers
         self._ready_timeout = ready_timeout
@@ -151,6 +157,11 @@ class Guard:
             globs = self._model_globs.setdefault(project, [])
             if glob not in globs:
                 globs.append(glob)
+        if self.on_signal is not None:
+            try:
+                self.on_signal(state)
+            except Exception:
+                log.exception("Guard on_signal callback failed for %s", state.scope)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="spendstream-guard")

@@ -14,6 +14,7 @@ race, no limit multiplied by replicas. See docs/architecture.md for the guarante
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import Counter, defaultdict
@@ -23,32 +24,38 @@ from typing import Any
 from uuid import UUID
 
 import faust
-from aiokafka.partitioner import murmur2
 from faust.web import Request, Response, View
 
 from spendstream.errors import ConfigError, QueryError
 from spendstream.settings import Settings
 from spendstream.store import ClickHouseStore
 from spendstream.wire import Codec, default_codec
-from stream_processors.budgets import MINUTE_US, Decision, Spec, apply_deltas, decide, new_state
+from stream_processors.budgets import (
+    MINUTE_US,
+    Decision,
+    Spec,
+    apply_deltas,
+    decide,
+    fresh_deltas,
+    new_state,
+)
 from stream_processors.feeds import BudgetFeed, PriceFeed
-from stream_processors.meter import MeterStage
+from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
 from stream_processors.repricer import reprice
 from stream_processors.sink import Sink
 
-__all__ = ["create_app", "partition_for"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+METER_TAKE = 1_000  # usage.raw messages the meter prices together at most
+METER_WAIT = 0.005  # seconds it waits for more before pricing what it has (adds at most this latency)
+FETCH_MAX_WAIT_MS = 20  # longest broker long-poll of the worker's consumer (see _short_fetch_wait)
 
 
 def _now_us() -> int:
     return time.time_ns() // 1_000
-
-
-def partition_for(key: str, partitions: int) -> int:
-    """Kafka's default partitioner (murmur2), so scope-keyed records from any producer co-partition."""
-    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def _jsonable(value: Any) -> Any:
@@ -63,6 +70,21 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+class _GcPauses:
+    """Seconds the interpreter spent in garbage collection, per generation (for /metrics)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._started
 
 
 def _commit_only_what_is_delivered(app: faust.App) -> None:
@@ -84,6 +106,30 @@ def _commit_only_what_is_delivered(app: faust.App) -> None:
         await flush_delivered()
 
     producer.flush = flush  # type: ignore[method-assign]
+
+
+def _short_fetch_wait(max_wait_ms: int) -> None:
+    """Cap how long the worker's consumer long-polls the broker (Faust hard-codes 1,500 ms).
+
+    aiokafka keeps one fetch in flight per broker, and a fetch leaves out the partitions whose
+    records are still buffered. So a fetch can go out holding only idle partitions (budgets, a
+    quiet spend.deltas partition); the broker parks it for the whole wait, and records that
+    arrive meanwhile on the busy partitions wait with it: under load the meter and the budget
+    agent fell a steady 1-2 s behind, on a mostly idle CPU.
+    """
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(create, "spendstream_max_wait_ms", None) == max_wait_ms:
+        return
+
+    def create_worker_consumer(self: AIOKafkaConsumerThread, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = max_wait_ms  # read by consumer.start() to build its Fetcher
+        return consumer
+
+    create_worker_consumer.spendstream_max_wait_ms = max_wait_ms  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
 
 
 def create_app(
@@ -113,7 +159,12 @@ def create_app(
         producer_max_request_size=8 << 20,
         producer_linger_ms=1,
         consumer_max_fetch_size=8 << 20,
-        stream_buffer_maxsize=64,
+        # Faust stops fetching a partition whose agent queue is under pressure, and when every
+        # partition is stopped it sleeps a whole second before fetching again. With a small queue
+        # that happens under ordinary load (the meter's queue fills while it prices a batch) and
+        # the second of lag never drains: meter and budget agent share one fetcher, each waiting
+        # on the other's output. So the queue holds several of the meter's batches.
+        stream_buffer_maxsize=4 * METER_TAKE,
         broker_commit_every=500,
         broker_commit_interval=1.0,
         # A crashed worker's partitions move to a live one after 10 s, not Kafka's default minute:
@@ -123,6 +174,7 @@ def create_app(
     )
 
     _commit_only_what_is_delivered(app)
+    _short_fetch_wait(FETCH_MAX_WAIT_MS)
 
     def raw(*names: str) -> faust.TopicT:
         return app.topic(
@@ -148,6 +200,7 @@ def create_app(
     parsed_specs: dict[tuple[str, int], Spec] = {}
     attention: dict[str, int] = {}  # scopes not ok -> partition: the timer re-decides them
     metrics: Counter[str] = Counter()
+    gc_pauses = _GcPauses()
 
     async def dead_letter(
         reason: str, detail: str, topic: str, partition: int, offset: int, key: bytes | None, payload: bytes
@@ -184,34 +237,34 @@ def create_app(
         # Price nothing before the cards and budgets published at run time are known.
         await price_feed.caught_up.wait()
         await budget_feed.caught_up.wait()
-        async for event in stream.events():
-            msg = event.message
+        # The messages waiting (up to METER_TAKE, or what arrived within METER_WAIT) are priced
+        # together and their output coalesced: Faust's per-message cost is paid per destination,
+        # not per input message. Their offsets are committed once all of them are handled.
+        async for events in stream.take_events(METER_TAKE, within=METER_WAIT):  # type: ignore[attr-defined]  # on Stream, not StreamT
+            batch = MeterBatch(n)
+            now = _now_us()
             stage.model_globs = budget_feed.model_globs
-            result = stage.process(msg.key, msg.value, _now_us())
-            for dead in result.dead:
-                await dead_letter(
-                    dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload
-                )
-            for project, payload in result.rekey:
-                await raw_topic.send(key=project.encode(), value=payload)
-            for status, count in result.statuses.items():
-                metrics[f"events|{status}"] += count
-            if result.project is None:
-                continue
-            await priced_topic.send(
-                key=result.project.encode(), value=codec.encode("PricedBatch", {"events": result.priced})
-            )
-            by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
-            for (scope, minute), (pico, count) in result.spend.items():
-                by_partition[partition_for(scope, n)].append(
-                    {"scope": scope, "minute": minute, "pico_usd": pico, "events": count}
-                )
-            for partition, deltas in by_partition.items():
-                batch = {"source_partition": msg.partition, "source_offset": msg.offset, "deltas": deltas}
+            for event in events:
+                msg = event.message
+                result = stage.process(msg.key, msg.value or b"", now)  # a tombstone is undecodable
+                for dead in result.dead:
+                    await dead_letter(
+                        dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload
+                    )
+                for project, payload in result.rekey:
+                    await raw_topic.send(key=project.encode(), value=payload)
+                for status, count in result.statuses.items():
+                    metrics[f"events|{status}"] += count
+                batch.add(result, msg.partition, msg.offset)
+            for partition, deltas in batch.deltas.items():
                 await deltas_topic.send(
                     key=deltas[0]["scope"].encode(),
-                    value=codec.encode("SpendDeltaBatch", batch),
+                    value=codec.encode("SpendDeltaBatch", {"deltas": deltas}),
                     partition=partition,
+                )
+            for project, priced in batch.priced_batches():
+                await priced_topic.send(
+                    key=project.encode(), value=codec.encode("PricedBatch", {"events": priced})
                 )
 
     def spec_of(scope: str) -> Spec | None:
@@ -224,7 +277,7 @@ def create_app(
             spec = parsed_specs[cache_key] = Spec.from_record(record)
         return spec
 
-    async def decide_and_signal(scope: str, state: dict[str, Any], partition: int) -> None:
+    async def decide_and_signal(scope: str, state: dict[str, Any], partition: int) -> bool:
         """Publish exactly one ControlSignal per change of (state, reason, level, window)."""
         now = _now_us()
         decision: Decision = decide(state, spec_of(scope), now)
@@ -233,7 +286,7 @@ def create_app(
         else:
             attention[scope] = partition
         if decision.key == state["sig"]:
-            return
+            return False
         state["sig"] = decision.key
         state["seq"] += 1
         signal = {
@@ -262,6 +315,7 @@ def create_app(
             decision.spend_pico,
             decision.limit_pico,
         )
+        return True
 
     @app.agent(budget_input, name="budget")
     async def budget(stream: faust.StreamT[bytes]) -> None:
@@ -299,23 +353,21 @@ def create_app(
                     "undecodable", str(exc), msg.topic, msg.partition, msg.offset, msg.key, msg.value
                 )
                 continue
-            grouped: dict[str, list[tuple[int, int]]] = defaultdict(list)
+            grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for d in batch["deltas"]:
-                grouped[d["scope"]].append((d["minute"], d["pico_usd"]))
-            source, offset = str(batch["source_partition"]), batch["source_offset"]
+                grouped[d["scope"]].append(d)
             now = _now_us()
             for scope, deltas in grouped.items():
                 state = scopes.get(scope) or new_state()
-                if offset >= 0:
-                    if state["applied"].get(source, -1) >= offset:
-                        metrics["deltas|duplicate"] += 1
-                        continue  # re-delivered after a restart: already counted
-                    state["applied"][source] = offset
-                late = apply_deltas(state, deltas, spec_of(scope), now, grace_us)
+                fresh, duplicates = fresh_deltas(state["applied"], deltas)
+                if duplicates:
+                    metrics["deltas|duplicate"] += duplicates  # re-delivered after a restart
+                late = apply_deltas(state, fresh, spec_of(scope), now, grace_us)
                 if late:
                     metrics["late_pico_usd|beyond_grace"] += late
-                await decide_and_signal(scope, state, msg.partition)
-                scopes[scope] = state
+                signalled = await decide_and_signal(scope, state, msg.partition)
+                if signalled or fresh:
+                    scopes[scope] = state  # a timer tick that changes nothing writes no changelog
 
     @app.timer(1.0)
     async def tick() -> None:
@@ -323,12 +375,20 @@ def create_app(
         now_min = _now_us() // MINUTE_US
         by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for scope, partition in list(attention.items()):
-            by_partition[partition].append({"scope": scope, "minute": now_min, "pico_usd": 0, "events": 0})
+            by_partition[partition].append(
+                {
+                    "scope": scope,
+                    "minute": now_min,
+                    "pico_usd": 0,
+                    "events": 0,
+                    "source_partition": -1,
+                    "source_offset": -1,
+                }
+            )
         for partition, deltas in by_partition.items():
-            batch = {"source_partition": -1, "source_offset": -1, "deltas": deltas}
             await deltas_topic.send(
                 key=deltas[0]["scope"].encode(),
-                value=codec.encode("SpendDeltaBatch", batch),
+                value=codec.encode("SpendDeltaBatch", {"deltas": deltas}),
                 partition=partition,
             )
 
@@ -459,6 +519,11 @@ def create_app(
                     if k.startswith(f"{prefix}|")
                 ]
             lines += [
+                "# TYPE spendstream_gc_pause_seconds_total counter",
+                *(
+                    f'spendstream_gc_pause_seconds_total{{generation="{g}"}} {secs:.6f}'
+                    for g, secs in enumerate(gc_pauses.seconds)
+                ),
                 "# TYPE spendstream_sink_rows_written_total counter",
                 f"spendstream_sink_rows_written_total {sink.rows_written}",
                 "# TYPE spendstream_price_cards gauge",

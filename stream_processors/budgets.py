@@ -328,6 +328,37 @@ def new_state() -> dict[str, Any]:
     return {"w": {}, "late": {}, "m": {}, "applied": {}, "sig": ["ok", "within_budget", 0, ""], "seq": 0}
 
 
+def fresh_deltas(
+    applied: dict[str, int], deltas: Iterable[dict[str, Any]]
+) -> tuple[list[tuple[int, int]], int]:
+    """(minute, pico-USD) of the SpendDeltas a scope has not applied yet, and how many it had already.
+
+    `applied` is the scope's last applied usage.raw offset per source partition (updated here).
+    The meter handles
+    each partition's messages in offset order, so a delta from an offset at or below it was counted
+    before a restart and is skipped. One message may carry several deltas for a scope (one per
+    minute of event time): all of them are fresh together. Offset -1: timer ticks (no spend, left
+    out) and deltas of v1 batches, which carried no per-delta source (applied as they are).
+    """
+    prior = dict(applied)
+    fresh = []
+    duplicates = 0
+    for d in deltas:
+        offset = d["source_offset"]
+        if offset < 0:
+            if d["pico_usd"]:
+                fresh.append((d["minute"], d["pico_usd"]))
+            continue
+        source = str(d["source_partition"])
+        if offset <= prior.get(source, -1):
+            duplicates += 1
+            continue
+        if offset > applied.get(source, -1):
+            applied[source] = offset
+        fresh.append((d["minute"], d["pico_usd"]))
+    return fresh, duplicates
+
+
 def apply_deltas(
     state: dict[str, Any], deltas: Iterable[tuple[int, int]], spec: Spec | None, now_us: int, grace_us: int
 ) -> int:

@@ -1,8 +1,9 @@
-"""The meter stage: one `usage.raw` message in; priced events, spend deltas and dead letters out.
+"""The meter stage: `usage.raw` messages in; priced events, spend deltas and dead letters out.
 
 Pure logic (no Kafka, no tables) so it is unit-tested directly; `app.py` wires it into the Faust
-agent that owns the spend tables. Per message, not per event, is where the Faust overhead goes, so
-a `UsageBatch` of hundreds of events costs one pass through the agent.
+meter agent. Per Kafka message, not per event, is where the Faust overhead goes, so the agent takes
+the messages waiting for it together and `MeterBatch` coalesces their output: one `PricedBatch`
+per project and one `SpendDeltaBatch` per owning partition, however many messages came in.
 """
 
 from __future__ import annotations
@@ -12,13 +13,22 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka.partitioner import murmur2
+
 from spendstream.errors import DecodeError
 from spendstream.usage import usage_problem
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
 from stream_processors.pricing import Catalogue
 
-__all__ = ["DeadLetter", "MeterResult", "MeterStage"]
+__all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for"]
+
+PRICED_BATCH_EVENTS = 2_000  # events per PricedBatch message (well under the 8 MiB request size)
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2), so scope-keyed records from any producer co-partition."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True)
@@ -120,3 +130,44 @@ class MeterStage:
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)
+
+
+class MeterBatch:
+    """The output of the usage.raw messages the meter took together, coalesced per destination.
+
+    Spend deltas keep the usage.raw message they came from (source partition and offset): after a
+    crash the meter re-reads from its last commit and forms different batches, and the budget
+    agent can still apply each usage.raw message to each scope exactly once.
+    """
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        self.priced: dict[str, list[dict[str, Any]]] = defaultdict(list)  # project -> PricedUsage
+        self.deltas: dict[int, list[dict[str, Any]]] = defaultdict(list)  # spend.deltas partition -> deltas
+        self._owner: dict[str, int] = {}
+
+    def add(self, result: MeterResult, source_partition: int, source_offset: int) -> None:
+        if result.project is not None:
+            self.priced[result.project].extend(result.priced)
+        for (scope, minute), (pico, count) in result.spend.items():
+            owner = self._owner.get(scope)
+            if owner is None:
+                owner = self._owner[scope] = partition_for(scope, self.partitions)
+            self.deltas[owner].append(
+                {
+                    "scope": scope,
+                    "minute": minute,
+                    "pico_usd": pico,
+                    "events": count,
+                    "source_partition": source_partition,
+                    "source_offset": source_offset,
+                }
+            )
+
+    def priced_batches(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(project, PricedUsage records) per message, at most PRICED_BATCH_EVENTS each."""
+        return [
+            (project, events[i : i + PRICED_BATCH_EVENTS])
+            for project, events in self.priced.items()
+            for i in range(0, len(events), PRICED_BATCH_EVENTS)
+        ]
