@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import time
@@ -81,6 +82,10 @@ def run_worker(settings: Settings, say: Callable[[str], None], loglevel: str = "
     app = create_app(settings, datadir=datadir, store=store)
     say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    # What exists now (Faust, aiokafka, ClickHouse, the catalogue, the schemas) lives as long as
+    # the worker: frozen, the garbage collector stops rescanning it on every full collection.
+    gc.collect()
+    gc.freeze()
     try:
         worker.execute_from_commandline()
     finally:

@@ -108,6 +108,41 @@ def _commit_only_what_is_delivered(app: faust.App) -> None:
     producer.flush = flush  # type: ignore[method-assign]
 
 
+def _ack_only_what_this_generation_handled() -> None:
+    """Keep Faust from committing past records it skipped across a rebalance.
+
+    A record fetched before a rebalance and reaching its stream after it is skipped (its
+    generation is stale, or flow is stopped) and then acknowledged like a handled one, so the
+    next commit moved past records the meter never priced: after a `kill -9` and restart (the
+    dead member's session expiring is a second rebalance) about one run in ten lost a few hundred
+    events, silently. Such a record is now released without counting as acknowledged: the
+    committed offset stays before it, and `reread_undelivered` reads it again. A record handled
+    just before the rebalance may so be handled twice, which the spend tables (source offsets)
+    and ClickHouse (`event_id`) absorb.
+    """
+    from faust.transport.consumer import Consumer
+    from faust.types.tuples import ack_lock
+
+    ack = Consumer.ack
+    if getattr(ack, "spendstream_generation_guard", False):
+        return
+
+    def ack_current(self: Consumer, message: Any) -> bool:
+        app = self.app
+        generation = getattr(message, "generation_id", None)
+        if (generation is not None and generation != app.consumer_generation_id) or not (
+            app.flow_control.is_active()
+        ):
+            with ack_lock:
+                message.acked = True
+                self._unacked_messages.discard(message)
+            return False
+        return ack(self, message)
+
+    ack_current.spendstream_generation_guard = True  # type: ignore[attr-defined]
+    Consumer.ack = ack_current  # type: ignore[method-assign]
+
+
 def _short_fetch_wait(max_wait_ms: int) -> None:
     """Cap how long the worker's consumer long-polls the broker (Faust hard-codes 1,500 ms).
 
@@ -175,6 +210,7 @@ def create_app(
 
     _commit_only_what_is_delivered(app)
     _short_fetch_wait(FETCH_MAX_WAIT_MS)
+    _ack_only_what_this_generation_handled()
 
     def raw(*names: str) -> faust.TopicT:
         return app.topic(
@@ -262,7 +298,10 @@ def create_app(
                     value=codec.encode("SpendDeltaBatch", {"deltas": deltas}),
                     partition=partition,
                 )
+            # History after enforcement: yield between PricedBatches, so the budget agent can
+            # take the deltas just sent while the rest of the batch is encoded.
             for project, priced in batch.priced_batches():
+                await asyncio.sleep(0)
                 await priced_topic.send(
                     key=project.encode(), value=codec.encode("PricedBatch", {"events": priced})
                 )
@@ -392,6 +431,56 @@ def create_app(
                 partition=partition,
             )
 
+    progress: dict[Any, tuple[int, int, int | None]] = {}
+    reread_from: dict[Any, int] = {}  # once per committed offset: a transaction marker is no record
+
+    @app.timer(2.0)
+    async def reread_undelivered() -> None:
+        """Seek back to the committed offset when records between it and the fetch position were
+        never delivered to an agent and nothing has moved for a whole tick.
+
+        Across a rebalance Faust can drop fetched records (a batch cut short when flow stops, a
+        partition inactive for a moment, a stale generation skipped) while the fetch position
+        stays past them; its seek to the committed offsets after the rebalance can come before
+        the drop. The partition then sits still, with no error. Seen after `kill -9` + restart.
+        """
+        consumer: Any = app.consumer  # faust-streaming internals: there is no public API for this
+        if app.rebalancing or not app.flow_control.is_active():
+            progress.clear()
+            reread_from.clear()
+            return
+        thread = consumer._thread
+        kafka = thread._ensure_consumer()
+        buffered = kafka._fetcher._records
+        in_flight = {m.tp for m in consumer._unacked_messages}
+        for tp in consumer.assignment():
+            if tp.topic not in (topics.usage_raw, topics.spend_deltas, topics.budgets):
+                continue
+            if tp in buffered or tp in in_flight:
+                progress.pop(tp, None)
+                continue
+            position = await consumer.position(tp)
+            committed = await thread.call_thread(kafka.committed, tp) or 0
+            if position is None or position <= committed or reread_from.get(tp) == committed:
+                progress.pop(tp, None)
+                continue
+            seen = (position, committed, consumer._read_offset.get(tp))
+            if progress.get(tp) != seen:
+                progress[tp] = seen  # look again next tick before acting
+                continue
+            log.warning(
+                "%s[%d]: records %d..%d were fetched but never handled (dropped by Faust across a "
+                "rebalance); reading them again",
+                tp.topic,
+                tp.partition,
+                committed,
+                position - 1,
+            )
+            metrics["rebalance|reread"] += 1
+            progress.pop(tp, None)
+            reread_from[tp] = committed
+            await consumer.seek(tp, committed)
+
     sink = Sink(
         bootstrap=settings.bootstrap,
         topics=topics,
@@ -509,6 +598,7 @@ def create_app(
                 "signals": ("spendstream_signals_total", "state"),
                 "deltas": ("spendstream_spend_deltas_total", "kind"),
                 "late_pico_usd": ("spendstream_late_spend_pico_usd_total", "kind"),
+                "rebalance": ("spendstream_rebalance_rereads_total", "kind"),
             }
             lines = []
             for prefix, (metric, label) in names.items():

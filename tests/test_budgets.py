@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from stream_processors.budgets import (
     apply_deltas,
     calendar_window,
     decide,
+    fresh_deltas,
     load_specs,
     make_limit,
     new_state,
@@ -277,3 +279,80 @@ def test_unquoted_decimals_are_read_exactly_never_as_floats(tmp_path: Path) -> N
     assert [lim.limit_pico for lim in load_specs(t)[0].limits] == [100_000_000_000]
     with pytest.raises(ConfigError, match="amount must be USD"):
         make_limit("project:a", "daily", 0.1)  # a float from code is refused, not rounded
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.integers(0, 2),
+            st.lists(st.tuples(st.integers(0, 3), st.integers(1, 10**9)), min_size=1, max_size=3),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    cuts=st.lists(st.integers(0, 30), max_size=10),
+    recuts=st.lists(st.integers(0, 30), max_size=10),
+    crash_at=st.integers(0, 40),
+    commit_lag=st.lists(st.integers(0, 5), min_size=3, max_size=3),
+)
+def test_fresh_deltas_apply_each_usage_message_once_across_a_crash_and_replay(
+    messages: list[tuple[int, list[tuple[int, int]]]],
+    cuts: list[int],
+    recuts: list[int],
+    crash_at: int,
+    commit_lag: list[int],
+) -> None:
+    """The meter takes usage.raw messages in per-partition order into batches of any size; the
+    worker dies after `crash_at` batches reached the budget agent, its committed offsets lagging
+    behind; the restarted meter re-reads from them and cuts different batches. The scope must
+    count every message's spend exactly once."""
+    offsets = [0, 0, 0]
+    stream = []  # (partition, offset, deltas) in the order the meter handles them
+    for partition, deltas in messages:
+        stream.append((partition, offsets[partition], deltas))
+        offsets[partition] += 1
+
+    def batches(
+        items: list[tuple[int, int, list[tuple[int, int]]]], at: list[int]
+    ) -> list[list[dict[str, int]]]:
+        bounds = sorted({min(c, len(items)) for c in at} | {0, len(items)})
+        return [
+            [
+                {"source_partition": p, "source_offset": o, "minute": m, "pico_usd": pico}
+                for p, o, ds in items[a:b]
+                for m, pico in ds
+            ]
+            for a, b in itertools.pairwise(bounds)
+        ]
+
+    before = batches(stream, cuts)
+    applied: dict[str, int] = {}
+    total, duplicates = 0, 0
+    delivered = before[: min(crash_at, len(before))]
+    for batch in delivered:
+        fresh, dup = fresh_deltas(applied, batch)
+        total += sum(pico for _, pico in fresh)
+        duplicates += dup
+    # committed offsets: at most what was delivered, lagging by commit_lag messages
+    seen = {
+        p: max((d["source_offset"] for b in delivered for d in b if d["source_partition"] == p), default=-1)
+        for p in range(3)
+    }
+    committed = {p: max(0, seen[p] + 1 - commit_lag[p]) for p in range(3)}
+    replay = [(p, o, ds) for p, o, ds in stream if o >= committed[p]]
+    redelivered = sum(len(ds) for p, o, ds in replay if o <= seen[p])
+    for batch in batches(replay, recuts):
+        fresh, dup = fresh_deltas(applied, batch)
+        total += sum(pico for _, pico in fresh)
+        duplicates += dup
+    assert total == sum(pico for _, deltas in messages for _, pico in deltas)
+    assert duplicates == redelivered
+
+
+def test_fresh_deltas_ticks_move_nothing_and_v1_deltas_count() -> None:
+    applied = {"0": 5}
+    tick = {"source_partition": -1, "source_offset": -1, "minute": 1, "pico_usd": 0}
+    v1 = {"source_partition": -1, "source_offset": -1, "minute": 1, "pico_usd": 7}  # from a v1 batch
+    assert fresh_deltas(applied, [tick, v1]) == ([(1, 7)], 0)
+    assert applied == {"0": 5}

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from producers import Guard, SyncEmitter, SyncGuard
+from producers import Guard, ScopeState, SyncEmitter, SyncGuard
 from spendstream.errors import BudgetExceeded
 from tests.conftest import Worker, start_worker
 
@@ -40,7 +40,17 @@ def spend(kafka: str, worker: Worker, project: str, usd_per_event: str, n: int) 
 
 
 def test_sync_guard_refuses_a_blocked_project_and_lets_others_through(kafka: str, worker: Worker) -> None:
-    with SyncGuard(bootstrap_servers=kafka, topic=worker.topics.spend_control) as guard:
+    heard: list[ScopeState] = []
+
+    def broken(state: ScopeState) -> None:
+        raise RuntimeError("a subscriber's bug")
+
+    with (
+        SyncGuard(
+            bootstrap_servers=kafka, topic=worker.topics.spend_control, on_signal=heard.append
+        ) as guard,
+        SyncGuard(bootstrap_servers=kafka, topic=worker.topics.spend_control, on_signal=broken) as other,
+    ):
         assert guard.healthy
         guard.check(project="capped", team="t", user="u", model="gpt-4o-mini")  # not blocked yet
         spend(kafka, worker, "capped", "0.30", 4)  # $1.20 > $1.00
@@ -57,6 +67,13 @@ def test_sync_guard_refuses_a_blocked_project_and_lets_others_through(kafka: str
         assert err.window_end.hour == 0  # blocked until the end of the UTC day
         guard.check(project="free", model="gpt-4o-mini")  # other projects pass
         assert guard.state("project:free") is None
+        # on_signal heard the same signal the check used; a callback that raises stops nothing
+        assert [s for s in heard if s.scope == "project:capped"][-1] == guard.state("project:capped")
+        deadline = time.monotonic() + 30
+        while other.state("project:capped") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(BudgetExceeded):
+            other.check(project="capped")
 
 
 def test_a_new_guard_learns_the_current_state_from_the_compacted_topic(kafka: str, worker: Worker) -> None:

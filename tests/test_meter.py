@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from producers import build_event
@@ -27,7 +28,6 @@ def ev(**kw: Any) -> dict[str, Any]:
 
 
 def test_batch_is_priced_and_spend_split_by_window() -> None:
-    from datetime import UTC, datetime
 
     e1 = ev(event_time=datetime(2026, 11, 30, 23, 59, tzinfo=UTC))
     e2 = ev(event_time=datetime(2026, 12, 1, 0, 0, tzinfo=UTC), model="gpt-4o-mini")
@@ -131,3 +131,49 @@ def test_event_under_another_key_is_forwarded_to_its_owner() -> None:
     result = STAGE.process(None, CODEC.encode("UsageEvent", e), NOW)
     assert result.priced == []
     assert [(p, CODEC.decode(b)[1]["event_id"]) for p, b in result.rekey] == [("b", e["event_id"])]
+
+
+def test_a_take_of_messages_is_coalesced_per_project_and_per_owning_partition() -> None:
+    from stream_processors.meter import PRICED_BATCH_EVENTS, MeterBatch, partition_for
+
+    batch = MeterBatch(partitions=4)
+    sources = [("a", 0, 10), ("b", 1, 7), ("a", 0, 11)]  # (project, usage.raw partition, offset)
+    for project, partition, offset in sources:
+        events = [ev(project=project, event_time=datetime.fromtimestamp(NOW / 1e6, UTC)) for _ in range(3)]
+        result = STAGE.process(project.encode(), CODEC.encode("UsageBatch", {"events": events}), NOW)
+        batch.add(result, partition, offset)
+    assert {p: len(e) for p, e in batch.priced.items()} == {"a": 6, "b": 3}  # one PricedBatch per project
+    deltas = [d for ds in batch.deltas.values() for d in ds]
+    assert all(partition_for(d["scope"], 4) == owner for owner, ds in batch.deltas.items() for d in ds)
+    # every delta remembers the usage.raw message it came from: re-delivery stays exactly-once
+    assert sorted((d["scope"], d["source_partition"], d["source_offset"]) for d in deltas) == sorted(
+        [
+            ("org", 0, 10),
+            ("project:a", 0, 10),
+            ("org", 1, 7),
+            ("project:b", 1, 7),
+            ("org", 0, 11),
+            ("project:a", 0, 11),
+        ]
+    )
+    one_event_cost = batch.priced["a"][0]["cost_pico_usd"]
+    assert {d["pico_usd"] for d in deltas} == {3 * one_event_cost}
+    encoded = CODEC.encode("SpendDeltaBatch", {"deltas": deltas})
+    assert CODEC.decode(encoded)[1]["deltas"] == deltas
+
+    big = MeterBatch(partitions=4)
+    big.priced["a"] = [{"n": i} for i in range(2 * PRICED_BATCH_EVENTS + 1)]
+    assert [len(events) for _, events in big.priced_batches()] == [
+        PRICED_BATCH_EVENTS,
+        PRICED_BATCH_EVENTS,
+        1,
+    ]
+
+
+def test_partition_for_is_kafkas_default_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from stream_processors.meter import partition_for
+
+    for key in ["org", "project:a", "team:x", "user:émile", "project:p/model:gpt-4*"]:
+        assert partition_for(key, 4) == DefaultPartitioner()(key.encode(), [0, 1, 2, 3], [0, 1, 2, 3])
