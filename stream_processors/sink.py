@@ -139,13 +139,15 @@ class Sink(Service):
                 for tp, messages in batches.items():
                     for msg in messages:
                         usage, dead = self._rows(tp, msg)
+                        # Rows and their offset together: a flush (`/flush`) may run while this
+                        # loop yields, and it must commit exactly the offsets of the rows it takes.
                         self._usage += usage
                         self._dead += dead
+                        self._offsets[tp] = msg.offset + 1
                         # Decoding is the sink's CPU: yield after each message so the budget
                         # agent never waits behind a whole fetch. (A thread would be worse: it
                         # makes the event loop wait for the GIL at every turn.)
                         await asyncio.sleep(0)
-                    self._offsets[tp] = messages[-1].offset + 1
                 pending = len(self._usage) + len(self._dead)
             if pending >= self._max_rows or (pending and time.monotonic() - last_flush >= self._max_seconds):
                 try:
