@@ -115,3 +115,69 @@ def test_queries_are_read_only(store: ClickHouseStore, sql: str) -> None:
 def test_query_errors_are_query_errors(store: ClickHouseStore) -> None:
     with pytest.raises(QueryError, match=r"UNKNOWN_TABLE|Unknown table"):
         store.query("SELECT * FROM no_such_table")
+
+
+def test_a_flush_while_the_sink_decodes_commits_exactly_the_offsets_of_the_rows_it_takes() -> None:
+    """`/flush` can run while the sink yields between messages of one fetch."""
+    import asyncio
+    from typing import Any
+
+    from aiokafka import TopicPartition
+
+    from spendstream.settings import Topics
+    from spendstream.wire import default_codec
+    from stream_processors.sink import Sink
+
+    codec = default_codec()
+    topics = Topics("t.")
+    tp = TopicPartition(topics.usage_priced, 0)
+
+    class Record:
+        def __init__(self, offset: int) -> None:
+            self.offset, self.key = offset, b"a"
+            self.value = codec.encode("PricedBatch", {"events": [priced("a", 1)]})
+
+    class Consumer:  # stands in for aiokafka: one fetch of two messages, then nothing
+        def __init__(self) -> None:
+            self.fetches = [{tp: [Record(10), Record(11)]}]
+            self.commits: list[dict[Any, int]] = []
+
+        async def getmany(self, **_: Any) -> dict[Any, list[Record]]:
+            if self.fetches:
+                return self.fetches.pop()
+            await asyncio.sleep(0.01)
+            return {}
+
+        async def commit(self, offsets: dict[Any, int]) -> None:
+            self.commits.append(dict(offsets))
+
+    class Store:
+        def __init__(self) -> None:
+            self.inserted: list[int] = []
+
+        def insert(self, table: str, rows: list[Any], columns: Any) -> None:
+            self.inserted.append(len(rows))
+
+    async def run() -> tuple[list[dict[Any, int]], list[int]]:
+        store, consumer = Store(), Consumer()
+        sink = Sink(
+            bootstrap="unused",
+            topics=topics,
+            group_id="g",
+            store=store,  # type: ignore[arg-type]
+            codec=codec,
+            max_rows=1000,
+            max_seconds=60,
+        )
+        sink._consumer = consumer  # type: ignore[assignment]
+        consuming = asyncio.ensure_future(Sink._consume(sink))  # a mode ServiceTask, unstarted
+        await asyncio.sleep(0)  # the sink decodes offset 10 and yields before offset 11
+        await sink.flush()
+        await asyncio.sleep(0.05)
+        await sink.flush()
+        consuming.cancel()
+        return consumer.commits, store.inserted
+
+    commits, inserted = asyncio.run(run())
+    assert inserted == [1, 1]
+    assert commits == [{tp: 11}, {tp: 12}]
