@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import gc
 import json
 import os
 import platform
@@ -18,7 +17,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -29,6 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from spendstream.gc_pauses import GcPauses
 from spendstream.kafka_local import KAFKA_VERSION, LocalKafka
 from spendstream.settings import Topics
 from spendstream.topics import ensure_topics
@@ -209,25 +208,13 @@ def percentiles_us(samples_ns: list[int]) -> dict[str, float]:
 
 
 @contextmanager
-def gc_pauses() -> Iterator[dict[str, Any]]:
-    """Count the cyclic garbage collector's runs per generation and their longest pause (ms)."""
-    summary: dict[str, Any] = {f"gen{g}": {"runs": 0, "max_ms": 0.0} for g in range(3)}
-    started = 0.0
-
-    def callback(phase: str, info: dict[str, int]) -> None:
-        nonlocal started
-        if phase == "start":
-            started = time.perf_counter()
-            return
-        gen = summary[f"gen{info['generation']}"]
-        gen["runs"] += 1
-        gen["max_ms"] = max(gen["max_ms"], round((time.perf_counter() - started) * 1000, 2))
-
-    gc.callbacks.append(callback)
+def gc_pauses() -> Iterator[GcPauses]:
+    """Count the cyclic garbage collector's runs per generation and their pauses meanwhile."""
+    pauses = GcPauses()
     try:
-        yield summary
+        yield pauses
     finally:
-        gc.callbacks.remove(callback)
+        pauses.close()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -225,7 +225,7 @@ async def caller_path(bench: Bench, calls: list[dict[str, Any]]) -> dict[str, An
         "emit_nowait_us": percentiles_us(samples),
         "build_event_only_us": percentiles_us(bare),
         "buffer_full": full,
-        "gc_during_calls": gc_runs,
+        "gc_during_calls": gc_runs.summary(),
         "messages": await message_count(topic),
     }
 
@@ -248,7 +248,7 @@ def sync_emitter(topic: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "events_per_s": round(len(calls) / seconds),
         "emit_us": percentiles_us(samples),
-        "gc_during_calls": gc_runs,
+        "gc_during_calls": gc_runs.summary(),
     }
 
 

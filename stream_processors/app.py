@@ -14,7 +14,6 @@ race, no limit multiplied by replicas. See docs/architecture.md for the guarante
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections import Counter, defaultdict
@@ -27,6 +26,7 @@ import faust
 from faust.web import Request, Response, View
 
 from spendstream.errors import ConfigError, QueryError
+from spendstream.gc_pauses import GcPauses
 from spendstream.settings import Settings
 from spendstream.store import ClickHouseStore
 from spendstream.wire import Codec, default_codec
@@ -70,21 +70,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-class _GcPauses:
-    """Seconds the interpreter spent in garbage collection, per generation (for /metrics)."""
-
-    def __init__(self) -> None:
-        self.seconds = [0.0, 0.0, 0.0]
-        self._started = 0.0
-        gc.callbacks.append(self._callback)
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.seconds[info["generation"]] += time.perf_counter() - self._started
 
 
 def _commit_only_what_is_delivered(app: faust.App) -> None:
@@ -236,7 +221,7 @@ def create_app(
     parsed_specs: dict[tuple[str, int], Spec] = {}
     attention: dict[str, int] = {}  # scopes not ok -> partition: the timer re-decides them
     metrics: Counter[str] = Counter()
-    gc_pauses = _GcPauses()
+    gc_pauses = GcPauses()
 
     async def dead_letter(
         reason: str, detail: str, topic: str, partition: int, offset: int, key: bytes | None, payload: bytes

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Container
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from aiokafka.partitioner import murmur2
@@ -26,6 +27,7 @@ __all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_f
 PRICED_BATCH_EVENTS = 2_000  # events per PricedBatch message (well under the 8 MiB request size)
 
 
+@lru_cache(maxsize=65536)
 def partition_for(key: str, partitions: int) -> int:
     """Kafka's default partitioner (murmur2), so scope-keyed records from any producer co-partition."""
     return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
@@ -144,16 +146,12 @@ class MeterBatch:
         self.partitions = partitions
         self.priced: dict[str, list[dict[str, Any]]] = defaultdict(list)  # project -> PricedUsage
         self.deltas: dict[int, list[dict[str, Any]]] = defaultdict(list)  # spend.deltas partition -> deltas
-        self._owner: dict[str, int] = {}
 
     def add(self, result: MeterResult, source_partition: int, source_offset: int) -> None:
         if result.project is not None:
             self.priced[result.project].extend(result.priced)
         for (scope, minute), (pico, count) in result.spend.items():
-            owner = self._owner.get(scope)
-            if owner is None:
-                owner = self._owner[scope] = partition_for(scope, self.partitions)
-            self.deltas[owner].append(
+            self.deltas[partition_for(scope, self.partitions)].append(
                 {
                     "scope": scope,
                     "minute": minute,

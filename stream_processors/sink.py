@@ -138,12 +138,7 @@ class Sink(Service):
                 batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_rows)
                 for tp, messages in batches.items():
                     for msg in messages:
-                        usage, dead = self._rows(tp, msg)
-                        # Rows and their offset together: a flush (`/flush`) may run while this
-                        # loop yields, and it must commit exactly the offsets of the rows it takes.
-                        self._usage += usage
-                        self._dead += dead
-                        self._offsets[tp] = msg.offset + 1
+                        self._add(tp, msg)
                         # Decoding is the sink's CPU: yield after each message so the budget
                         # agent never waits behind a whole fetch. (A thread would be worse: it
                         # makes the event loop wait for the GIL at every turn.)
@@ -157,23 +152,25 @@ class Sink(Service):
                     await asyncio.sleep(1)
                 last_flush = time.monotonic()
 
-    def _rows(
-        self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """The usage_events and dead_letters rows of one fetched message."""
+    def _add(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]) -> None:
+        """Buffer one fetched message's rows and, with them, its offset: a flush (`/flush`) may run
+        while `_consume` yields, and it must commit exactly the offsets of the rows it takes."""
         value = msg.value or b""
         try:
             name, record = self._codec.decode(value)
         except DecodeError as exc:
             record, name = {}, str(exc)
         if tp.topic == self._topics.usage_priced and name == "PricedBatch":
-            return [usage_row(p) for p in record["events"]], []
-        if tp.topic == self._topics.usage_dlq and name == "DeadLetter":
-            return [], [dead_letter_row(record)]
-        # Keep what we could not read: it is a dead letter of the sink itself.
-        key = msg.key.decode("utf-8", "replace") if msg.key else None
-        now = time.time_ns() // 1000
-        return [], [(now, "sink_undecodable", name, tp.topic, tp.partition, msg.offset, key, value.hex())]
+            self._usage.extend(usage_row(p) for p in record["events"])
+        elif tp.topic == self._topics.usage_dlq and name == "DeadLetter":
+            self._dead.append(dead_letter_row(record))
+        else:  # keep what we could not read: it is a dead letter of the sink itself
+            key = msg.key.decode("utf-8", "replace") if msg.key else None
+            now = time.time_ns() // 1000
+            self._dead.append(
+                (now, "sink_undecodable", name, tp.topic, tp.partition, msg.offset, key, value.hex())
+            )
+        self._offsets[tp] = msg.offset + 1
 
     async def flush(self) -> None:
         """Write what is buffered, then commit exactly the offsets of what was written."""

@@ -1,0 +1,39 @@
+"""Time the interpreter spends in its cyclic garbage collector, per generation."""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+__all__ = ["GcPauses"]
+
+
+class GcPauses:
+    """Counts collections and their pauses from `gc.callbacks` until `close()`."""
+
+    def __init__(self) -> None:
+        self.runs = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.max_seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        g, pause = info["generation"], time.perf_counter() - self._started
+        self.runs[g] += 1
+        self.seconds[g] += pause
+        self.max_seconds[g] = max(self.max_seconds[g], pause)
+
+    def summary(self) -> dict[str, Any]:
+        """{"gen0": {"runs": n, "max_ms": ms}, ...}"""
+        return {
+            f"gen{g}": {"runs": self.runs[g], "max_ms": round(self.max_seconds[g] * 1000, 2)}
+            for g in range(3)
+        }
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
