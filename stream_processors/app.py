@@ -39,6 +39,12 @@ from stream_processors.budgets import (
     fresh_deltas,
     new_state,
 )
+from stream_processors.faust_fixes import (
+    ack_only_what_this_generation_handled,
+    commit_only_what_is_delivered,
+    reread_undelivered,
+    short_fetch_wait,
+)
 from stream_processors.feeds import BudgetFeed, PriceFeed
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
@@ -51,7 +57,7 @@ log = logging.getLogger(__name__)
 
 METER_TAKE = 1_000  # usage.raw messages the meter prices together at most
 METER_WAIT = 0.005  # seconds it waits for more before pricing what it has (adds at most this latency)
-FETCH_MAX_WAIT_MS = 20  # longest broker long-poll of the worker's consumer (see _short_fetch_wait)
+FETCH_MAX_WAIT_MS = 20  # longest broker long-poll of the worker's consumer (see short_fetch_wait)
 
 
 def _now_us() -> int:
@@ -70,86 +76,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def _commit_only_what_is_delivered(app: faust.App) -> None:
-    """Make Faust's pre-commit flush a real one.
-
-    Before committing input offsets Faust calls `producer.flush()`, but its buffer flush gives up
-    after 0.1 s without progress, so a commit could overtake table changelog records still in the
-    buffer, and a `kill -9` then loses spend. This flush hands every record buffered before the
-    commit to Kafka and waits for the acknowledgements; only then are the offsets committed.
-    """
-    producer = app.producer
-    flush_delivered = producer.flush
-
-    async def flush() -> None:
-        buffer = producer.buffer
-        remaining = buffer.size
-        while remaining > 0 and buffer.size:
-            remaining -= await buffer.flush_atmost(remaining)
-        await flush_delivered()
-
-    producer.flush = flush  # type: ignore[method-assign]
-
-
-def _ack_only_what_this_generation_handled() -> None:
-    """Keep Faust from committing past records it skipped across a rebalance.
-
-    A record fetched before a rebalance and reaching its stream after it is skipped (its
-    generation is stale, or flow is stopped) and then acknowledged like a handled one, so the
-    next commit moved past records the meter never priced: after a `kill -9` and restart (the
-    dead member's session expiring is a second rebalance) about one run in ten lost a few hundred
-    events, silently. Such a record is now released without counting as acknowledged: the
-    committed offset stays before it, and `reread_undelivered` reads it again. A record handled
-    just before the rebalance may so be handled twice, which the spend tables (source offsets)
-    and ClickHouse (`event_id`) absorb.
-    """
-    from faust.transport.consumer import Consumer
-    from faust.types.tuples import ack_lock
-
-    ack = Consumer.ack
-    if getattr(ack, "spendstream_generation_guard", False):
-        return
-
-    def ack_current(self: Consumer, message: Any) -> bool:
-        app = self.app
-        generation = getattr(message, "generation_id", None)
-        if (generation is not None and generation != app.consumer_generation_id) or not (
-            app.flow_control.is_active()
-        ):
-            with ack_lock:
-                message.acked = True
-                self._unacked_messages.discard(message)
-            return False
-        return ack(self, message)
-
-    ack_current.spendstream_generation_guard = True  # type: ignore[attr-defined]
-    Consumer.ack = ack_current  # type: ignore[method-assign]
-
-
-def _short_fetch_wait(max_wait_ms: int) -> None:
-    """Cap how long the worker's consumer long-polls the broker (Faust hard-codes 1,500 ms).
-
-    aiokafka keeps one fetch in flight per broker, and a fetch leaves out the partitions whose
-    records are still buffered. So a fetch can go out holding only idle partitions (budgets, a
-    quiet spend.deltas partition); the broker parks it for the whole wait, and records that
-    arrive meanwhile on the busy partitions wait with it: under load the meter and the budget
-    agent fell a steady 1-2 s behind, on a mostly idle CPU.
-    """
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    create = AIOKafkaConsumerThread._create_worker_consumer
-    if getattr(create, "spendstream_max_wait_ms", None) == max_wait_ms:
-        return
-
-    def create_worker_consumer(self: AIOKafkaConsumerThread, transport: Any) -> Any:
-        consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = max_wait_ms  # read by consumer.start() to build its Fetcher
-        return consumer
-
-    create_worker_consumer.spendstream_max_wait_ms = max_wait_ms  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
 
 
 def create_app(
@@ -193,9 +119,9 @@ def create_app(
         broker_heartbeat_interval=3.0,
     )
 
-    _commit_only_what_is_delivered(app)
-    _short_fetch_wait(FETCH_MAX_WAIT_MS)
-    _ack_only_what_this_generation_handled()
+    commit_only_what_is_delivered(app)
+    short_fetch_wait(FETCH_MAX_WAIT_MS)
+    ack_only_what_this_generation_handled()
 
     def raw(*names: str) -> faust.TopicT:
         return app.topic(
@@ -416,55 +342,7 @@ def create_app(
                 partition=partition,
             )
 
-    progress: dict[Any, tuple[int, int, int | None]] = {}
-    reread_from: dict[Any, int] = {}  # once per committed offset: a transaction marker is no record
-
-    @app.timer(2.0)
-    async def reread_undelivered() -> None:
-        """Seek back to the committed offset when records between it and the fetch position were
-        never delivered to an agent and nothing has moved for a whole tick.
-
-        Across a rebalance Faust can drop fetched records (a batch cut short when flow stops, a
-        partition inactive for a moment, a stale generation skipped) while the fetch position
-        stays past them; its seek to the committed offsets after the rebalance can come before
-        the drop. The partition then sits still, with no error. Seen after `kill -9` + restart.
-        """
-        consumer: Any = app.consumer  # faust-streaming internals: there is no public API for this
-        if app.rebalancing or not app.flow_control.is_active():
-            progress.clear()
-            reread_from.clear()
-            return
-        thread = consumer._thread
-        kafka = thread._ensure_consumer()
-        buffered = kafka._fetcher._records
-        in_flight = {m.tp for m in consumer._unacked_messages}
-        for tp in consumer.assignment():
-            if tp.topic not in (topics.usage_raw, topics.spend_deltas, topics.budgets):
-                continue
-            if tp in buffered or tp in in_flight:
-                progress.pop(tp, None)
-                continue
-            position = await consumer.position(tp)
-            committed = await thread.call_thread(kafka.committed, tp) or 0
-            if position is None or position <= committed or reread_from.get(tp) == committed:
-                progress.pop(tp, None)
-                continue
-            seen = (position, committed, consumer._read_offset.get(tp))
-            if progress.get(tp) != seen:
-                progress[tp] = seen  # look again next tick before acting
-                continue
-            log.warning(
-                "%s[%d]: records %d..%d were fetched but never handled (dropped by Faust across a "
-                "rebalance); reading them again",
-                tp.topic,
-                tp.partition,
-                committed,
-                position - 1,
-            )
-            metrics["rebalance|reread"] += 1
-            progress.pop(tp, None)
-            reread_from[tp] = committed
-            await consumer.seek(tp, committed)
+    reread_undelivered(app, (topics.usage_raw, topics.spend_deltas, topics.budgets), metrics)
 
     sink = Sink(
         bootstrap=settings.bootstrap,

@@ -10,7 +10,7 @@ from typing import Any
 from faust.transport.consumer import Consumer
 from faust.types.tuples import TP
 
-from stream_processors.app import _ack_only_what_this_generation_handled
+from stream_processors.faust_fixes import ack_only_what_this_generation_handled
 
 RAW = TP("usage.raw", 0)
 
@@ -46,8 +46,8 @@ def message(offset: int, generation: int) -> Any:
 
 
 def test_a_record_skipped_across_a_rebalance_does_not_count_as_acknowledged() -> None:
-    _ack_only_what_this_generation_handled()
-    _ack_only_what_this_generation_handled()  # installing twice wraps once
+    ack_only_what_this_generation_handled()
+    ack_only_what_this_generation_handled()  # installing twice wraps once
     c = consumer(generation=3)
     stale, current = message(406, generation=2), message(568, generation=3)
     c._unacked_messages |= {stale, current}
@@ -59,7 +59,7 @@ def test_a_record_skipped_across_a_rebalance_does_not_count_as_acknowledged() ->
 
 
 def test_nothing_counts_as_acknowledged_while_flow_is_stopped() -> None:
-    _ack_only_what_this_generation_handled()
+    ack_only_what_this_generation_handled()
     c = consumer(generation=3, flowing=False)
     handled = message(7, generation=3)
     assert Consumer.ack(c, handled) is False  # type: ignore[arg-type]
