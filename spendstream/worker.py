@@ -1,4 +1,5 @@
-"""`spendstream up`: broker (if local) -> topics -> ClickHouse DDL -> the Faust worker, foreground."""
+"""`spendstream up`: broker (if local) -> topics -> the history process (ClickHouse DDL, sink) -> the
+Faust worker, foreground."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import faust
 
 from spendstream.kafka_local import LocalKafka
 from spendstream.settings import Settings
-from spendstream.store import ClickHouseStore
 from spendstream.topics import ensure_topics, wait_for_broker
 from stream_processors.budgets import Spec, load_specs
 
@@ -71,25 +71,26 @@ async def publish_specs(settings: Settings, specs: list[Spec]) -> None:
 def run_worker(settings: Settings, say: Callable[[str], None], loglevel: str = "info") -> None:
     """Run the worker until SIGINT/SIGTERM; on stop the sink flushes what it holds."""
     from stream_processors.app import create_app  # import faust's app lazily: it is heavy
+    from stream_processors.history import HistoryProcess
 
     datadir = prepare(settings, say)
-    store = ClickHouseStore(settings.dsn, settings.clickhouse_database)
-    applied = store.migrate()
-    say(
-        f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
-        + (f": applied {', '.join(applied)}" if applied else ": schema up to date")
-    )
-    app = create_app(settings, datadir=datadir, store=store)
-    say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    # What exists now (Faust, aiokafka, ClickHouse, the catalogue, the schemas) lives as long as
-    # the worker: frozen, the garbage collector stops rescanning it on every full collection.
-    gc.collect()
-    gc.freeze()
+    history = HistoryProcess(settings, loglevel)
+    history.start()  # the sink and ClickHouse, in a process of their own
     try:
+        say(
+            f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
+            + (f": applied {', '.join(history.applied)}" if history.applied else ": schema up to date")
+        )
+        app = create_app(settings, datadir=datadir, history=history)
+        say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
+        worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+        # What exists now (Faust, aiokafka, the catalogue, the schemas) lives as long as the
+        # worker: frozen, the garbage collector stops rescanning it on every full collection.
+        gc.collect()
+        gc.freeze()
         worker.execute_from_commandline()
     finally:
-        store.close()
+        history.stop()  # the sink flushes what it holds
 
 
 def _redact(dsn: str) -> str:

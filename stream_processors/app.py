@@ -1,14 +1,16 @@
 """The worker: one Faust app wiring the stages to their topics and tables.
 
-    usage.raw --meter--> usage.priced ---------------------------sink--> ClickHouse usage_events
-                  |  \\--> usage.dlq -----------------------------sink--> ClickHouse dead_letters
+    usage.raw --meter--> usage.priced ------------(history process: sink)--> ClickHouse usage_events
+                  |  \\--> usage.dlq ------------(history process: sink)--> ClickHouse dead_letters
                   \\--> spend.deltas (by scope) --budget--> spend.control
                               budgets (by scope) --/     (table: scopes)
     prices --price feed--> catalogue;  budgets --budget feed--> model filters, `budget list`
 
 The meter is partitioned by project; it re-partitions each message's spend by budget scope, so
 every scope (org, team, project, user, model filter) has exactly one writer: no check-then-record
-race, no limit multiplied by replicas. See docs/architecture.md for the guarantees.
+race, no limit multiplied by replicas. The sink, and the queries on ClickHouse, run in a process
+of their own (stream_processors/history.py): its CPU stays out of the path from a crossing to its
+signal. See docs/architecture.md for the guarantees.
 """
 
 from __future__ import annotations
@@ -17,18 +19,16 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
-from uuid import UUID
 
 import faust
+import httpx
 from faust.web import Request, Response, View
 
-from spendstream.errors import ConfigError, QueryError
+from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.gc_pauses import GcPauses
 from spendstream.settings import Settings
-from spendstream.store import ClickHouseStore
 from spendstream.wire import Codec, default_codec
 from stream_processors.budgets import (
     MINUTE_US,
@@ -46,10 +46,9 @@ from stream_processors.faust_fixes import (
     short_fetch_wait,
 )
 from stream_processors.feeds import BudgetFeed, PriceFeed
+from stream_processors.history import HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
-from stream_processors.repricer import reprice
-from stream_processors.sink import Sink
 
 __all__ = ["create_app"]
 
@@ -64,25 +63,11 @@ def _now_us() -> int:
     return time.time_ns() // 1_000
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Decimal | UUID):
-        return str(value)
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def create_app(
     settings: Settings,
     *,
     datadir: str,
-    store: ClickHouseStore,
+    history: HistoryProcess,
     catalogue: Catalogue | None = None,
     codec: Codec | None = None,
 ) -> faust.App:
@@ -344,36 +329,48 @@ def create_app(
 
     reread_undelivered(app, (topics.usage_raw, topics.spend_deltas, topics.budgets), metrics)
 
-    sink = Sink(
-        bootstrap=settings.bootstrap,
-        topics=topics,
-        group_id=f"{settings.worker_id}-sink",
-        store=store,
-        codec=codec,
-        max_rows=settings.sink_max_rows,
-        max_seconds=settings.sink_max_seconds,
-        loop=app.loop,
-        beacon=app.beacon,
-    )
-
     @app.task
     async def start_services() -> None:
         await app.add_runtime_dependency(price_feed)
         await app.add_runtime_dependency(budget_feed)
-        await app.add_runtime_dependency(sink)
+
+    http = httpx.AsyncClient(timeout=None)  # to the history process, on loopback
+
+    async def from_history(
+        method: str, path: str, body: bytes | None = None, within_s: float | None = None
+    ) -> Any:
+        """The history process's answer (status, JSON); 503 with the reason if it does not answer."""
+        try:
+            answer = await http.request(method, history.url + path, content=body, timeout=within_s)
+            return answer.status_code, answer.json()
+        except (httpx.TransportError, ValueError) as exc:
+            return 503, {"error": f"the history process (ClickHouse) does not answer: {exc!r}"}
+
+    @app.timer(1.0)
+    async def watch_history() -> None:
+        """The sink resumes from its committed offsets: a history process that died is restarted."""
+        if history.exitcode is not None:
+            log.error("the history process exited (%s); restarting it", history.exitcode)
+            try:
+                await asyncio.to_thread(history.start)
+            except SpendstreamError as exc:
+                log.error("%s; retrying in 1 s", exc)
 
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
+            status, body = await from_history("GET", "/health", within_s=5)
             return self.json(
                 {
-                    "status": "ok",
-                    "sink_rows_written": sink.rows_written,
+                    "status": "ok" if status == 200 else "degraded",
+                    "sink_rows_written": body.get("sink_rows_written"),
+                    "history_pid": body.get("pid"),
                     "budgets": len(budget_feed.specs),
                     "price_cards": len(cat),
                     "catalogue_version": cat.version,
                     "feeds_caught_up": price_feed.caught_up.is_set() and budget_feed.caught_up.is_set(),
                     "events": {k.split("|", 1)[1]: v for k, v in metrics.items() if k.startswith("events|")},
+                    **({"history": body["error"]} if status != 200 else {}),
                 }
             )
 
@@ -423,38 +420,25 @@ def create_app(
                     )
             return self.json({"budgets": rows})
 
-    @app.page("/sql")
-    class Sql(View):
-        async def post(self, request: Request) -> Response:
-            body = await request.json()
-            try:
-                result = await asyncio.to_thread(store.query, str(body.get("query", "")))
-            except QueryError as exc:
-                return self.json({"error": str(exc)}, status=400)
-            return self.json({"columns": result.columns, "rows": _jsonable(result.rows)})
+    def forwarded(path: str) -> type[View]:
+        class Forward(View):
+            """Answered by the history process, which owns ClickHouse (stream_processors/history.py)."""
 
-    @app.page("/reprice")
-    class Reprice(View):
-        async def post(self, request: Request) -> Response:
-            body = await request.json()
-            report = await asyncio.to_thread(
-                reprice, store, cat, int(body["from_us"]), int(body["to_us"]), body.get("model") or None
-            )
-            return self.json(
-                {"pricing_version": report.pricing_version, "events": report.events, "rows": report.rows()}
-            )
+            async def post(self, request: Request) -> Response:
+                status, body = await from_history("POST", path, await request.read())
+                return self.json(body, status=status)
 
-    @app.page("/flush")
-    class Flush(View):
-        async def post(self, request: Request) -> Response:
-            await sink.flush()
-            return self.json({"sink_rows_written": sink.rows_written})
+        return Forward
+
+    for path in ("/sql", "/reprice", "/flush"):
+        app.page(path)(forwarded(path))
 
     @app.page("/metrics")
     class Metrics(View):
         """Prometheus text format."""
 
         async def get(self, request: Request) -> Response:
+            _, history_health = await from_history("GET", "/health", within_s=5)
             names = {
                 "events": ("spendstream_events_total", "pricing_status"),
                 "dead_letters": ("spendstream_dead_letters_total", "reason"),
@@ -478,7 +462,7 @@ def create_app(
                     for g, secs in enumerate(gc_pauses.seconds)
                 ),
                 "# TYPE spendstream_sink_rows_written_total counter",
-                f"spendstream_sink_rows_written_total {sink.rows_written}",
+                f"spendstream_sink_rows_written_total {history_health.get('sink_rows_written', 'NaN')}",
                 "# TYPE spendstream_price_cards gauge",
                 f"spendstream_price_cards {len(cat)}",
             ]
