@@ -250,7 +250,9 @@ def main() -> None:
             loaded = kafka_hop_baseline(f"{topics.prefix}hop-loaded", 200)
             broker_pid = kafka.status().pid
             assert broker_pid is not None
+            history_pid = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["history_pid"]
             cpu0, broker_cpu0, t0 = cpu_seconds(worker.pid), cpu_seconds(broker_pid), time.monotonic()
+            history_cpu0 = cpu_seconds(history_pid)
             gc0 = gc_seconds(port)
             if args.profile:
                 worker.send_signal(PROFILE_START)
@@ -273,6 +275,7 @@ def main() -> None:
             load_out, _ = load.communicate(timeout=300)
             load_sent, load_seconds = load_out.split()
             worker_cpu = cpu_seconds(worker.pid) - cpu0
+            history_cpu = cpu_seconds(history_pid) - history_cpu0
             broker_cpu = cpu_seconds(broker_pid) - broker_cpu0
             crossing_seconds = time.monotonic() - t0
             worker_gc = gc_seconds(port) - gc0
@@ -309,6 +312,7 @@ def main() -> None:
         "warmup_seconds": args.warmup,
         "crossing_phase_seconds": round(crossing_seconds, 1),
         "worker_cpu_seconds_during_crossings": round(worker_cpu, 1),
+        "history_process_cpu_seconds_during_crossings": round(history_cpu, 1),
         "broker_cpu_seconds_during_crossings": round(broker_cpu, 1),
         "worker_gc_pause_seconds_during_crossings": round(worker_gc, 2),
         "target_p99_ms": 250,

@@ -147,15 +147,15 @@ def test_exactly_one_blocked_signal_for_the_project_over_budget(run: dict[str, A
     worker: Worker = run["worker"]
     messages = asyncio.run(read_all(run["kafka"], worker.topics.spend_control))
     signals = [default_codec().decode(v)[1] for _, v in messages]
-    assert {s["scope"] for s in signals} == {"project:over"}  # none for the projects under budget
+    assert {s["scope"] for s in signals} == {"project:over"}, signals  # none for the projects under budget
     assert {k for k, _ in messages} == {b"project:over"}  # compacted topic, key = scope
     blocked = [s for s in signals if s["state"] == "blocked"]
-    assert [(s["reason"], s["level"]) for s in blocked] == [("budget_exceeded", 100)]  # exactly one
+    assert [(s["reason"], s["level"]) for s in blocked] == [("budget_exceeded", 100)], signals  # exactly one
     # warn signals (50 %, 80 %) may precede it, each once, in order; the block is the last word
-    assert [s["sequence"] for s in signals] == list(range(1, len(signals) + 1))
-    assert signals[-1]["state"] == "blocked"
-    assert all(s["state"] == "warn" and s["reason"] == "threshold" for s in signals[:-1])
-    assert len({s["level"] for s in signals}) == len(signals)
+    assert [s["sequence"] for s in signals] == list(range(1, len(signals) + 1)), signals
+    assert signals[-1]["state"] == "blocked", signals
+    assert all(s["state"] == "warn" and s["reason"] == "threshold" for s in signals[:-1]), signals
+    assert len({s["level"] for s in signals}) == len(signals), signals
     signal = blocked[0]
     assert signal["limit_pico_usd"] == int(OVER_LIMIT_USD * 10**12)
     assert signal["spend_pico_usd"] >= signal["limit_pico_usd"]
