@@ -10,7 +10,7 @@ Measured in one run, against the bench broker this script starts (see bench/READ
    with `default_codec().decode`. Also, for attribution: the same loop running `MeterStage.process`
    and encoding the PricedBatch (the worker's own logic, without Faust or a producer).
 3. One worker (`spendstream up` in a subprocess: Faust meter agent + spend tables + budget check +
-   ClickHouse sink on embedded chDB) with a budgets file (one project trips its daily budget, so
+   ClickHouse sink on embedded chDB, in its history process) with a budgets file (one project trips its daily budget, so
    the signal path runs). Clock: from the worker answering /health to the meter having processed
    all of usage.raw, which is when usage.priced holds one PricedBatch per usage.raw message (its end
    offsets, polled every 50 ms: accurate to the worker producer's linger and ack, and cheap, so
@@ -288,6 +288,8 @@ async def follow(
             if run.profile_to is not None:
                 run.signal(PROFILE_START)
             cpu0 = cpu_seconds(run.proc.pid)
+            history_pid = (await http.get(f"{run.base}/health", timeout=5)).json()["history_pid"]
+            history_cpu0 = cpu_seconds(history_pid)
             broker_cpu0 = cpu_seconds(broker_pid) if broker_pid else 0.0
             priced_at_ready = sum((await end_offsets(consumer, priced_tps)).values())
             cpu: dict[str, float] = {}
@@ -327,6 +329,7 @@ async def follow(
                 ):
                     marks["processed"] = now
                     cpu["worker"] = cpu_seconds(run.proc.pid) - cpu0
+                    cpu["history_process"] = cpu_seconds(history_pid) - history_cpu0
                     if broker_pid:
                         cpu["broker"] = cpu_seconds(broker_pid) - broker_cpu0
                     if run.profile_to is not None:
@@ -426,7 +429,7 @@ def measure(args: argparse.Namespace, run_id: str, kafka: LocalKafka, scratch: P
     assert stage_events == args.events, (stage_events, args.events)
     say(f"  {stage_s:.2f} s  {args.events / stage_s:,.0f} events/s")
 
-    say("worker: spendstream up (Faust meter + spend tables + budget check + ClickHouse sink)...")
+    say("worker: spendstream up (Faust meter, spend tables, budget check; ClickHouse sink beside it)...")
     run = WorkerRun("main", main_topics, f"{run_id}-worker", scratch / "worker-main", budgets, free_port())
     worker = run_worker(run, workload, kafka, clickhouse=True)
     secs = worker["seconds"]
@@ -506,7 +509,7 @@ def report(result: dict[str, Any]) -> None:
     say(f"  raw getmany + decode (baseline)        {base:>9,} events/s   1.00x")
     say(f"  + MeterStage + PricedBatch encode      {stage:>9,} events/s   {stage / base:.2f}x")
     say(
-        f"  worker (Faust, tables, budgets, sink)  {w['events_per_s']:>9,} events/s   "
+        f"  worker + history process (sink)        {w['events_per_s']:>9,} events/s   "
         f"{result['ratio_worker_to_baseline']:.3f}x   (from first output: {w['events_per_s_from_first_output']:,})"
     )
     say(
@@ -525,7 +528,7 @@ def report(result: dict[str, Any]) -> None:
     cpu = w["cpu_seconds_while_processing"]
     say(
         f"  CPU while processing ({secs['processed']:.2f} s): worker {cpu.get('worker', 0):.2f} s, "
-        f"broker {cpu.get('broker', 0):.2f} s"
+        f"history process {cpu.get('history_process', 0):.2f} s, broker {cpu.get('broker', 0):.2f} s"
     )
     say(
         f"  committed offsets on usage.raw: first commit at {secs.get('first_commit', float('nan')):.2f} s, "
