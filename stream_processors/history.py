@@ -87,9 +87,6 @@ class HistoryProcess:
         port, self.applied = detail
         self.url = f"http://127.0.0.1:{port}"
 
-    def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
-
     @property
     def exitcode(self) -> int | None:
         return None if self._process is None else self._process.exitcode
