@@ -42,6 +42,7 @@ from stream_processors.budgets import (
 from stream_processors.faust_fixes import (
     ack_only_what_this_generation_handled,
     commit_only_what_is_delivered,
+    hold_flow_while_seeking,
     reread_undelivered,
     short_fetch_wait,
 )
@@ -107,6 +108,8 @@ def create_app(
     commit_only_what_is_delivered(app)
     short_fetch_wait(FETCH_MAX_WAIT_MS)
     ack_only_what_this_generation_handled()
+    inputs = (topics.usage_raw, topics.spend_deltas, topics.budgets)
+    hold_flow_while_seeking()
 
     def raw(*names: str) -> faust.TopicT:
         return app.topic(
@@ -327,7 +330,7 @@ def create_app(
                 partition=partition,
             )
 
-    reread_undelivered(app, (topics.usage_raw, topics.spend_deltas, topics.budgets), metrics)
+    reread_undelivered(app, inputs, metrics)
 
     @app.task
     async def start_services() -> None:

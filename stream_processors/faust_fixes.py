@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import faust
@@ -15,6 +16,8 @@ import faust
 __all__ = [
     "ack_only_what_this_generation_handled",
     "commit_only_what_is_delivered",
+    "hold_flow_while_seeking",
+    "partitions_in_flight",
     "reread_undelivered",
     "short_fetch_wait",
 ]
@@ -52,8 +55,12 @@ def ack_only_what_this_generation_handled() -> None:
     dead member's session expiring is a second rebalance) about one run in ten lost a few hundred
     events, silently. Such a record is now released without counting as acknowledged: the
     committed offset stays before it, and `reread_undelivered` reads it again. A record handled
-    just before the rebalance may so be handled twice, which the spend tables (source offsets)
-    and ClickHouse (`event_id`) absorb.
+    just before the rebalance may so be handled twice, which the spend tables (source offsets,
+    in offset order) and ClickHouse (`event_id`) absorb.
+
+    A record acknowledged but not counted by Faust (its offset was acknowledged before, as when
+    a record is read twice) also leaves the in-flight set: Faust keeps it there for as long as
+    anything references it, and the re-read check waits on in-flight records.
     """
     from faust.transport.consumer import Consumer
     from faust.types.tuples import ack_lock
@@ -72,10 +79,45 @@ def ack_only_what_this_generation_handled() -> None:
                 message.acked = True
                 self._unacked_messages.discard(message)
             return False
-        return ack(self, message)
+        counted = ack(self, message)
+        if message.acked and not counted:
+            # Acknowledged, not counted (its offset was acknowledged before, or is below the
+            # committed one): Faust leaves such a message in its in-flight set for as long as
+            # anything references it.
+            with ack_lock:
+                self._unacked_messages.discard(message)
+        return counted
 
     ack_current.spendstream_generation_guard = True  # type: ignore[attr-defined]
     Consumer.ack = ack_current  # type: ignore[method-assign]
+
+
+def hold_flow_while_seeking() -> None:
+    """Stop the consumer's flow before Faust seeks the stream partitions to their committed offsets.
+
+    At the end of recovery Faust seeks with flow already running and only then resumes flow,
+    which clears the agents' queues (meant for records fetched before the rebalance). Records
+    fetched after the seek were so queued, cleared, and never fetched again: the fetch position
+    was past them. The records after them were handled, so the commit stalled before the cleared
+    ones until `reread_undelivered` read them again, and the budget agent then skipped their spend
+    (it skips offsets below the last one it applied). In 10 looped `kill -9` restarts the clear
+    dropped 2 to 288 queued usage.raw records in 8, never fetched again in 4. With flow stopped,
+    Faust delivers nothing from the seek until recovery resumes flow after clearing the queues
+    (it does so right after the seek; the other caller, a fetch with flow stopped, has it stopped
+    already), so what the clear drops is fetched again, in order.
+    """
+    from faust.transport.consumer import Consumer
+
+    perform_seek = Consumer.perform_seek
+    if getattr(perform_seek, "spendstream_hold_flow", False):
+        return
+
+    async def seek_held(self: Consumer) -> None:
+        self.stop_flow()
+        await perform_seek(self)
+
+    seek_held.spendstream_hold_flow = True  # type: ignore[attr-defined]
+    Consumer.perform_seek = seek_held  # type: ignore[method-assign]
 
 
 def short_fetch_wait(max_wait_ms: int) -> None:
@@ -102,6 +144,18 @@ def short_fetch_wait(max_wait_ms: int) -> None:
     AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
 
 
+def partitions_in_flight(unacked: Iterable[Any]) -> set[Any]:
+    """The partitions with a record handed to a stream and not yet acknowledged.
+
+    Faust's in-flight set (`Consumer._unacked_messages`) is a WeakSet that can still hold records
+    already acknowledged: Faust leaves a record it does not count (its offset acknowledged
+    before, or below the committed one) in it for as long as anything references the record,
+    and the meter's agent holds its last batch until the next one comes. On a stalled partition
+    no next batch comes, so that record would count as in flight forever.
+    """
+    return {m.tp for m in unacked if not m.acked}
+
+
 def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter[str]) -> None:
     """Install a 2-second timer that seeks a partition of `inputs` back to its committed offset
     when records between it and the fetch position were never delivered to an agent and nothing
@@ -109,8 +163,14 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
 
     Across a rebalance Faust can drop fetched records (a batch cut short when flow stops, a
     partition inactive for a moment, a stale generation skipped) while the fetch position stays
-    past them; its seek to the committed offsets after the rebalance can come before the drop.
-    The partition then sits still, with no error. Seen after `kill -9` + restart.
+    past them; its seek to the committed offsets after the rebalance can come before the drop
+    (the case seen after `kill -9` + restart, now prevented by `hold_flow_while_seeking`). The
+    partition then sits still, with no error. Only records not yet acknowledged count as in
+    flight (see `partitions_in_flight`).
+
+    Records read again after later ones were handled reach ClickHouse (deduplicated by
+    `event_id`) but not the spend tables: the budget agent skips every source offset below the
+    last one it applied. The warning says so.
     """
     progress: dict[Any, tuple[int, int, int | None]] = {}
     reread_from: dict[Any, int] = {}  # once per committed offset: a transaction marker is no record
@@ -125,7 +185,7 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
         thread = consumer._thread
         kafka = thread._ensure_consumer()
         buffered = kafka._fetcher._records
-        in_flight = {m.tp for m in consumer._unacked_messages}
+        in_flight = partitions_in_flight(consumer._unacked_messages)
         for tp in consumer.assignment():
             if tp.topic not in inputs:
                 continue
@@ -143,7 +203,7 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
                 continue
             log.warning(
                 "%s[%d]: records %d..%d were fetched but never handled (dropped by Faust across a "
-                "rebalance); reading them again",
+                "rebalance); reading them again (the spend of any read after later ones is skipped)",
                 tp.topic,
                 tp.partition,
                 committed,

@@ -283,13 +283,6 @@ def kill9_diagnostics(kafka: str, w: Worker, totals: str) -> str:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: Faust can drop records fetched across the rebalance after the restart; the ack guard "
-    "and the re-read check (stream_processors/faust_fixes.py) took the stall from about 1 run in 3 to "
-    "1 in 15 looped runs, but in that one a record stayed in flight and the re-read check waited on it; "
-    "diagnostics in .spendstream/test/kill9-last-failure.txt",
-)
 def test_kill_9_of_the_worker_mid_stream_loses_and_doubles_nothing(kafka: str, tmp_path: Path) -> None:
     state = tmp_path / "k9"
     w = start_worker(kafka, state, 'budgets:\n  project:k9: {daily: "30"}\n')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -10,7 +11,11 @@ from typing import Any
 from faust.transport.consumer import Consumer
 from faust.types.tuples import TP
 
-from stream_processors.faust_fixes import ack_only_what_this_generation_handled
+from stream_processors.faust_fixes import (
+    ack_only_what_this_generation_handled,
+    hold_flow_while_seeking,
+    partitions_in_flight,
+)
 
 RAW = TP("usage.raw", 0)
 
@@ -64,3 +69,43 @@ def test_nothing_counts_as_acknowledged_while_flow_is_stopped() -> None:
     handled = message(7, generation=3)
     assert Consumer.ack(c, handled) is False  # type: ignore[arg-type]
     assert c._acked[RAW] == []
+
+
+def test_a_record_acknowledged_again_leaves_the_in_flight_set() -> None:
+    ack_only_what_this_generation_handled()
+    c = consumer(generation=3)
+    first, again = message(715, generation=3), message(715, generation=3)  # the same offset, delivered twice
+    c._unacked_messages |= {first, again}
+    assert Consumer.ack(c, first) is True  # type: ignore[arg-type]
+    assert Consumer.ack(c, again) is False  # type: ignore[arg-type]  # Faust does not count it twice ...
+    assert (again.acked, c._unacked_messages) == (True, set())  # ... and it is no longer in flight
+    assert c._acked[RAW] == [715]
+
+
+def test_only_records_not_yet_acknowledged_keep_their_partition_in_flight() -> None:
+    deltas = TP("spend.deltas", 1)
+    handled, waiting = message(715, generation=3), Message(52, 3, tp=deltas, topic=deltas.topic)
+    handled.acked = True  # still referenced (the meter's last batch), so still in Faust's WeakSet
+    assert partitions_in_flight({handled, waiting}) == {deltas}
+    waiting.acked = True
+    assert partitions_in_flight({handled, waiting}) == set()
+
+
+def test_the_seek_to_committed_offsets_runs_with_the_flow_stopped() -> None:
+    hold_flow_while_seeking()
+    hold_flow_while_seeking()  # installing twice wraps once
+    flow_at_seek: list[bool] = []
+    c = SimpleNamespace(flow_active=True, _read_offset={RAW: 715}, _committed_offset={})
+
+    def stop_flow() -> None:
+        c.flow_active = False
+
+    async def seek_to_committed() -> dict[TP, int]:
+        flow_at_seek.append(c.flow_active)
+        return {RAW: 372}
+
+    c.stop_flow, c.seek_to_committed = stop_flow, seek_to_committed
+    asyncio.run(Consumer.perform_seek(c))  # type: ignore[arg-type]
+    # nothing fetched after the seek is delivered before recovery clears the queues
+    assert flow_at_seek == [False]
+    assert (c.flow_active, c._read_offset, c._committed_offset) == (False, {RAW: 372}, {RAW: 372})
