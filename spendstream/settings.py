@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     web_port: int = Field(default=6066, description="Worker HTTP port (health, /sql for the CLI).")
     sink_max_rows: int = Field(default=50_000, ge=1, description="Rows per ClickHouse insert.")
     sink_max_seconds: float = Field(default=1.0, gt=0, description="Longest wait before a flush.")
+    history_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU niceness of the history process (sink, queries): when the CPU is short, "
+        "enforcement goes first and history catches up after.",
+    )
 
     @field_validator("clickhouse_dsn")
     @classmethod

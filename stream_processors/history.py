@@ -109,6 +109,7 @@ def _main(settings: Settings, loglevel: str, parent_pid: int, conn: Connection) 
     with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the worker dies
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the worker stops us
+    os.nice(settings.history_nice)  # the budget path first; usage.priced holds what waits
     logging.basicConfig(
         level=loglevel.upper(), format="[%(asctime)s] [history %(process)d] [%(levelname)s] %(message)s"
     )
