@@ -312,7 +312,10 @@ async def follow(
                     priced = sum((await end_offsets(consumer, priced_tps)).values())
                     if priced and "first_output" not in marks:
                         marks["first_output"] = now
-                    if priced >= raw_messages:
+                    # The meter coalesces its output (one PricedBatch per project per take), so
+                    # usage.priced has fewer messages than usage.raw: count metered events instead.
+                    health = (await http.get(f"{run.base}/health", timeout=5)).json()
+                    if sum(health["events"].values()) >= workload.events:
                         marks["meter_done"] = now
                         if deltas_tps:
                             deltas_written = sum((await end_offsets(consumer, deltas_tps)).values())
