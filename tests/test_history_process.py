@@ -58,6 +58,11 @@ def test_history_process_is_restarted_alone_and_dies_with_the_worker(kafka: str,
         assert w.wait_rows(count + " HAVING count() = 25", 1) == [[25]]
 
         os.kill(history, signal.SIGKILL)  # the sink dies alone, maybe holding unflushed rows
+        while running(history):
+            time.sleep(0.01)
+        down = httpx.post(f"http://127.0.0.1:{w.port}/sql", json={"query": count}, timeout=10)
+        assert down.status_code == 503  # until the restart: a clear answer, not a hang or a 500
+        assert "the history process (ClickHouse) does not answer" in down.json()["error"]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             now = health(w)
