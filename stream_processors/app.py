@@ -108,7 +108,6 @@ def create_app(
     commit_only_what_is_delivered(app)
     short_fetch_wait(FETCH_MAX_WAIT_MS)
     ack_only_what_this_generation_handled()
-    inputs = (topics.usage_raw, topics.spend_deltas, topics.budgets)
     hold_flow_while_seeking()
 
     def raw(*names: str) -> faust.TopicT:
@@ -330,7 +329,7 @@ def create_app(
                 partition=partition,
             )
 
-    reread_undelivered(app, inputs, metrics)
+    reread_undelivered(app, (topics.usage_raw, topics.spend_deltas, topics.budgets), metrics)
 
     @app.task
     async def start_services() -> None:

@@ -334,9 +334,8 @@ def fresh_deltas(
     """(minute, pico-USD) of the SpendDeltas a scope has not applied yet, and how many it had already.
 
     `applied` is the scope's last applied usage.raw offset per source partition (updated here).
-    The meter handles
-    each partition's messages in offset order, so a delta from an offset at or below it was counted
-    before a restart and is skipped. One message may carry several deltas for a scope (one per
+    The meter handles each partition's messages in offset order, so a delta from an offset at or
+    below it was counted before a restart and is skipped. One message may carry several deltas for a scope (one per
     minute of event time): all of them are fresh together. Offset -1: timer ticks (no spend, left
     out) and deltas of v1 batches, which carried no per-delta source (applied as they are).
     """

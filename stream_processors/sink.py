@@ -139,9 +139,8 @@ class Sink(Service):
                 for tp, messages in batches.items():
                     for msg in messages:
                         self._add(tp, msg)
-                        # Decoding is the sink's CPU: yield after each message so the budget
-                        # agent never waits behind a whole fetch. (A thread would be worse: it
-                        # makes the event loop wait for the GIL at every turn.)
+                        # Decoding is the sink's CPU: yield after each message so the history
+                        # process's /health, /sql and /flush never wait behind a whole fetch.
                         await asyncio.sleep(0)
                 pending = len(self._usage) + len(self._dead)
             if pending >= self._max_rows or (pending and time.monotonic() - last_flush >= self._max_seconds):

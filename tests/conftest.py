@@ -60,6 +60,10 @@ class Worker:
         rows: list[list[object]] = response.json()["rows"]
         return rows
 
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=10).json()
+        return body
+
     def flush(self) -> None:
         httpx.post(f"http://127.0.0.1:{self.port}/flush", timeout=60).raise_for_status()
 

@@ -8,7 +8,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -16,11 +15,6 @@ from producers import build_event
 from spendstream.wire import default_codec
 from stream_processors.feeds import publish
 from tests.conftest import Worker, start_worker
-
-
-def health(w: Worker) -> dict[str, Any]:
-    body: dict[str, Any] = httpx.get(f"http://127.0.0.1:{w.port}/health", timeout=10).json()
-    return body
 
 
 def running(pid: int) -> bool:
@@ -47,7 +41,7 @@ def test_history_process_is_restarted_alone_and_dies_with_the_worker(kafka: str,
     w = start_worker(kafka, tmp_path / "h", 'budgets:\n  project:h: {daily: "100"}\n')
     count = "SELECT count() FROM usage_events FINAL WHERE project = 'h'"
     try:
-        first = health(w)
+        first = w.health()
         history = first["history_pid"]
         assert first["status"] == "ok"
         assert isinstance(history, int)
@@ -65,7 +59,7 @@ def test_history_process_is_restarted_alone_and_dies_with_the_worker(kafka: str,
         assert "the history process (ClickHouse) does not answer" in down.json()["error"]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            now = health(w)
+            now = w.health()
             if now["status"] == "ok" and now["history_pid"] not in (None, history):
                 break
             time.sleep(0.5)

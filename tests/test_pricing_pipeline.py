@@ -34,11 +34,6 @@ def cli(worker: Worker, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def health(worker: Worker) -> dict[str, Any]:
-    body: dict[str, Any] = httpx.get(f"http://127.0.0.1:{worker.port}/health", timeout=5).json()
-    return body
-
-
 def usage_messages(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes | None]]:
     return [(e["project"].encode(), default_codec().encode("UsageEvent", e)) for e in events]
 
@@ -61,7 +56,7 @@ def test_a_published_price_changes_the_cost_of_later_events_only(kafka: str, wor
         output_tokens=0,
         event_time=change - timedelta(seconds=1),
     )
-    version = health(worker)["catalogue_version"]
+    version = worker.health()["catalogue_version"]
     out = cli(
         worker,
         "prices",
@@ -80,9 +75,9 @@ def test_a_published_price_changes_the_cost_of_later_events_only(kafka: str, wor
     assert out.returncode == 0, out.stderr
     assert f"published openai/gpt-4o-mini@{change.isoformat().replace('+00:00', 'Z')}" in out.stdout
     deadline = time.monotonic() + 30
-    while health(worker)["catalogue_version"] == version and time.monotonic() < deadline:
+    while worker.health()["catalogue_version"] == version and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert health(worker)["catalogue_version"] > version  # applied without a restart
+    assert worker.health()["catalogue_version"] > version  # applied without a restart
     after = build_event(
         service="t",
         project="p1",
