@@ -11,7 +11,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "Topics"]
+__all__ = ["DEDUPE_HORIZON_S", "Settings", "Topics"]
+
+DEDUPE_HORIZON_S = 6 * 3600  # default of SPENDSTREAM_DEDUPE_HORIZON_SECONDS
 
 
 class Topics:
@@ -26,6 +28,7 @@ class Topics:
         self.prices = f"{prefix}prices"
         self.budgets = f"{prefix}budgets"
         self.spend_deltas = f"{prefix}spend.deltas"
+        self.usage_seen = f"{prefix}usage.seen"
 
     def all(self) -> list[str]:
         return [
@@ -36,6 +39,7 @@ class Topics:
             self.prices,
             self.budgets,
             self.spend_deltas,
+            self.usage_seen,
         ]
 
 
@@ -74,6 +78,14 @@ class Settings(BaseSettings):
         ge=0,
         description="An event whose window ended longer ago than this is recorded and flagged late, "
         "and decides no signal.",
+    )
+    dedupe_horizon_seconds: int = Field(
+        default=DEDUPE_HORIZON_S,
+        ge=60,
+        le=40 * 86_400,
+        description="Copies of an event (same project and event_id) move budgets once if the event is "
+        "younger than this; older events are stored but move no budget. Memory: ~8 MB per million "
+        "events counted within it (docs/budgets.md).",
     )
     worker_id: str = Field(default="spendstream", description="Faust app id / consumer group.")
     web_port: int = Field(default=6066, description="Worker HTTP port (health, /sql for the CLI).")

@@ -44,7 +44,14 @@ def prepare(settings: Settings, say: Callable[[str], None]) -> str:
     else:
         asyncio.run(wait_for_broker(settings.bootstrap, timeout=30))
         cluster = "external-" + hashlib.sha256(settings.bootstrap.encode()).hexdigest()[:12]
-    created = asyncio.run(ensure_topics(settings.bootstrap, settings.topics, settings.partitions))
+    created = asyncio.run(
+        ensure_topics(
+            settings.bootstrap,
+            settings.topics,
+            settings.partitions,
+            dedupe_horizon_s=settings.dedupe_horizon_seconds,
+        )
+    )
     say(f"topics: {', '.join(settings.topics.all())}" + (f" (created {len(created)})" if created else ""))
     specs = load_specs(settings.budgets_file)
     if specs:  # the budgets file is an import format for the budgets topic

@@ -31,14 +31,17 @@ from spendstream.gc_pauses import GcPauses
 from spendstream.settings import Settings
 from spendstream.wire import Codec, default_codec
 from stream_processors.budgets import (
+    LONG_MAX,
     MINUTE_US,
     Decision,
     Spec,
     apply_deltas,
     decide,
+    deltas_problem,
     fresh_deltas,
     new_state,
 )
+from stream_processors.dedupe import SeenIds, reload_seen
 from stream_processors.faust_fixes import (
     ack_only_what_this_generation_handled,
     commit_only_what_is_delivered,
@@ -123,7 +126,7 @@ def create_app(
 
     raw_topic, priced_topic = raw(topics.usage_raw), raw(topics.usage_priced)
     control_topic, dlq_topic = raw(topics.spend_control), raw(topics.usage_dlq)
-    deltas_topic = raw(topics.spend_deltas)
+    deltas_topic, seen_topic = raw(topics.spend_deltas), raw(topics.usage_seen)
     budget_input = raw(topics.spend_deltas, topics.budgets)
 
     # scope -> {"w", "late", "m", "applied", "sig", "seq"} (stream_processors/budgets.py). One value
@@ -164,7 +167,50 @@ def create_app(
         **feed_args,  # type: ignore[arg-type]
         dead_letter=lambda *a: dead_letter(a[0], a[1], topics.budgets, *a[2:]),
     )
-    stage = MeterStage(cat, codec, budget_feed.model_globs, budget_feed.specs)
+    stage = MeterStage(
+        cat,
+        codec,
+        budget_feed.model_globs,
+        budget_feed.specs,
+        dedupe_horizon_us=settings.dedupe_horizon_seconds * 1_000_000,
+    )
+    next_offset: dict[int, int] = {}  # usage.raw partition -> the offset the meter handles next
+
+    async def follow_on(partition: int, offset: int) -> None:
+        """Before handling a partition from an offset other than the next (start, rebalance, seek):
+        re-load the ids counted before it, as whoever handled the partition last wrote them."""
+        if next_offset.get(partition) != offset:
+            stage.seen[partition] = SeenIds(stage.dedupe_horizon_us)
+            await reload_seen(
+                settings.bootstrap, topics.usage_seen, partition, offset, stage.seen[partition], codec
+            )
+        next_offset[partition] = offset + 1
+
+    async def send_priced(project: str, priced: list[dict[str, Any]]) -> None:
+        """One PricedBatch; should one event not encode, it alone is dead-lettered."""
+        try:
+            value = codec.encode("PricedBatch", {"events": priced})
+        except Exception:
+            value = None
+        if value is not None:
+            await priced_topic.send(key=project.encode(), value=value)
+            return
+        for one in priced:
+            try:
+                value = codec.encode("PricedBatch", {"events": [one]})
+            except Exception as exc:
+                usage = one["usage"]
+                await dead_letter(
+                    "processing_error",
+                    repr(exc)[:1000],
+                    topics.usage_raw,
+                    -1,
+                    -1,
+                    project.encode(),
+                    repr(usage).encode(),
+                )
+                continue
+            await priced_topic.send(key=project.encode(), value=value)
 
     @app.agent(raw_topic, name="meter")
     async def meter(stream: faust.StreamT[bytes]) -> None:
@@ -178,9 +224,13 @@ def create_app(
             batch = MeterBatch(n)
             now = _now_us()
             stage.model_globs = budget_feed.model_globs
-            for event in events:
-                msg = event.message
-                result = stage.process(msg.key, msg.value or b"", now)  # a tombstone is undecodable
+            messages = [event.message for event in events]
+            for msg in messages:
+                await follow_on(msg.partition, msg.offset)
+            results = stage.process_many(
+                [(msg.partition, msg.key, msg.value or b"") for msg in messages], now
+            )  # a tombstone is undecodable
+            for msg, result in zip(messages, results, strict=True):
                 for dead in result.dead:
                     await dead_letter(
                         dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload
@@ -189,7 +239,14 @@ def create_app(
                     await raw_topic.send(key=project.encode(), value=payload)
                 for status, count in result.statuses.items():
                     metrics[f"events|{status}"] += count
+                if result.unbudgeted:
+                    metrics["unbudgeted|beyond_dedupe_horizon"] += result.unbudgeted
                 batch.add(result, msg.partition, msg.offset)
+            # The ids counted go out with the deltas they moved, so a restarted meter knows them.
+            for partition, record in batch.seen_records():
+                await seen_topic.send(
+                    key=str(partition).encode(), value=codec.encode("SeenIds", record), partition=partition
+                )
             for partition, deltas in batch.deltas.items():
                 await deltas_topic.send(
                     key=deltas[0]["scope"].encode(),
@@ -200,9 +257,7 @@ def create_app(
             # take the deltas just sent while the rest of the batch is encoded.
             for project, priced in batch.priced_batches():
                 await asyncio.sleep(0)
-                await priced_topic.send(
-                    key=project.encode(), value=codec.encode("PricedBatch", {"events": priced})
-                )
+                await send_priced(project, priced)
 
     def spec_of(scope: str) -> Spec | None:
         record = specs.get(scope)
@@ -233,7 +288,7 @@ def create_app(
             "window": decision.window.id,
             "window_start": decision.window.start_us,
             "window_end": decision.window.end_us,
-            "spend_pico_usd": decision.spend_pico,
+            "spend_pico_usd": min(decision.spend_pico, LONG_MAX),  # an Avro long; $9.2M+ saturates
             "limit_pico_usd": decision.limit_pico,
             "decided_at": now,
             "sequence": state["seq"],
@@ -284,11 +339,13 @@ def create_app(
                 scopes[scope] = state
                 continue
             try:
-                _, batch = codec.decode(msg.value)
+                name, batch = codec.decode(msg.value)
+                problem = deltas_problem(name, batch, _now_us())
             except Exception as exc:
-                await dead_letter(
-                    "undecodable", str(exc), msg.topic, msg.partition, msg.offset, msg.key, msg.value
-                )
+                name, problem = "undecodable", str(exc)
+            if problem is not None:
+                reason = "undecodable" if name == "undecodable" else "invalid_delta"
+                await dead_letter(reason, problem, msg.topic, msg.partition, msg.offset, msg.key, msg.value)
                 continue
             grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for d in batch["deltas"]:
@@ -448,6 +505,7 @@ def create_app(
                 "deltas": ("spendstream_spend_deltas_total", "kind"),
                 "late_pico_usd": ("spendstream_late_spend_pico_usd_total", "kind"),
                 "rebalance": ("spendstream_rebalance_rereads_total", "kind"),
+                "unbudgeted": ("spendstream_unbudgeted_events_total", "reason"),
             }
             lines = []
             for prefix, (metric, label) in names.items():

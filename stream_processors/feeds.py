@@ -147,7 +147,7 @@ class BudgetFeed(_Feed):
         return f"budget {scope} {'removed' if record is None else 'set'}"
 
 
-async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes, bytes | None]]) -> None:
+async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]) -> None:
     """Publish (key, value) records and wait until Kafka has them all."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
