@@ -18,7 +18,7 @@ Guarantee (the dedupe horizon H, `SPENDSTREAM_DEDUPE_HORIZON_SECONDS`, default 6
    arrive within H of each other.
 
 Where the ids live: per usage.raw partition (key = project, so every copy of an event meets the
-same partition), 8 bytes per id in sorted numpy blocks, one block per H/12 of arrival time, pruned
+same partition), 8 bytes per id (a 64-bit key of project and event_id) in sorted numpy blocks, one block per H/12 of arrival time, pruned
 when it is older than H: about 8 MB per million ids (plus the blocks of the current slice while it
 fills). The ids the meter counts are also written to `usage.seen` (16 bytes each: id and source
 offset; retention H + 1 hour), and a partition the meter starts reading at an offset other than the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
 from hashlib import blake2b
 
 import numpy as np
@@ -44,16 +45,24 @@ __all__ = ["SeenIds", "event_key", "reload_seen"]
 log = logging.getLogger(__name__)
 
 Ids = npt.NDArray[np.uint64]
+_U64 = (1 << 64) - 1
 _OPEN_RUNS = 16  # runs of the current slice kept apart before they are merged into one
 
 
 def event_key(project: str, event_id: str) -> int:
-    """The 64-bit dedupe key of an event: a hash of project and the id's 32 hex digits.
+    """The 64-bit dedupe key of an event: its UUID's two halves folded, mixed with the project.
 
     The project is part of the key, so an id reused in another project is not taken for a copy.
+    (A fold, not a cryptographic hash: a writer could craft an id colliding with one it knows,
+    but an event already counted cannot be un-counted, and a future event's random id is unknown.)
     """
-    digits = event_id.replace("-", "").lower()
-    return int.from_bytes(blake2b(f"{project}\x00{digits}".encode(), digest_size=8).digest(), "little")
+    x = int(event_id.replace("-", ""), 16)
+    return (x ^ (x >> 64) ^ _project_hash(project)) & _U64
+
+
+@lru_cache(maxsize=65536)
+def _project_hash(project: str) -> int:
+    return int.from_bytes(blake2b(project.encode(), digest_size=8).digest(), "little")
 
 
 class SeenIds:
