@@ -19,6 +19,7 @@ __all__ = [
     "COUNT_FIELDS",
     "MAX_AUDIO_SECONDS",
     "MAX_COUNT",
+    "MAX_EVENT_PICO",
     "MAX_FUTURE_US",
     "MAX_TAGS",
     "MAX_TEXT",
@@ -26,6 +27,7 @@ __all__ = [
     "SERVICE_TIERS",
     "USAGE_SOURCES",
     "encode_seconds",
+    "priced_problem",
     "scopes_for_event",
     "usage_problem",
 ]
@@ -55,7 +57,11 @@ MAX_TEXT = 256  # characters of project, team, user, service, provider, model, i
 MAX_TAGS = 64
 MIN_EVENT_TIME_US = 1_420_070_400_000_000  # 2015-01-01T00:00Z: earlier is a unit error (seconds? ms?)
 MAX_FUTURE_US = 86_400_000_000  # an event time more than a day ahead of the meter's clock is refused
+# One event's cost at most: 1,000,000 USD. The meters' maxima keep a real price card far below; a
+# card priced by mistake at millions per token is refused, not stored.
+MAX_EVENT_PICO = 10**18
 _MAX_AUDIO_MICROS = MAX_AUDIO_SECONDS * 1_000_000
+_PRICING_STATUSES = ("priced", "fallback", "unpriced")
 _COUNT_MAX = tuple(MAX_COUNT.items())
 _OPTIONAL_TEXT = ("team", "user", "image_size", "image_quality")
 SERVICE_TIERS = ("standard", "batch", "flex", "priority")
@@ -100,7 +106,9 @@ def usage_problem(
             return f"{len(tags)} tags: at most {MAX_TAGS} per event"
         for k, v in tags.items():
             if type(k) is not str or type(v) is not str or len(k) > MAX_TEXT or len(v) > MAX_TEXT:
-                return f"tag {str(k)[:40]!r}: keys and values must be strings of at most {MAX_TEXT} characters"
+                return (
+                    f"tag {str(k)[:40]!r}: keys and values must be strings of at most {MAX_TEXT} characters"
+                )
     provider = event["provider"]
     if not provider.islower() and provider != provider.lower():
         return f"provider {provider!r} must be lowercase (e.g. {provider.lower()!r})"
@@ -143,6 +151,28 @@ def usage_problem(
     now = time.time_ns() // 1_000 if now_us is None else now_us
     if at > now + MAX_FUTURE_US:
         return f"event_time {at} is more than a day in the future (microseconds since the epoch, UTC)"
+    return None
+
+
+def priced_problem(priced: dict[str, Any], now_us: int | None = None) -> str | None:
+    """Why a PricedUsage record cannot be stored, or None. The meter writes none such: this guards
+    the history against any other writer of usage.priced (and against bugs)."""
+    problem = usage_problem(priced["usage"], now_us=now_us)
+    if problem is not None:
+        return problem
+    cost = priced["cost_pico_usd"]
+    itemised = priced["itemised"]
+    if cost is not None and not 0 <= cost <= MAX_EVENT_PICO:
+        return f"cost_pico_usd {cost} is outside 0..{MAX_EVENT_PICO}"
+    if len(itemised) > MAX_TAGS or any(not 0 <= v <= MAX_EVENT_PICO for v in itemised.values()):
+        return "itemised costs out of range"
+    if priced["pricing_status"] not in _PRICING_STATUSES:
+        return (
+            f"pricing_status {priced['pricing_status'][:40]!r} is not one of {', '.join(_PRICING_STATUSES)}"
+        )
+    now = time.time_ns() // 1_000 if now_us is None else now_us
+    if not MIN_EVENT_TIME_US <= priced["priced_at"] <= now + MAX_FUTURE_US:
+        return f"priced_at {priced['priced_at']} is outside 2015..now"
     return None
 
 

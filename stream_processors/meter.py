@@ -19,7 +19,7 @@ from aiokafka.partitioner import murmur2
 
 from spendstream.errors import DecodeError
 from spendstream.settings import DEDUPE_HORIZON_S
-from spendstream.usage import usage_problem
+from spendstream.usage import MAX_EVENT_PICO, usage_problem
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
 from stream_processors.dedupe import SeenIds, event_key
@@ -28,9 +28,6 @@ from stream_processors.pricing import Catalogue
 __all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for"]
 
 PRICED_BATCH_EVENTS = 2_000  # events per PricedBatch message (well under the 8 MiB request size)
-# One event's cost at most: 1,000,000 USD. The meters' maxima (spendstream/usage.py) keep a real
-# price card far below; a card priced by mistake at millions per token is refused here, not stored.
-MAX_EVENT_PICO = 10**18
 MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per scope is split above
 
 

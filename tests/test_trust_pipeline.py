@@ -186,3 +186,34 @@ def test_every_poison_kind_costs_only_itself(kafka: str, worker: Worker) -> None
     assert spend(worker, "project:poison") == Decimal(valid) / 100  # ... and moves no budget
     assert metric(worker, "spendstream_unbudgeted_events_total", "beyond_dedupe_horizon") == 1
     assert worker.health()["status"] == "ok"
+
+
+def test_a_forged_priced_row_is_dead_lettered_by_the_sink_and_the_rest_is_stored(
+    kafka: str, worker: Worker
+) -> None:
+    """Any Kafka client can write usage.priced: a row ClickHouse cannot hold must not stall the sink."""
+
+    def priced(project: str, **changes: Any) -> dict[str, Any]:
+        record = {
+            "usage": event(project),
+            "cost_pico_usd": 10**10,
+            "price_card": "forged",
+            "priced_at": time.time_ns() // 1000,
+            "pricing_status": "priced",
+            "card_version": "",
+            "itemised": {},
+            "unpriced_reason": "",
+        }
+        return {**record, **changes}
+
+    good = [priced("forged"), priced("forged")]
+    bad = [priced("forged", priced_at=2**62), priced("forged", cost_pico_usd=2**62)]
+    value = CODEC.encode("PricedBatch", {"events": [good[0], *bad, good[1]]})
+    asyncio.run(publish(kafka, worker.topics.usage_priced, [(b"forged", value)]))
+    send(kafka, worker, [(b"poison", batch([event("poison")]))])  # and the sink carries on
+
+    stored = worker.wait_rows("SELECT event_id FROM usage_events FINAL WHERE project = 'forged'", 2)
+    dead = worker.wait_rows("SELECT detail FROM dead_letters FINAL WHERE reason = 'sink_invalid_row'", 2)
+    print(f"sent 2 good + 2 bad priced rows; stored {len(stored)}, dead-lettered {len(dead)}")
+    assert sorted(r[0] for r in stored) == sorted(str(p["usage"]["event_id"]) for p in good)
+    assert sorted(str(r[0]).split(":", 1)[1].strip()[:11] for r in dead) == ["cost_pico_u", "priced_at 4"]
