@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 Ids = npt.NDArray[np.uint64]
 _U64 = (1 << 64) - 1
-_OPEN_RUNS = 16  # runs of the current slice kept apart before they are merged into one
 
 
 def event_key(project: str, event_id: str) -> int:
@@ -107,16 +106,30 @@ class SeenIds:
             self._close()
             self._slice = current
         if len(keys):
-            self._open.append(keys)
-            if len(self._open) > _OPEN_RUNS:
-                self._open = [np.unique(np.concatenate(self._open))]
+            # Runs of the current slice, each at least twice the next (a binary counter): a key
+            # is merged O(log n) times and a lookup checks O(log n) runs.
+            runs = self._open
+            runs.append(keys)
+            while len(runs) > 1 and 2 * len(runs[-1]) >= len(runs[-2]):
+                newer = runs.pop()
+                runs[-1] = _merge(runs[-1], newer)
         oldest = (at_us - self.horizon_us) // self.slice_us
-        self._closed = [(s, a) for s, a in self._closed if s >= oldest]
+        if self._closed and self._closed[0][0] < oldest:
+            self._closed = [(s, a) for s, a in self._closed if s >= oldest]
 
     def _close(self) -> None:
         if self._open and self._slice is not None:
-            self._closed.append((self._slice, np.unique(np.concatenate(self._open))))
+            merged = self._open[0]
+            for run in self._open[1:]:
+                merged = _merge(merged, run)
+            self._closed.append((self._slice, merged))
         self._open = []
+
+
+def _merge(a: Ids, b: Ids) -> Ids:
+    merged = np.concatenate((a, b))
+    merged.sort(kind="stable")  # radix sort for integers: linear
+    return merged
 
 
 async def reload_seen(

@@ -101,21 +101,11 @@ class MeterStage:
         are skipped; the ids are checked per partition for all messages together.
         """
         results = [MeterResult() for _ in messages]
-        owned: list[tuple[MeterResult, int, dict[str, Any], int]] = []  # (result, partition, event, key)
+        owned: list[tuple[MeterResult, int, dict[str, Any]]] = []  # (result, partition, event)
         for result, (partition, key, value) in zip(results, messages, strict=True):
-            for event in self._events(key, value, now_us, result):
-                budgeted = event["event_time"] >= now_us - self.dedupe_horizon_us
-                owned.append(
-                    (
-                        result,
-                        partition,
-                        event,
-                        event_key(event["project"], event["event_id"]) if budgeted else -1,
-                    )
-                )
-        fresh = self._first_seen(owned, now_us)
-        for (result, _, event, dedupe_key), first in zip(owned, fresh, strict=True):
-            if not first:
+            owned += [(result, partition, e) for e in self._events(key, value, now_us, result)]
+        for (result, _, event), dedupe_key in zip(owned, self._dedupe(owned, now_us), strict=True):
+            if dedupe_key is None:
                 result.statuses["duplicate"] += 1
                 continue
             try:
@@ -159,20 +149,22 @@ class MeterStage:
                 valid.append(event)
         return valid
 
-    def _first_seen(
-        self, owned: list[tuple[MeterResult, int, dict[str, Any], int]], now_us: int
-    ) -> list[bool]:
-        """For each owned event: is it the first copy? (events past the horizon (key -1) always are)."""
-        first = [True] * len(owned)
+    def _dedupe(self, owned: list[tuple[MeterResult, int, dict[str, Any]]], now_us: int) -> list[int | None]:
+        """Per owned event: its dedupe key if it is the first copy, None for a copy already counted,
+        -1 for an event older than the horizon (it moves no budget, so it cannot count twice)."""
+        oldest = now_us - self.dedupe_horizon_us
+        keys: list[int | None] = [-1] * len(owned)
         by_partition: dict[int, list[int]] = defaultdict(list)
-        for i, (_, partition, _, dedupe_key) in enumerate(owned):
-            if dedupe_key >= 0:
+        for i, (_, partition, event) in enumerate(owned):
+            if event["event_time"] >= oldest:
+                keys[i] = event_key(event["project"], event["event_id"])
                 by_partition[partition].append(i)
         for partition, indexes in by_partition.items():
-            keys = np.fromiter((owned[i][3] for i in indexes), dtype=np.uint64, count=len(indexes))
-            for i, fresh in zip(indexes, self.seen_ids(partition).first_seen(keys, now_us), strict=True):
-                first[i] = bool(fresh)
-        return first
+            batch = np.fromiter((keys[i] for i in indexes), dtype=np.uint64, count=len(indexes))
+            for i, first in zip(indexes, self.seen_ids(partition).first_seen(batch, now_us), strict=True):
+                if not first:
+                    keys[i] = None
+        return keys
 
     def _price_one(self, event: dict[str, Any], dedupe_key: int, now_us: int, result: MeterResult) -> None:
         priced = self.catalogue.price(event)
