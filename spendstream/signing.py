@@ -98,7 +98,9 @@ def _private_from_bytes(data: bytes, what: str) -> Ed25519PrivateKey:
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ConfigError(f"{what}: not an unencrypted PEM private key ({exc})") from None
         if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(f"{what}: the PEM key is not Ed25519 (make one with `spendstream keys generate`)")
+            raise ConfigError(
+                f"{what}: the PEM key is not Ed25519 (make one with `spendstream keys generate`)"
+            )
         return key
     raw = data if len(data) == 32 else _b64(data.decode("latin-1"), what)
     if len(raw) != 32:
@@ -173,7 +175,9 @@ class Verifier:
     def parse_key(text: str) -> Ed25519PublicKey:
         raw = _b64(text, f"verify key {text[:12]!r}...")
         if len(raw) != 32:
-            raise ConfigError(f"verify key {text[:12]!r}...: an Ed25519 public key is 32 bytes, got {len(raw)}")
+            raise ConfigError(
+                f"verify key {text[:12]!r}...: an Ed25519 public key is 32 bytes, got {len(raw)}"
+            )
         return Ed25519PublicKey.from_public_bytes(raw)
 
     @property

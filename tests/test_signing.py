@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import SecretStr
 
 from spendstream.errors import ConfigError
 from spendstream.settings import Settings
@@ -60,7 +61,8 @@ def test_a_signed_signal_verifies_and_decodes_to_the_same_record() -> None:
     name, record = CODEC.decode(message)
     assert name == "ControlSignal"
     assert record == {**SIGNAL, "key_id": s.key_id, "signature": record["signature"]}
-    assert len(record["signature"]) == 64 and len(s.key_id) == 16
+    assert len(record["signature"]) == 64
+    assert len(s.key_id) == 16
     assert check(Verifier([s.public_key]), KEY, message) is None
 
 
@@ -151,9 +153,10 @@ def test_settings_validate_keys_and_the_signer_always_verifies_itself(tmp_path: 
     path = tmp_path / "k.pem"
     own = Signer(generate_key(path))
     other = signer()
-    settings = Settings(signing_key=str(path), verify_keys=public_key_b64(other.public_key))
+    settings = Settings(signing_key=SecretStr(str(path)), verify_keys=public_key_b64(other.public_key))
     assert settings.verifier().key_ids == sorted([own.key_id, other.key_id])
-    assert Settings().signer() is None and not Settings().verifier().enforcing
+    assert Settings().signer() is None
+    assert not Settings().verifier().enforcing
     with pytest.raises(ValueError, match="not base64"):
         Settings(verify_keys="%%%")
     with pytest.raises(ValueError, match="32 bytes"):
@@ -174,5 +177,6 @@ def test_v2_signals_and_v1_specs_written_before_signing_still_decode(tmp_path: P
         old = Codec(writer).encode(name, record)
         kind, decoded = CODEC.decode(old)
         assert kind == name
-        assert decoded["key_id"] == "" and not decoded["signature"]  # fastavro: the default as ""
+        assert decoded["key_id"] == ""
+        assert not decoded["signature"]
         assert Verifier([signer().public_key]).check(KEY, old, decoded) == UNSIGNED
