@@ -225,14 +225,15 @@ def create_app(
 
     async def decide_and_signal(scope: str, state: dict[str, Any], partition: int) -> bool:
         """Publish exactly one ControlSignal per change of (state, reason, level, window), and
-        once more, re-signed, when the worker's signing key changed since the scope's last one."""
+        once more, re-signed, when the worker's signing key changed since the scope's last signal
+        (so after a rotation Guards can drop the old key)."""
         now = _now_us()
         decision: Decision = decide(state, spec_of(scope), now)
         if decision.state == "ok":
             attention.pop(scope, None)
         else:
             attention[scope] = partition
-        if decision.key == state["sig"] and state.get("kid", "") == key_id:
+        if decision.key == state["sig"] and (state["seq"] == 0 or state.get("kid", "") == key_id):
             return False
         state["sig"], state["kid"] = decision.key, key_id
         state["seq"] += 1
