@@ -5,6 +5,7 @@ keys everything works as before, with one warning."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from producers import SyncGuard
 from spendstream import signing
 from spendstream.errors import BudgetExceeded
-from spendstream.signing import Signer, encode_control, generate_key, public_key_b64
+from spendstream.signing import Signer, Verifier, encode_control, generate_key, public_key_b64
 from spendstream.wire import default_codec
 from stream_processors.feeds import publish
 from tests.conftest import Worker, start_worker
@@ -207,11 +208,11 @@ def test_worker_ignores_unsigned_forged_replayed_budgets_and_tombstones(
     now = time.time_ns() // 1000
     block_me = {**CODEC.decode(second)[1], "manual_block": True, "manual_reason": "forged", "updated_at": now}
     forged: list[tuple[bytes, bytes | None]] = [
+        (k, None),  # a tombstone: would delete the budget
+        (k, first),  # the genuine older spec ($10), replayed
         (k, encode_control(CODEC, "BudgetSpec", k, block_me, None)),  # unsigned
         (k, STRANGER.encode(CODEC, "BudgetSpec", k, block_me)),  # signed, by an unknown key
         (k, CODEC.encode("BudgetSpec", block_me)),  # the operator's key id and signature, moved
-        (k, first),  # the genuine older spec ($10), replayed
-        (k, None),  # a tombstone: would delete the budget
     ]
     asyncio.run(publish(kafka, topic, forged))
     expected = {"unsigned": 1, "unknown_key": 1, "bad_signature": 1, "replayed": 1, "tombstone": 1}
@@ -233,11 +234,17 @@ def test_worker_ignores_unsigned_forged_replayed_budgets_and_tombstones(
     assert re.search(r"project:b1 .* \$20\.00", listed), listed
 
     # Signed changes still apply; a signed removal holds the replay horizon.
+    # The CLI reads the scope's spec back before changing it: the newest record on the topic is
+    # the forged manual block, which it must not pick up and sign.
     cli(worker, "budget", "set", scope, "30", "--window", "daily")
     deadline = time.monotonic() + 20
     while limit_of(worker, scope) != Decimal("30"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    assert CODEC.decode(records(kafka, topic, k)[-1])[1]["manual_block"] is False  # type: ignore[arg-type]
+    assert "blocked" not in [
+        CODEC.decode(v)[1]["state"] for v in records(kafka, worker.topics.spend_control, k) if v
+    ]
     cli(worker, "budget", "rm", scope)
     while limit_of(worker, scope) is not None:
         assert time.monotonic() < deadline + 20
@@ -304,3 +311,33 @@ def test_without_keys_everything_works_as_before_with_one_warning(
         time.sleep(0.1)
     assert rejected_metric(w) == {}
     assert w.log.read_text().count("UNAUTHENTICATED CONTROL PLANE: the worker") == 1
+
+
+def test_keys_resign_signs_the_current_budgets_when_keys_are_first_set_up(
+    kafka: str, open_worker: Worker, key: tuple[Path, Signer]
+) -> None:
+    """`spendstream keys resign` re-publishes the latest spec of every scope, signed: unsigned ones
+    only with --adopt-unsigned, removals as removals."""
+    path, signer = key
+    operator = dataclasses.replace(open_worker, env={**open_worker.env, "SPENDSTREAM_SIGNING_KEY": str(path)})
+    cli(open_worker, "budget", "set", "project:adopt", "9", "--window", "daily")
+    cli(open_worker, "budget", "set", "project:gone", "9", "--window", "daily")
+    cli(open_worker, "budget", "rm", "project:gone")
+    topic = open_worker.topics.budgets
+    before = {s: len(records(kafka, topic, s.encode())) for s in ("project:adopt", "project:gone")}
+
+    refused = cli(operator, "keys", "resign").stdout
+    assert "re-signed 0 budgets and 0 removals" in refused
+    assert "project:adopt (unsigned)" in refused
+    assert "re-signed " in cli(operator, "keys", "resign", "--adopt-unsigned").stdout
+
+    verifier = Verifier([signer.public_key])
+    for scope, removed in (("project:adopt", False), ("project:gone", True)):
+        found = records(kafka, topic, scope.encode())
+        assert len(found) == before[scope] + 1  # one signed record each, nothing else
+        latest = found[-1]
+        assert latest is not None
+        record = CODEC.decode(latest)[1]
+        assert verifier.check(scope.encode(), latest, record) is None
+        assert (record["removed"], record["key_id"]) == (removed, signer.key_id)
+    assert limit_of(open_worker, "project:adopt") == Decimal("9")
