@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +27,7 @@ from stream_processors.budgets import (
     usd_to_pico_checked,
     utc_from_micros,
 )
-from stream_processors.feeds import publish, read_compacted
+from stream_processors.feeds import budget_rejection, read_compacted
 
 _CENT = Decimal("0.01")
 budget_app = typer.Typer(no_args_is_help=True, help="Budgets per scope, managed at run time.")
@@ -48,18 +47,20 @@ def _ready(settings: Settings) -> None:
 
 
 def current_specs(settings: Settings) -> dict[str, Spec]:
-    records = asyncio.run(read_compacted(settings.bootstrap, settings.topics.budgets, default_codec()))
-    return {k.decode(): Spec.from_record(v) for k, v in records.items() if v is not None}
+    """The specs the worker applies: with verify keys, the latest signed one of each scope."""
+    verifier = settings.verifier()
+
+    def admit(key: bytes, value: bytes | None, record: dict[str, Any] | None, kept: Any) -> bool:
+        return budget_rejection(verifier, key, value, record, kept["updated_at"] if kept else None) is None
+
+    records = asyncio.run(read_compacted(settings.bootstrap, settings.topics.budgets, default_codec(), admit))
+    return {k.decode(): Spec.from_record(v) for k, v in records.items() if v is not None and not v["removed"]}
 
 
 def _publish(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = ()) -> None:
-    now = time.time_ns() // 1000
-    codec = default_codec()
-    records: list[tuple[bytes, bytes | None]] = [
-        (s.scope.encode(), codec.encode("BudgetSpec", s.to_record(now))) for s in specs
-    ]
-    records += [(scope.encode(), None) for scope in removed]
-    asyncio.run(publish(settings.bootstrap, settings.topics.budgets, records))
+    from spendstream.worker import publish_specs
+
+    asyncio.run(publish_specs(settings, specs, removed))
 
 
 def _change(settings: Settings, scope: str, **changes: Any) -> Spec:
@@ -113,8 +114,7 @@ def register(app: typer.Typer) -> None:
         if spec is None:
             raise SpendstreamError(f"{scope} has no budget (see `spendstream budget list`)")
         if window is None:
-            _publish(settings, [Spec(scope)])  # decided ok at once, then removed
-            _publish(settings, [], removed=(scope,))
+            _publish(settings, [], removed=(scope,))  # decided ok at once
             _console().print(f"removed every budget of {scope}")
             return
         kept = tuple(lim for lim in spec.limits if lim.window != window)

@@ -11,6 +11,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from spendstream.errors import ConfigError
+from spendstream.signing import Signer, Verifier
+
 __all__ = ["DEDUPE_HORIZON_S", "Settings", "Topics"]
 
 DEDUPE_HORIZON_S = 6 * 3600  # default of SPENDSTREAM_DEDUPE_HORIZON_SECONDS
@@ -98,6 +101,47 @@ class Settings(BaseSettings):
         description="CPU niceness of the history process (sink, queries): when the CPU is short, "
         "enforcement goes first and history catches up after.",
     )
+
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Ed25519 private key that signs ControlSignals (worker) and BudgetSpecs (CLI): "
+        "a key file (PEM, as `spendstream keys generate` writes it) or the key in base64.",
+    )
+    verify_keys: str = Field(
+        default="",
+        description="Comma-separated base64 Ed25519 public keys whose signatures are accepted on "
+        "spend.control and budgets (old and new during a rotation); the signing key's own is always "
+        "accepted. With none, unsigned control records are obeyed (and a warning is logged).",
+    )
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            try:
+                Signer.load(v.get_secret_value())
+            except ConfigError as exc:  # the message never contains the key
+                raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("verify_keys")
+    @classmethod
+    def _verify_keys(cls, v: str) -> str:
+        try:
+            Verifier(k for k in v.split(",") if k.strip())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    def signer(self) -> Signer | None:
+        """The key this process signs control records with, if one is configured."""
+        return Signer.load(self.signing_key.get_secret_value()) if self.signing_key else None
+
+    def verifier(self) -> Verifier:
+        """The public keys this process accepts control records from (none: unauthenticated)."""
+        signer = self.signer()
+        keys = [k for k in self.verify_keys.split(",") if k.strip()]
+        return Verifier([*keys, *([signer.public_key] if signer else [])])
 
     @field_validator("clickhouse_dsn")
     @classmethod

@@ -29,6 +29,7 @@ from faust.web import Request, Response, View
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.gc_pauses import GcPauses
 from spendstream.settings import Settings
+from spendstream.signing import encode_control, warn_unauthenticated
 from spendstream.wire import Codec, default_codec
 from stream_processors.budgets import (
     LONG_MAX,
@@ -49,7 +50,7 @@ from stream_processors.faust_fixes import (
     reread_undelivered,
     short_fetch_wait,
 )
-from stream_processors.feeds import BudgetFeed, PriceFeed
+from stream_processors.feeds import BudgetFeed, PriceFeed, budget_rejection
 from stream_processors.history import HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
@@ -80,6 +81,13 @@ def create_app(
     topics = settings.topics
     n = settings.partitions
     grace_us = settings.late_grace_seconds * 1_000_000
+    signer, verifier = settings.signer(), settings.verifier()
+    if verifier.enforcing and signer is None:
+        raise ConfigError(
+            "SPENDSTREAM_VERIFY_KEYS is set but SPENDSTREAM_SIGNING_KEY is not: Guards with those "
+            "keys would ignore every signal of this worker; give it the signing key (docs/security.md)"
+        )
+    key_id = signer.key_id if signer else ""
     app = faust.App(
         settings.worker_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -164,6 +172,7 @@ def create_app(
     )
     budget_feed = BudgetFeed(
         topic=topics.budgets,
+        verifier=verifier,
         **feed_args,  # type: ignore[arg-type]
         dead_letter=lambda *a: dead_letter(a[0], a[1], topics.budgets, *a[2:]),
     )
@@ -261,7 +270,7 @@ def create_app(
 
     def spec_of(scope: str) -> Spec | None:
         record = specs.get(scope)
-        if record is None:
+        if record is None or record.get("removed"):
             return None
         cache_key = (scope, int(record.get("updated_at", 0)))
         spec = parsed_specs.get(cache_key)
@@ -270,16 +279,18 @@ def create_app(
         return spec
 
     async def decide_and_signal(scope: str, state: dict[str, Any], partition: int) -> bool:
-        """Publish exactly one ControlSignal per change of (state, reason, level, window)."""
+        """Publish exactly one ControlSignal per change of (state, reason, level, window), and
+        once more, re-signed, when the worker's signing key changed since the scope's last signal
+        (so after a rotation Guards can drop the old key)."""
         now = _now_us()
         decision: Decision = decide(state, spec_of(scope), now)
         if decision.state == "ok":
             attention.pop(scope, None)
         else:
             attention[scope] = partition
-        if decision.key == state["sig"]:
+        if decision.key == state["sig"] and (state["seq"] == 0 or state.get("kid", "") == key_id):
             return False
-        state["sig"] = decision.key
+        state["sig"], state["kid"] = decision.key, key_id
         state["seq"] += 1
         signal = {
             "scope": scope,
@@ -296,7 +307,8 @@ def create_app(
             "mode": decision.mode,
             "projected_at": decision.projected_at_us,
         }
-        await control_topic.send(key=scope.encode(), value=codec.encode("ControlSignal", signal))
+        message = encode_control(codec, "ControlSignal", scope.encode(), signal, signer)
+        await control_topic.send(key=scope.encode(), value=message)
         metrics[f"signals|{decision.state}"] += 1
         log.info(
             "signal %s %s (%s %s): spend %d of %d pico-USD",
@@ -330,10 +342,25 @@ def create_app(
                         msg.value or b"",
                     )
                     continue
+                kept = specs.get(scope)
+                why = budget_rejection(verifier, msg.key, msg.value, record, kept and kept["updated_at"])
+                if why is not None:  # unsigned, forged, a tombstone or a replay: changes nothing
+                    metrics[f"control_rejected|{why}"] += 1
+                    detail = f"{why} budget for {scope!r} ignored: only specs signed with a key in SPENDSTREAM_VERIFY_KEYS count"
+                    await dead_letter(
+                        f"budget_{why}",
+                        detail,
+                        msg.topic,
+                        msg.partition,
+                        msg.offset,
+                        msg.key,
+                        msg.value or b"",
+                    )
+                    continue
                 if record is None:
                     specs.pop(scope, None)
-                else:
-                    specs[scope] = record
+                else:  # kept, removed too: its updated_at is the scope's replay horizon
+                    specs[scope] = {k: v for k, v in record.items() if k != "signature"}
                 state = scopes.get(scope) or new_state()
                 await decide_and_signal(scope, state, msg.partition)
                 scopes[scope] = state
@@ -390,6 +417,8 @@ def create_app(
 
     @app.task
     async def start_services() -> None:
+        if not verifier.enforcing:
+            warn_unauthenticated(log, "the worker")
         await app.add_runtime_dependency(price_feed)
         await app.add_runtime_dependency(budget_feed)
 
@@ -506,6 +535,7 @@ def create_app(
                 "late_pico_usd": ("spendstream_late_spend_pico_usd_total", "kind"),
                 "rebalance": ("spendstream_rebalance_rereads_total", "kind"),
                 "unbudgeted": ("spendstream_unbudgeted_events_total", "reason"),
+                "control_rejected": ("spendstream_control_rejected_total", "reason"),
             }
             lines = []
             for prefix, (metric, label) in names.items():

@@ -9,7 +9,8 @@ The state of one scope is a plain dict (stored as one value in the worker's `sco
 single changelog record updates spend, dedup offsets and the last signal together):
 
     {"w": {window id: pico-USD}, "late": {window id: pico-USD}, "m": {minute: pico-USD},
-     "applied": {usage.raw partition: offset}, "sig": [state, reason, level, window], "seq": n}
+     "applied": {usage.raw partition: offset}, "sig": [state, reason, level, window], "seq": n,
+     "kid": id of the key that signed the last signal (absent or "": unsigned)}
 """
 
 from __future__ import annotations
