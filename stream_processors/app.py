@@ -380,13 +380,23 @@ def create_app(
             now = _now_us()
             for scope, deltas in grouped.items():
                 state = scopes.get(scope) or new_state()
-                fresh, duplicates = fresh_deltas(state["applied"], deltas)
-                if duplicates:
-                    metrics["deltas|duplicate"] += duplicates  # re-delivered after a restart
-                late = apply_deltas(state, fresh, spec_of(scope), now, grace_us)
-                if late:
-                    metrics["late_pico_usd|beyond_grace"] += late
-                signalled = await decide_and_signal(scope, state, msg.partition)
+                try:
+                    fresh, duplicates = fresh_deltas(state["applied"], deltas)
+                    if duplicates:
+                        metrics["deltas|duplicate"] += duplicates  # re-delivered after a restart
+                    late = apply_deltas(state, fresh, spec_of(scope), now, grace_us)
+                    if late:
+                        metrics["late_pico_usd|beyond_grace"] += late
+                    signalled = await decide_and_signal(scope, state, msg.partition)
+                except Exception as exc:  # a bug costs this scope's deltas of this message, never the agent
+                    log.exception(
+                        "budget agent: %s failed on %s[%d]@%d", scope, msg.topic, msg.partition, msg.offset
+                    )
+                    detail = f"{scope}: {exc!r}"[:1000]
+                    await dead_letter(
+                        "processing_error", detail, msg.topic, msg.partition, msg.offset, msg.key, msg.value
+                    )
+                    continue
                 if signalled or fresh:
                     scopes[scope] = state  # a timer tick that changes nothing writes no changelog
 
