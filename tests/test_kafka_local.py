@@ -52,10 +52,15 @@ async def _topic_configs(names: list[str]) -> dict[str, dict[str, str]]:
 
 
 async def _partition_counts(names: list[str]) -> dict[str, int]:
+    """Partitions per topic, once the broker's metadata knows them (a moment after creation)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
     await admin.start()
     try:
-        described: list[dict[str, Any]] = await admin.describe_topics(names)
+        for _ in range(50):
+            described: list[dict[str, Any]] = await admin.describe_topics(names)
+            if all(t["partitions"] for t in described):
+                break
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
     return {t["topic"]: len(t["partitions"]) for t in described}
