@@ -112,7 +112,9 @@ def test_bad_cli_values_are_refused_in_one_line_and_nothing_is_published(kafka: 
     assert refused == len(BAD_CLI_VALUES) == 18
     on_topic = asyncio.run(read_compacted(kafka, Topics(prefix).budgets, default_codec()))
     assert list(on_topic) == [b"project:good"]  # the 18 refusals published nothing
-    assert Spec.from_record(on_topic[b"project:good"]).limits[0].limit_pico == 9_000_000 * 10**12
+    record = on_topic[b"project:good"]
+    assert record is not None
+    assert Spec.from_record(record).limits[0].limit_pico == 9_000_000 * 10**12
 
 
 def bad_records(now: int) -> dict[str, dict[str, Any]]:
