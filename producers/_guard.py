@@ -6,6 +6,12 @@ looks the call's scopes up in that dict and raises `BudgetExceeded` when one is 
 
 If the control topic cannot be read (not caught up yet, broker unreachable), `check()` fails open
 by default (calls go through, and it logs loudly), or fails closed with `fail_open=False`.
+
+With `verify_keys` (the worker's Ed25519 public keys, base64) a Guard obeys only signals the worker
+signed: an unsigned, badly signed, unknown-key, undecodable or replayed (sequence not above the
+last accepted one of its scope) record changes nothing and is counted in `rejected` by reason. A
+forger cannot jump the sequence, because it cannot sign. Without keys it obeys any signal, as any
+Kafka client can write one, and logs that once (docs/security.md).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,7 +33,8 @@ from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from spendstream.errors import BudgetExceeded
+from spendstream.errors import BudgetExceeded, DecodeError
+from spendstream.signing import REPLAYED, Verifier, warn_unauthenticated
 from spendstream.topics import partitions_of
 from spendstream.usage import scopes_for_event
 from spendstream.wire import default_codec
@@ -77,10 +85,13 @@ class Guard:
         fail_open: bool = True,
         ready_timeout: float = 30.0,
         on_signal: Callable[[ScopeState], object] | None = None,
+        verify_keys: Sequence[str] = (),
     ) -> None:
         """`on_signal`, if given, is called with every newer signal as the Guard applies it (in
         the Guard's event loop; SyncGuard: its thread), e.g. to alert or to drain a queue. An
-        exception it raises is logged and does not stop the Guard."""
+        exception it raises is logged and does not stop the Guard. `verify_keys`: the base64
+        Ed25519 public keys whose signed signals are obeyed (SPENDSTREAM_VERIFY_KEYS); none: every
+        signal is obeyed."""
         self.topic = topic
         self.on_signal = on_signal
         self.fail_open = fail_open
@@ -93,7 +104,10 @@ class Guard:
         self._caught_up = asyncio.Event()
         self._healthy = False
         self._last_warning = 0.0
+        self._verifier = Verifier(verify_keys)
+        self._read_upto: dict[int, int] = {}  # partition -> last offset applied (re-reads are skipped)
         self.signals_seen = 0
+        self.rejected: Counter[str] = Counter()  # reason -> records ignored
 
     # -- the check path: no I/O ---------------------------------------------------------------
     def check(
@@ -130,15 +144,29 @@ class Guard:
         raise BudgetExceeded(f"project:{project}", "control_unavailable", Decimal(0), Decimal(0), None)
 
     # -- following the topic ------------------------------------------------------------------
-    def _apply(self, value: bytes | None) -> None:
+    def _apply(self, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
+        if offset <= self._read_upto.get(partition, -1):
+            return  # read again after a reconnect: applied (or rejected) the first time
+        self._read_upto[partition] = offset
         if value is None:
             return
-        name, s = default_codec().decode(value)
-        if name != "ControlSignal":
+        try:
+            name, s = default_codec().decode(value)
+        except DecodeError:
+            self.rejected["undecodable"] += 1
             return
-        seen = self._states.get(s["scope"])
-        if seen is not None and s["sequence"] <= seen.sequence:
-            return  # stale or repeated
+        if name != "ControlSignal":
+            self.rejected["wrong_record"] += 1
+            return
+        why = self._verifier.check(key, value, s)
+        if why is None:
+            seen = self._states.get(s["scope"])
+            if seen is not None and s["sequence"] <= seen.sequence:
+                why = REPLAYED  # stale or repeated
+        if why is not None:
+            self.rejected[why] += 1
+            log.debug("Guard ignored a %s signal for %s at [%d]@%d", why, s["scope"], partition, offset)
+            return
         state = ScopeState(
             s["scope"],
             s["state"],
@@ -164,6 +192,8 @@ class Guard:
                 log.exception("Guard on_signal callback failed for %s", state.scope)
 
     async def start(self) -> None:
+        if not self._verifier.enforcing:
+            warn_unauthenticated(log, "the Guard")
         self._task = asyncio.create_task(self._follow(), name="spendstream-guard")
         try:
             await asyncio.wait_for(self._caught_up.wait(), self._ready_timeout)
@@ -191,7 +221,7 @@ class Guard:
                     batch = await self._consumer.getmany(timeout_ms=200)
                     for messages in batch.values():
                         for msg in messages:
-                            self._apply(msg.value)
+                            self._apply(msg.partition, msg.offset, msg.key, msg.value)
                     if not self._caught_up.is_set():
                         positions = [await self._consumer.position(tp) for tp in partitions]
                         if all(pos >= end[tp] for pos, tp in zip(positions, partitions, strict=True)):
@@ -249,6 +279,11 @@ class SyncGuard:
     @property
     def healthy(self) -> bool:
         return self._guard.healthy
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Signals ignored, by reason (see Guard)."""
+        return self._guard.rejected
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._guard.close(), self._loop).result()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +29,7 @@ from stream_processors.budgets import (
     runaway_pico_checked,
     utc_from_micros,
 )
-from stream_processors.feeds import publish, read_compacted
+from stream_processors.feeds import budget_rejection, read_compacted
 
 _CENT = Decimal("0.01")
 budget_app = typer.Typer(no_args_is_help=True, help="Budgets per scope, managed at run time.")
@@ -50,11 +49,17 @@ def _ready(settings: Settings) -> None:
 
 
 def current_specs(settings: Settings) -> dict[str, Spec]:
-    """Every valid spec on the topic; a bad record (the worker dead-letters it) is skipped with a warning."""
-    records = asyncio.run(read_compacted(settings.bootstrap, settings.topics.budgets, default_codec()))
+    """The specs the worker applies: with verify keys, the latest signed one of each scope. A record
+    the worker refuses as invalid (it dead-letters it) is skipped with a warning."""
+    verifier = settings.verifier()
+
+    def admit(key: bytes, value: bytes | None, record: dict[str, Any] | None, kept: Any) -> bool:
+        return budget_rejection(verifier, key, value, record, kept["updated_at"] if kept else None) is None
+
+    records = asyncio.run(read_compacted(settings.bootstrap, settings.topics.budgets, default_codec(), admit))
     specs = {}
     for key, record in records.items():
-        if record is None:
+        if record is None or record["removed"]:
             continue
         try:
             specs[key.decode()] = Spec.from_record(record)
@@ -70,13 +75,9 @@ def _warn(message: str) -> None:
 
 
 def _publish(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = ()) -> None:
-    now = time.time_ns() // 1000
-    codec = default_codec()
-    records: list[tuple[bytes, bytes | None]] = [
-        (s.scope.encode(), codec.encode("BudgetSpec", s.to_record(now))) for s in specs
-    ]
-    records += [(scope.encode(), None) for scope in removed]
-    asyncio.run(publish(settings.bootstrap, settings.topics.budgets, records))
+    from spendstream.worker import publish_specs
+
+    asyncio.run(publish_specs(settings, specs, removed))
 
 
 def _change(settings: Settings, scope: str, **changes: Any) -> Spec:
@@ -130,8 +131,7 @@ def register(app: typer.Typer) -> None:
         if spec is None:
             raise SpendstreamError(f"{scope} has no budget (see `spendstream budget list`)")
         if window is None:
-            _publish(settings, [Spec(scope)])  # decided ok at once, then removed
-            _publish(settings, [], removed=(scope,))
+            _publish(settings, [], removed=(scope,))  # decided ok at once
             _console().print(f"removed every budget of {scope}")
             return
         kept = tuple(lim for lim in spec.limits if lim.window != window)

@@ -19,9 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from spendstream import budgets_cli, prices_cli
+from spendstream import budgets_cli, keys_cli, prices_cli
 from spendstream.errors import QueryError, SpendstreamError
 from spendstream.settings import Settings
+from spendstream.signing import warn_unauthenticated
 from spendstream.store import ClickHouseStore, QueryResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -29,6 +30,8 @@ kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broke
 app.add_typer(kafka_app, name="kafka")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+log = logging.getLogger(__name__)
+_CONTROL_COMMANDS = {"budget", "block", "unblock", "watch", "demo"}  # `up`: the worker warns itself
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -64,6 +67,8 @@ def main_callback(
             name = "SPENDSTREAM_" + str(e["loc"][0]).upper() if e["loc"] else "settings"
             err.print(f"[red]config error[/red]: {name}: {e['msg']}")
         raise typer.Exit(2) from None
+    if ctx.invoked_subcommand in _CONTROL_COMMANDS and not ctx.obj.verifier().enforcing:
+        warn_unauthenticated(log, "the CLI")
 
 
 def _say(message: str) -> None:
@@ -200,7 +205,9 @@ def watch(
 
     async def run() -> None:
         seen = 0
-        async for signal in tail_control(settings.bootstrap, settings.topics.spend_control, from_beginning):
+        async for signal in tail_control(
+            settings.bootstrap, settings.topics.spend_control, from_beginning, settings.verifier()
+        ):
             if format == "json":
                 print(json.dumps(signal_json(signal)), flush=True)
             else:
@@ -241,6 +248,7 @@ def config(ctx: typer.Context) -> None:
 
 prices_cli.register(app)
 budgets_cli.register(app)
+keys_cli.register(app)
 
 
 def main() -> None:

@@ -139,7 +139,9 @@ async def _workload(settings: Settings, console: Console, *, run: str, max_event
     blocked: dict[str, Any] = {}
 
     async def watch() -> None:
-        async for s in tail_control(settings.bootstrap, settings.topics.spend_control):
+        async for s in tail_control(
+            settings.bootstrap, settings.topics.spend_control, verifier=settings.verifier()
+        ):
             if s["state"] == "blocked":
                 blocked.update(s)
                 return

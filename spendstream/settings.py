@@ -12,10 +12,15 @@ from typing import TYPE_CHECKING
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from spendstream.errors import ConfigError
+from spendstream.signing import Signer, Verifier
+
 if TYPE_CHECKING:
     from spendstream.store import QueryLimits
 
-__all__ = ["Settings", "Topics"]
+__all__ = ["DEDUPE_HORIZON_S", "Settings", "Topics"]
+
+DEDUPE_HORIZON_S = 6 * 3600  # default of SPENDSTREAM_DEDUPE_HORIZON_SECONDS
 
 
 class Topics:
@@ -30,6 +35,7 @@ class Topics:
         self.prices = f"{prefix}prices"
         self.budgets = f"{prefix}budgets"
         self.spend_deltas = f"{prefix}spend.deltas"
+        self.usage_seen = f"{prefix}usage.seen"
 
     def all(self) -> list[str]:
         return [
@@ -40,6 +46,7 @@ class Topics:
             self.prices,
             self.budgets,
             self.spend_deltas,
+            self.usage_seen,
         ]
 
 
@@ -79,6 +86,14 @@ class Settings(BaseSettings):
         description="An event whose window ended longer ago than this is recorded and flagged late, "
         "and decides no signal.",
     )
+    dedupe_horizon_seconds: int = Field(
+        default=DEDUPE_HORIZON_S,
+        ge=60,
+        le=40 * 86_400,
+        description="Copies of an event (same project and event_id) move budgets once if the event is "
+        "younger than this; older events are stored but move no budget. Memory: ~8 MB per million "
+        "events counted within it (docs/budgets.md).",
+    )
     worker_id: str = Field(default="spendstream", description="Faust app id / consumer group.")
     web_port: int = Field(default=6066, description="Worker HTTP port (health, /sql for the CLI).")
     sink_max_rows: int = Field(default=50_000, ge=1, description="Rows per ClickHouse insert.")
@@ -104,6 +119,47 @@ class Settings(BaseSettings):
     query_max_memory_bytes: int = Field(
         default=1 << 30, ge=1 << 20, description="Memory one user's query may use (max_memory_usage)."
     )
+
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Ed25519 private key that signs ControlSignals (worker) and BudgetSpecs (CLI): "
+        "a key file (PEM, as `spendstream keys generate` writes it) or the key in base64.",
+    )
+    verify_keys: str = Field(
+        default="",
+        description="Comma-separated base64 Ed25519 public keys whose signatures are accepted on "
+        "spend.control and budgets (old and new during a rotation); the signing key's own is always "
+        "accepted. With none, unsigned control records are obeyed (and a warning is logged).",
+    )
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            try:
+                Signer.load(v.get_secret_value())
+            except ConfigError as exc:  # the message never contains the key
+                raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("verify_keys")
+    @classmethod
+    def _verify_keys(cls, v: str) -> str:
+        try:
+            Verifier(k for k in v.split(",") if k.strip())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    def signer(self) -> Signer | None:
+        """The key this process signs control records with, if one is configured."""
+        return Signer.load(self.signing_key.get_secret_value()) if self.signing_key else None
+
+    def verifier(self) -> Verifier:
+        """The public keys this process accepts control records from (none: unauthenticated)."""
+        signer = self.signer()
+        keys = [k for k in self.verify_keys.split(",") if k.strip()]
+        return Verifier([*keys, *([signer.public_key] if signer else [])])
 
     @field_validator("clickhouse_dsn")
     @classmethod

@@ -10,6 +10,7 @@ its source topic, so all topics must have the same, deliberate partition count.
     prices          price cards published at run time       cleanup.policy=compact
     budgets         budget specs per scope                  cleanup.policy=compact
     spend.deltas    spend per scope, repartitioned by scope broker default retention (internal)
+    usage.seen      event ids the meter counted (dedupe)    retention.ms = dedupe horizon + 1 h (internal)
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from spendstream.errors import ConfigError
-from spendstream.settings import Topics
+from spendstream.settings import DEDUPE_HORIZON_S, Topics
 
-__all__ = ["DLQ_RETENTION_MS", "ensure_topics", "partitions_of", "topic_configs", "wait_for_broker"]
+__all__ = [
+    "DLQ_RETENTION_MS",
+    "ensure_topics",
+    "partitions_of",
+    "topic_configs",
+    "wait_for_broker",
+]
 
 DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 _TOPIC_ALREADY_EXISTS = 36
@@ -33,9 +40,10 @@ _TOPIC_ALREADY_EXISTS = 36
 log = logging.getLogger(__name__)
 
 
-def topic_configs(topics: Topics) -> dict[str, dict[str, str]]:
+def topic_configs(topics: Topics, dedupe_horizon_s: int = DEDUPE_HORIZON_S) -> dict[str, dict[str, str]]:
     """The per-topic configs set at creation (topics not listed use the broker defaults)."""
     return {
+        topics.usage_seen: {"retention.ms": str((dedupe_horizon_s + 3600) * 1000)},
         topics.spend_control: {"cleanup.policy": "compact"},
         topics.usage_dlq: {"retention.ms": str(DLQ_RETENTION_MS)},
         topics.prices: {"cleanup.policy": "compact"},
@@ -65,7 +73,11 @@ async def wait_for_broker(bootstrap: str, timeout: float) -> None:  # noqa: ASYN
 
 
 async def ensure_topics(
-    bootstrap: str, topics: Topics, partitions: int, replication_factor: int = 1
+    bootstrap: str,
+    topics: Topics,
+    partitions: int,
+    replication_factor: int = 1,
+    dedupe_horizon_s: int = DEDUPE_HORIZON_S,
 ) -> list[str]:
     """Create whichever of `topics.all()` is missing; return the names created.
 
@@ -78,7 +90,7 @@ async def ensure_topics(
         existing = set(await admin.list_topics())
         wanted = topics.all()
         missing = [t for t in wanted if t not in existing]
-        configs = topic_configs(topics)
+        configs = topic_configs(topics, dedupe_horizon_s)
         created: list[str] = []
         if missing:
             response = await admin.create_topics(

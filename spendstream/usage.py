@@ -1,19 +1,33 @@
-"""The rules every UsageEvent must satisfy, shared by the emitters (raise at the call site) and
-the meter (dead-letter with the reason)."""
+"""The rules every UsageEvent must satisfy, shared by the emitters (raise at the call site), the
+meter (dead-letter with the reason) and `spendstream price` (refuse with the reason).
+
+Every meter has a maximum per event, far above any real call (the longest context windows are a few
+million tokens), so a corrupt or hostile value is refused at the door instead of overflowing the
+64-bit money fields downstream; see docs/event-format.md for the table.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import time
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
 __all__ = [
     "COUNT_FIELDS",
+    "MAX_AUDIO_SECONDS",
+    "MAX_COUNT",
+    "MAX_EVENT_PICO",
+    "MAX_FUTURE_US",
+    "MAX_TAGS",
+    "MAX_TEXT",
+    "MIN_EVENT_TIME_US",
     "SERVICE_TIERS",
     "USAGE_SOURCES",
     "encode_seconds",
+    "priced_problem",
     "scopes_for_event",
     "usage_problem",
 ]
@@ -31,6 +45,25 @@ COUNT_FIELDS = (
     "images",
     "requests",
 )
+# The most one event may report of each meter. A real call is far below: a 2M-token context, a
+# 4,096-character TTS input, ten images. Beyond it the event is refused, never priced.
+MAX_COUNT = {
+    **dict.fromkeys(COUNT_FIELDS, 1_000_000_000),
+    "images": 100_000,
+    "requests": 1_000_000,
+}
+MAX_AUDIO_SECONDS = 1_000_000  # about 11.5 days of audio in one call
+MAX_TEXT = 256  # characters of project, team, user, service, provider, model, image size/quality, tags
+MAX_TAGS = 64
+MIN_EVENT_TIME_US = 1_420_070_400_000_000  # 2015-01-01T00:00Z: earlier is a unit error (seconds? ms?)
+MAX_FUTURE_US = 86_400_000_000  # an event time more than a day ahead of the meter's clock is refused
+# One event's cost at most: 1,000,000 USD. The meters' maxima keep a real price card far below; a
+# card priced by mistake at millions per token is refused, not stored.
+MAX_EVENT_PICO = 10**18
+_MAX_AUDIO_MICROS = MAX_AUDIO_SECONDS * 1_000_000
+_PRICING_STATUSES = ("priced", "fallback", "unpriced")
+_COUNT_MAX = tuple(MAX_COUNT.items())
+_OPTIONAL_TEXT = ("team", "user", "image_size", "image_quality")
 SERVICE_TIERS = ("standard", "batch", "flex", "priority")
 USAGE_SOURCES = ("reported", "estimated", "missing")
 _REQUIRED_TEXT = ("project", "service", "provider", "model")
@@ -55,23 +88,45 @@ def encode_seconds(seconds: Decimal | str | int) -> bytes:
     return value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True)
 
 
-def usage_problem(event: dict[str, Any], *, check_identity: bool = True) -> str | None:
+def usage_problem(
+    event: dict[str, Any], *, check_identity: bool = True, now_us: int | None = None
+) -> str | None:
     """Why `event` (a UsageEvent record) is invalid, or None if it is valid.
 
     `check_identity=False` skips event_id and event_time, for a caller that generated them.
+    `now_us` is the clock event times are checked against (default: this machine's).
     """
+    get = event.get
     for field in _REQUIRED_TEXT:
-        value = event.get(field)
-        if not isinstance(value, str) or not value.strip():
+        value = get(field)
+        if type(value) is not str or not value or value.isspace():
             return f"{field} is missing or empty"
-    if event["provider"] != event["provider"].lower():
-        return f"provider {event['provider']!r} must be lowercase (e.g. {event['provider'].lower()!r})"
-    for field in COUNT_FIELDS:
-        value = event.get(field, 0)
-        if type(value) is not int:
-            return f"{field} must be an integer count, got {value!r}"
-        if value < 0:
-            return f"{field} is negative ({value})"
+        if len(value) > MAX_TEXT:
+            return f"{field} must be a string of at most {MAX_TEXT} characters"
+    for field in _OPTIONAL_TEXT:
+        value = get(field)
+        if value is not None and (type(value) is not str or len(value) > MAX_TEXT):
+            return f"{field} must be a string of at most {MAX_TEXT} characters"
+    tags = get("tags")
+    if tags:
+        if len(tags) > MAX_TAGS:
+            return f"{len(tags)} tags: at most {MAX_TAGS} per event"
+        for k, v in tags.items():
+            if type(k) is not str or type(v) is not str or len(k) > MAX_TEXT or len(v) > MAX_TEXT:
+                return (
+                    f"tag {str(k)[:40]!r}: keys and values must be strings of at most {MAX_TEXT} characters"
+                )
+    provider = event["provider"]
+    if not provider.islower() and provider != provider.lower():
+        return f"provider {provider!r} must be lowercase (e.g. {provider.lower()!r})"
+    for field, top in _COUNT_MAX:
+        value = get(field, 0)
+        if type(value) is not int or not 0 <= value <= top:  # the common case: one test per meter
+            if type(value) is not int:
+                return f"{field} must be an integer count, got {value!r}"
+            if value < 0:
+                return f"{field} is negative ({value})"
+            return f"{field} {value} is above the maximum of {top:,} per event"
     if event.get("reasoning_tokens", 0) > event["output_tokens"]:
         return (
             f"reasoning_tokens ({event['reasoning_tokens']}) exceeds output_tokens "
@@ -80,8 +135,11 @@ def usage_problem(event: dict[str, Any], *, check_identity: bool = True) -> str 
     audio = event.get("audio_seconds", b"\x00")
     if isinstance(audio, str):
         audio = audio.encode("latin-1")
-    if isinstance(audio, bytes) and audio and audio[0] & 0x80:
-        return "audio_seconds is negative"
+    if isinstance(audio, bytes) and audio:
+        if audio[0] & 0x80:
+            return "audio_seconds is negative"
+        if len(audio) > 8 or int.from_bytes(audio, "big") > _MAX_AUDIO_MICROS:
+            return f"audio_seconds is above the maximum of {MAX_AUDIO_SECONDS:,} per event"
     tier = event.get("service_tier", "standard")
     if tier not in SERVICE_TIERS:
         return f"service_tier {tier!r} is not one of {', '.join(SERVICE_TIERS)}"
@@ -92,8 +150,36 @@ def usage_problem(event: dict[str, Any], *, check_identity: bool = True) -> str 
         return None
     if not isinstance(event.get("event_id"), str) or not _UUID.fullmatch(event["event_id"]):
         return f"event_id {event.get('event_id')!r} is not a UUID"
-    if type(event.get("event_time")) is not int or event["event_time"] <= 0:
-        return f"event_time {event.get('event_time')!r} is not a positive epoch-microseconds value"
+    at = event.get("event_time")
+    if type(at) is not int or at <= 0:
+        return f"event_time {at!r} is not a positive epoch-microseconds value"
+    if at < MIN_EVENT_TIME_US:
+        return f"event_time {at} is before 2015: event times are microseconds since the epoch (UTC)"
+    now = time.time_ns() // 1_000 if now_us is None else now_us
+    if at > now + MAX_FUTURE_US:
+        return f"event_time {at} is more than a day in the future (microseconds since the epoch, UTC)"
+    return None
+
+
+def priced_problem(priced: dict[str, Any], now_us: int | None = None) -> str | None:
+    """Why a PricedUsage record cannot be stored, or None. The meter writes none such: this guards
+    the history against any other writer of usage.priced (and against bugs)."""
+    problem = usage_problem(priced["usage"], now_us=now_us)
+    if problem is not None:
+        return problem
+    cost = priced["cost_pico_usd"]
+    itemised = priced["itemised"]
+    if cost is not None and not 0 <= cost <= MAX_EVENT_PICO:
+        return f"cost_pico_usd {cost} is outside 0..{MAX_EVENT_PICO}"
+    if len(itemised) > MAX_TAGS or any(not 0 <= v <= MAX_EVENT_PICO for v in itemised.values()):
+        return "itemised costs out of range"
+    if priced["pricing_status"] not in _PRICING_STATUSES:
+        return (
+            f"pricing_status {priced['pricing_status'][:40]!r} is not one of {', '.join(_PRICING_STATUSES)}"
+        )
+    now = time.time_ns() // 1_000 if now_us is None else now_us
+    if not MIN_EVENT_TIME_US <= priced["priced_at"] <= now + MAX_FUTURE_US:
+        return f"priced_at {priced['priced_at']} is outside 2015..now"
     return None
 
 

@@ -48,6 +48,9 @@ class _Schema:
     name: str  # short name, e.g. "UsageEvent"
     fingerprint: bytes  # 8 bytes, little-endian CRC-64-AVRO
     parsed: Any  # fastavro parsed schema, logical types stripped
+    # Defaults of bytes fields: the schema writes them as strings (Avro spec) and fastavro would
+    # write that str, so encode() fills them in as bytes when a record leaves the field out.
+    bytes_defaults: dict[str, bytes]
 
 
 def _load(path: Path) -> _Schema:
@@ -57,7 +60,14 @@ def _load(path: Path) -> _Schema:
     fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
     full_name = json.loads(canonical)["name"]
     plain = _strip_logical_types(json.loads(json.dumps(copy.deepcopy(expanded))))
-    return _Schema(full_name.removeprefix(_NAMESPACE), fp, parse_schema(plain, _write_hint=False))
+    bytes_defaults = {
+        f["name"]: f["default"].encode("latin-1")
+        for f in plain["fields"]
+        if f["type"] == "bytes" and isinstance(f.get("default"), str)
+    }
+    return _Schema(
+        full_name.removeprefix(_NAMESPACE), fp, parse_schema(plain, _write_hint=False), bytes_defaults
+    )
 
 
 class Codec:
@@ -87,6 +97,8 @@ class Codec:
     def encode(self, name: str, record: Record) -> bytes:
         """Encode `record` with the current schema `name` (e.g. "UsageEvent")."""
         schema = self._current[name]
+        if not schema.bytes_defaults.keys() <= record.keys():
+            record = {**schema.bytes_defaults, **record}
         buf = io.BytesIO()
         buf.write(MAGIC)
         buf.write(schema.fingerprint)

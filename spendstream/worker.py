@@ -44,7 +44,14 @@ def prepare(settings: Settings, say: Callable[[str], None]) -> str:
     else:
         asyncio.run(wait_for_broker(settings.bootstrap, timeout=30))
         cluster = "external-" + hashlib.sha256(settings.bootstrap.encode()).hexdigest()[:12]
-    created = asyncio.run(ensure_topics(settings.bootstrap, settings.topics, settings.partitions))
+    created = asyncio.run(
+        ensure_topics(
+            settings.bootstrap,
+            settings.topics,
+            settings.partitions,
+            dedupe_horizon_s=settings.dedupe_horizon_seconds,
+        )
+    )
     say(f"topics: {', '.join(settings.topics.all())}" + (f" (created {len(created)})" if created else ""))
     specs = load_specs(settings.budgets_file)
     if specs:  # the budgets file is an import format for the budgets topic
@@ -55,17 +62,28 @@ def prepare(settings: Settings, say: Callable[[str], None]) -> str:
     return str(datadir)
 
 
-async def publish_specs(settings: Settings, specs: list[Spec]) -> None:
-    """Publish budget specs to the budgets topic (key = scope)."""
+async def publish_specs(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = ()) -> None:
+    """Publish budget specs, and removals of every budget of the `removed` scopes, to the budgets
+    topic (key = scope), signed with SPENDSTREAM_SIGNING_KEY if set. A removal is a spec with
+    `removed` set, not a tombstone: it can be signed, and it carries the scope's replay horizon."""
+    from spendstream.signing import encode_control
     from spendstream.wire import default_codec
     from stream_processors.feeds import publish
 
     now = time.time_ns() // 1000
-    codec = default_codec()
-    records: list[tuple[bytes, bytes | None]] = [
-        (spec.scope.encode(), codec.encode("BudgetSpec", spec.to_record(now))) for spec in specs
+    codec, signer = default_codec(), settings.signer()
+    records = [
+        *((s.scope, s.to_record(now)) for s in specs),
+        *((r, {**Spec(r).to_record(now), "removed": True}) for r in removed),
     ]
-    await publish(settings.bootstrap, settings.topics.budgets, records)
+    await publish(
+        settings.bootstrap,
+        settings.topics.budgets,
+        [
+            (scope.encode(), encode_control(codec, "BudgetSpec", scope.encode(), r, signer))
+            for scope, r in records
+        ],
+    )
 
 
 def run_worker(settings: Settings, say: Callable[[str], None], loglevel: str = "info") -> None:

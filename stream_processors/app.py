@@ -29,16 +29,20 @@ from faust.web import Request, Response, View
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.gc_pauses import GcPauses
 from spendstream.settings import Settings
+from spendstream.signing import encode_control, warn_unauthenticated
 from spendstream.wire import Codec, default_codec
 from stream_processors.budgets import (
+    LONG_MAX,
     MINUTE_US,
     Decision,
     Spec,
     apply_deltas,
     decide,
+    deltas_problem,
     fresh_deltas,
     new_state,
 )
+from stream_processors.dedupe import SeenIds, reload_seen
 from stream_processors.faust_fixes import (
     ack_only_what_this_generation_handled,
     commit_only_what_is_delivered,
@@ -46,7 +50,7 @@ from stream_processors.faust_fixes import (
     reread_undelivered,
     short_fetch_wait,
 )
-from stream_processors.feeds import BudgetFeed, PriceFeed
+from stream_processors.feeds import BudgetFeed, PriceFeed, budget_rejection
 from stream_processors.history import HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
@@ -77,6 +81,13 @@ def create_app(
     topics = settings.topics
     n = settings.partitions
     grace_us = settings.late_grace_seconds * 1_000_000
+    signer, verifier = settings.signer(), settings.verifier()
+    if verifier.enforcing and signer is None:
+        raise ConfigError(
+            "SPENDSTREAM_VERIFY_KEYS is set but SPENDSTREAM_SIGNING_KEY is not: Guards with those "
+            "keys would ignore every signal of this worker; give it the signing key (docs/security.md)"
+        )
+    key_id = signer.key_id if signer else ""
     app = faust.App(
         settings.worker_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -123,7 +134,7 @@ def create_app(
 
     raw_topic, priced_topic = raw(topics.usage_raw), raw(topics.usage_priced)
     control_topic, dlq_topic = raw(topics.spend_control), raw(topics.usage_dlq)
-    deltas_topic = raw(topics.spend_deltas)
+    deltas_topic, seen_topic = raw(topics.spend_deltas), raw(topics.usage_seen)
     budget_input = raw(topics.spend_deltas, topics.budgets)
 
     # scope -> {"w", "late", "m", "applied", "sig", "seq"} (stream_processors/budgets.py). One value
@@ -161,10 +172,54 @@ def create_app(
     )
     budget_feed = BudgetFeed(
         topic=topics.budgets,
+        verifier=verifier,
         **feed_args,  # type: ignore[arg-type]
         dead_letter=lambda *a: dead_letter(a[0], a[1], topics.budgets, *a[2:]),
     )
-    stage = MeterStage(cat, codec, budget_feed.model_globs, budget_feed.specs)
+    stage = MeterStage(
+        cat,
+        codec,
+        budget_feed.model_globs,
+        budget_feed.specs,
+        dedupe_horizon_us=settings.dedupe_horizon_seconds * 1_000_000,
+    )
+    next_offset: dict[int, int] = {}  # usage.raw partition -> the offset the meter handles next
+
+    async def follow_on(partition: int, offset: int) -> None:
+        """Before handling a partition from an offset other than the next (start, rebalance, seek):
+        re-load the ids counted before it, as whoever handled the partition last wrote them."""
+        if next_offset.get(partition) != offset:
+            stage.seen[partition] = SeenIds(stage.dedupe_horizon_us)
+            await reload_seen(
+                settings.bootstrap, topics.usage_seen, partition, offset, stage.seen[partition], codec
+            )
+        next_offset[partition] = offset + 1
+
+    async def send_priced(project: str, priced: list[dict[str, Any]]) -> None:
+        """One PricedBatch; should one event not encode, it alone is dead-lettered."""
+        try:
+            value = codec.encode("PricedBatch", {"events": priced})
+        except Exception:
+            value = None
+        if value is not None:
+            await priced_topic.send(key=project.encode(), value=value)
+            return
+        for one in priced:
+            try:
+                value = codec.encode("PricedBatch", {"events": [one]})
+            except Exception as exc:
+                usage = one["usage"]
+                await dead_letter(
+                    "processing_error",
+                    repr(exc)[:1000],
+                    topics.usage_raw,
+                    -1,
+                    -1,
+                    project.encode(),
+                    repr(usage).encode(),
+                )
+                continue
+            await priced_topic.send(key=project.encode(), value=value)
 
     @app.agent(raw_topic, name="meter")
     async def meter(stream: faust.StreamT[bytes]) -> None:
@@ -178,9 +233,13 @@ def create_app(
             batch = MeterBatch(n)
             now = _now_us()
             stage.model_globs = budget_feed.model_globs
-            for event in events:
-                msg = event.message
-                result = stage.process(msg.key, msg.value or b"", now)  # a tombstone is undecodable
+            messages = [event.message for event in events]
+            for msg in messages:
+                await follow_on(msg.partition, msg.offset)
+            results = stage.process_many(
+                [(msg.partition, msg.key, msg.value or b"") for msg in messages], now
+            )  # a tombstone is undecodable
+            for msg, result in zip(messages, results, strict=True):
                 for dead in result.dead:
                     await dead_letter(
                         dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload
@@ -189,7 +248,14 @@ def create_app(
                     await raw_topic.send(key=project.encode(), value=payload)
                 for status, count in result.statuses.items():
                     metrics[f"events|{status}"] += count
+                if result.unbudgeted:
+                    metrics["unbudgeted|beyond_dedupe_horizon"] += result.unbudgeted
                 batch.add(result, msg.partition, msg.offset)
+            # The ids counted go out with the deltas they moved, so a restarted meter knows them.
+            for partition, record in batch.seen_records():
+                await seen_topic.send(
+                    key=str(partition).encode(), value=codec.encode("SeenIds", record), partition=partition
+                )
             for partition, deltas in batch.deltas.items():
                 await deltas_topic.send(
                     key=deltas[0]["scope"].encode(),
@@ -200,13 +266,11 @@ def create_app(
             # take the deltas just sent while the rest of the batch is encoded.
             for project, priced in batch.priced_batches():
                 await asyncio.sleep(0)
-                await priced_topic.send(
-                    key=project.encode(), value=codec.encode("PricedBatch", {"events": priced})
-                )
+                await send_priced(project, priced)
 
     def spec_of(scope: str) -> Spec | None:
         record = specs.get(scope)
-        if record is None:
+        if record is None or record.get("removed"):
             return None
         cache_key = (scope, int(record.get("updated_at", 0)))
         spec = parsed_specs.get(cache_key)
@@ -215,16 +279,18 @@ def create_app(
         return spec
 
     async def decide_and_signal(scope: str, state: dict[str, Any], partition: int) -> bool:
-        """Publish exactly one ControlSignal per change of (state, reason, level, window)."""
+        """Publish exactly one ControlSignal per change of (state, reason, level, window), and
+        once more, re-signed, when the worker's signing key changed since the scope's last signal
+        (so after a rotation Guards can drop the old key)."""
         now = _now_us()
         decision: Decision = decide(state, spec_of(scope), now)
         if decision.state == "ok":
             attention.pop(scope, None)
         else:
             attention[scope] = partition
-        if decision.key == state["sig"]:
+        if decision.key == state["sig"] and (state["seq"] == 0 or state.get("kid", "") == key_id):
             return False
-        state["sig"] = decision.key
+        state["sig"], state["kid"] = decision.key, key_id
         state["seq"] += 1
         signal = {
             "scope": scope,
@@ -233,7 +299,7 @@ def create_app(
             "window": decision.window.id,
             "window_start": decision.window.start_us,
             "window_end": decision.window.end_us,
-            "spend_pico_usd": decision.spend_pico,
+            "spend_pico_usd": min(decision.spend_pico, LONG_MAX),  # an Avro long; $9.2M+ saturates
             "limit_pico_usd": decision.limit_pico,
             "decided_at": now,
             "sequence": state["seq"],
@@ -241,7 +307,8 @@ def create_app(
             "mode": decision.mode,
             "projected_at": decision.projected_at_us,
         }
-        await control_topic.send(key=scope.encode(), value=codec.encode("ControlSignal", signal))
+        message = encode_control(codec, "ControlSignal", scope.encode(), signal, signer)
+        await control_topic.send(key=scope.encode(), value=message)
         metrics[f"signals|{decision.state}"] += 1
         log.info(
             "signal %s %s (%s %s): spend %d of %d pico-USD",
@@ -275,20 +342,37 @@ def create_app(
                         msg.value or b"",
                     )
                     continue
+                kept = specs.get(scope)
+                why = budget_rejection(verifier, msg.key, msg.value, record, kept and kept["updated_at"])
+                if why is not None:  # unsigned, forged, a tombstone or a replay: changes nothing
+                    metrics[f"control_rejected|{why}"] += 1
+                    detail = f"{why} budget for {scope!r} ignored: only specs signed with a key in SPENDSTREAM_VERIFY_KEYS count"
+                    await dead_letter(
+                        f"budget_{why}",
+                        detail,
+                        msg.topic,
+                        msg.partition,
+                        msg.offset,
+                        msg.key,
+                        msg.value or b"",
+                    )
+                    continue
                 if record is None:
                     specs.pop(scope, None)
-                else:
-                    specs[scope] = record
+                else:  # kept, removed too: its updated_at is the scope's replay horizon
+                    specs[scope] = {k: v for k, v in record.items() if k != "signature"}
                 state = scopes.get(scope) or new_state()
                 await decide_and_signal(scope, state, msg.partition)
                 scopes[scope] = state
                 continue
             try:
-                _, batch = codec.decode(msg.value)
+                name, batch = codec.decode(msg.value)
+                problem = deltas_problem(name, batch, _now_us())
             except Exception as exc:
-                await dead_letter(
-                    "undecodable", str(exc), msg.topic, msg.partition, msg.offset, msg.key, msg.value
-                )
+                name, problem = "undecodable", str(exc)
+            if problem is not None:
+                reason = "undecodable" if name == "undecodable" else "invalid_delta"
+                await dead_letter(reason, problem, msg.topic, msg.partition, msg.offset, msg.key, msg.value)
                 continue
             grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for d in batch["deltas"]:
@@ -296,13 +380,23 @@ def create_app(
             now = _now_us()
             for scope, deltas in grouped.items():
                 state = scopes.get(scope) or new_state()
-                fresh, duplicates = fresh_deltas(state["applied"], deltas)
-                if duplicates:
-                    metrics["deltas|duplicate"] += duplicates  # re-delivered after a restart
-                late = apply_deltas(state, fresh, spec_of(scope), now, grace_us)
-                if late:
-                    metrics["late_pico_usd|beyond_grace"] += late
-                signalled = await decide_and_signal(scope, state, msg.partition)
+                try:
+                    fresh, duplicates = fresh_deltas(state["applied"], deltas)
+                    if duplicates:
+                        metrics["deltas|duplicate"] += duplicates  # re-delivered after a restart
+                    late = apply_deltas(state, fresh, spec_of(scope), now, grace_us)
+                    if late:
+                        metrics["late_pico_usd|beyond_grace"] += late
+                    signalled = await decide_and_signal(scope, state, msg.partition)
+                except Exception as exc:  # a bug costs this scope's deltas of this message, never the agent
+                    log.exception(
+                        "budget agent: %s failed on %s[%d]@%d", scope, msg.topic, msg.partition, msg.offset
+                    )
+                    detail = f"{scope}: {exc!r}"[:1000]
+                    await dead_letter(
+                        "processing_error", detail, msg.topic, msg.partition, msg.offset, msg.key, msg.value
+                    )
+                    continue
                 if signalled or fresh:
                     scopes[scope] = state  # a timer tick that changes nothing writes no changelog
 
@@ -333,6 +427,8 @@ def create_app(
 
     @app.task
     async def start_services() -> None:
+        if not verifier.enforcing:
+            warn_unauthenticated(log, "the worker")
         await app.add_runtime_dependency(price_feed)
         await app.add_runtime_dependency(budget_feed)
 
@@ -456,6 +552,8 @@ def create_app(
                 "deltas": ("spendstream_spend_deltas_total", "kind"),
                 "late_pico_usd": ("spendstream_late_spend_pico_usd_total", "kind"),
                 "rebalance": ("spendstream_rebalance_rereads_total", "kind"),
+                "unbudgeted": ("spendstream_unbudgeted_events_total", "reason"),
+                "control_rejected": ("spendstream_control_rejected_total", "reason"),
             }
             lines = []
             for prefix, (metric, label) in names.items():

@@ -9,7 +9,8 @@ The state of one scope is a plain dict (stored as one value in the worker's `sco
 single changelog record updates spend, dedup offsets and the last signal together):
 
     {"w": {window id: pico-USD}, "late": {window id: pico-USD}, "m": {minute: pico-USD},
-     "applied": {usage.raw partition: offset}, "sig": [state, reason, level, window], "seq": n}
+     "applied": {usage.raw partition: offset}, "sig": [state, reason, level, window], "seq": n,
+     "kid": id of the key that signed the last signal (absent or "": unsigned)}
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from spendstream.errors import ConfigError
-from spendstream.usage import scopes_for_event
+from spendstream.usage import MAX_FUTURE_US, MIN_EVENT_TIME_US, scopes_for_event
 
 __all__ = [
+    "LONG_MAX",
     "MAX_LIMIT_USD",
     "MAX_REASON_CHARS",
     "MAX_ROLLING_MINUTES",
@@ -42,6 +44,7 @@ __all__ = [
     "apply_deltas",
     "calendar_window",
     "decide",
+    "deltas_problem",
     "load_specs",
     "make_limit",
     "new_state",
@@ -372,6 +375,26 @@ def load_specs(path: Path | None) -> list[Spec]:
 
 def new_state() -> dict[str, Any]:
     return {"w": {}, "late": {}, "m": {}, "applied": {}, "sig": ["ok", "within_budget", 0, ""], "seq": 0}
+
+
+LONG_MAX = 2**63 - 1
+_MIN_MINUTE = MIN_EVENT_TIME_US // MINUTE_US
+
+
+def deltas_problem(name: str, batch: Mapping[str, Any], now_us: int) -> str | None:
+    """Why a spend.deltas message cannot be applied, or None. The meter never writes such a
+    message: this guards the budgets against any other writer of the topic (and against bugs)."""
+    if name != "SpendDeltaBatch":
+        return f"spend.deltas takes SpendDeltaBatch, not {name}"
+    last_minute = (now_us + MAX_FUTURE_US) // MINUTE_US
+    for d in batch["deltas"]:
+        if not _SCOPE.match(d["scope"]):
+            return f"scope {d['scope'][:80]!r} is not a budget scope"
+        if not 0 <= d["pico_usd"] <= 2**62 or d["events"] < 0:
+            return f"{d['scope']}: pico_usd {d['pico_usd']} / events {d['events']} out of range"
+        if d["pico_usd"] and not _MIN_MINUTE <= d["minute"] <= last_minute:
+            return f"{d['scope']}: minute {d['minute']} is outside the event times the meter accepts"
+    return None
 
 
 def fresh_deltas(

@@ -4,7 +4,10 @@
     budgets  (BudgetSpec, key = scope)   -> BudgetFeed -> model filters for the meter, `budget list`
 
 No consumer group, nothing committed: each worker builds the full view. A record that does not
-validate is logged and dead-lettered on `usage.dlq` with the reason; the old view stays.
+validate is logged and dead-lettered on `usage.dlq` with the reason; the old view stays. With verify
+keys, a budgets record that is unsigned, badly signed, signed by an unknown key, a tombstone or a
+replay (older `updated_at` than the scope's last accepted spec) is ignored and counted in
+`rejections`; the budget agent, which reads each record once, dead-letters it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -19,12 +23,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from mode import Service
 
 from spendstream.errors import ConfigError, DecodeError
+from spendstream.signing import REPLAYED, Verifier
 from spendstream.topics import partitions_of
 from spendstream.wire import Codec
 from stream_processors.budgets import Spec
 from stream_processors.pricing import Catalogue, PriceCard, card_from_mapping
 
-__all__ = ["BudgetFeed", "PriceFeed", "cards_of", "publish", "read_compacted"]
+__all__ = ["BudgetFeed", "PriceFeed", "budget_rejection", "cards_of", "publish", "read_compacted"]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +54,15 @@ class _Feed(Service):
         self.caught_up = asyncio.Event()
         self.applied = 0
         self.rejected = 0
+        self.rejections: Counter[str] = Counter()  # reason -> well-formed records not applied
 
     def apply(self, key: bytes | None, record: dict[str, Any] | None) -> str:
         """Apply one record (None = tombstone); return a short description for the log."""
         raise NotImplementedError
+
+    def rejection(self, key: bytes | None, value: bytes | None, record: dict[str, Any] | None) -> str | None:
+        """Why a well-formed record is not to be applied (None: apply it)."""
+        return None
 
     async def on_start(self) -> None:
         partitions = await partitions_of(self._bootstrap, self.topic)
@@ -97,6 +107,13 @@ class _Feed(Service):
                 name, record = self._codec.decode(value)
                 if name != self.schema:
                     raise DecodeError(f"{self.topic} takes {self.schema} records, not {name}")
+            why = self.rejection(key, value, record)
+            if why is not None:
+                self.rejections[why] += 1
+                log.warning(
+                    "ignored a %s %s record at [%d]@%d (key %r)", why, self.topic, partition, offset, key
+                )
+                return
             what = self.apply(key, record)
         except (DecodeError, ConfigError, KeyError, ValueError) as exc:
             self.rejected += 1
@@ -123,31 +140,53 @@ class PriceFeed(_Feed):
         return f"price card {card.id} applied (catalogue version {self.catalogue.version})"
 
 
+def budget_rejection(
+    verifier: Verifier,
+    key: bytes | None,
+    value: bytes | None,
+    record: dict[str, Any] | None,
+    last_updated_at: int | None,
+) -> str | None:
+    """Why a budgets record is not accepted (None: accepted): a signature the verifier refuses, or,
+    with keys, a spec older than `last_updated_at`, the scope's last accepted one (a replay)."""
+    why = verifier.check(key, value, record)
+    fresh = record is None or last_updated_at is None or record["updated_at"] >= last_updated_at
+    return REPLAYED if why is None and verifier.enforcing and not fresh else why
+
+
 class BudgetFeed(_Feed):
     schema = "BudgetSpec"
     reject_reason = "invalid_budget"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, verifier: Verifier, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.verifier = verifier
         self.specs: dict[str, Spec] = {}
+        self.updated_at: dict[str, int] = {}  # scope -> updated_at of its last accepted spec
         self.model_globs: dict[str, list[str]] = {}  # project -> globs of its model-filtered budgets
+
+    def rejection(self, key: bytes | None, value: bytes | None, record: dict[str, Any] | None) -> str | None:
+        scope = key.decode() if key else (record or {}).get("scope", "")
+        return budget_rejection(self.verifier, key, value, record, self.updated_at.get(scope))
 
     def apply(self, key: bytes | None, record: dict[str, Any] | None) -> str:
         scope = key.decode() if key else (record or {}).get("scope", "")
-        if record is None:
+        if record is None or record["removed"]:
             self.specs.pop(scope, None)
         else:
             self.specs[scope] = Spec.from_record(record)
+        if record is not None:
+            self.updated_at[scope] = record["updated_at"]
         globs: dict[str, list[str]] = {}
         for s in self.specs:
             if "/model:" in s:
                 project, glob = s.removeprefix("project:").split("/model:", 1)
                 globs.setdefault(project, []).append(glob)
         self.model_globs = globs
-        return f"budget {scope} {'removed' if record is None else 'set'}"
+        return f"budget {scope} {'removed' if scope not in self.specs else 'set'}"
 
 
-async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes, bytes | None]]) -> None:
+async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]) -> None:
     """Publish (key, value) records and wait until Kafka has them all."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
@@ -158,8 +197,16 @@ async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes, byt
         await producer.stop()
 
 
-async def read_compacted(bootstrap: str, topic: str, codec: Codec) -> dict[bytes, dict[str, Any] | None]:
-    """The latest record per key on `topic` (read to its current end); {} if the topic is missing."""
+Admit = Callable[[bytes, bytes | None, dict[str, Any] | None, dict[str, Any] | None], bool]
+
+
+async def read_compacted(
+    bootstrap: str, topic: str, codec: Codec, admit: Admit | None = None
+) -> dict[bytes, dict[str, Any] | None]:
+    """The latest record per key on `topic` (read to its current end); {} if the topic is missing.
+
+    `admit(key, value, record, kept)`, if given, decides whether a record replaces `kept`, the
+    latest admitted one of its key (None if none yet): e.g. only verified budgets."""
     try:
         partitions = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
     except ConfigError:
@@ -177,9 +224,11 @@ async def read_compacted(bootstrap: str, topic: str, codec: Codec) -> dict[bytes
                     if msg.key is None:
                         continue
                     try:
-                        latest[msg.key] = codec.decode(msg.value)[1] if msg.value else None
+                        record = codec.decode(msg.value)[1] if msg.value else None
                     except DecodeError:
                         continue
+                    if admit is None or admit(msg.key, msg.value, record, latest.get(msg.key)):
+                        latest[msg.key] = record
     finally:
         await consumer.stop()
     return latest

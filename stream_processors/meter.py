@@ -9,22 +9,26 @@ per project and one `SpendDeltaBatch` per owning partition, however many message
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from aiokafka.partitioner import murmur2
 
 from spendstream.errors import DecodeError
-from spendstream.usage import usage_problem
+from spendstream.settings import DEDUPE_HORIZON_S
+from spendstream.usage import MAX_EVENT_PICO, usage_problem
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
+from stream_processors.dedupe import SeenIds, event_key
 from stream_processors.pricing import Catalogue
 
 __all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for"]
 
 PRICED_BATCH_EVENTS = 2_000  # events per PricedBatch message (well under the 8 MiB request size)
+MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per scope is split above
 
 
 @lru_cache(maxsize=65536)
@@ -35,7 +39,7 @@ def partition_for(key: str, partitions: int) -> int:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    reason: str  # undecodable | wrong_schema | invalid_event
+    reason: str  # undecodable | wrong_schema | invalid_event | cost_out_of_bounds | processing_error
     detail: str
     payload: bytes
 
@@ -46,18 +50,26 @@ class MeterResult:
     priced: list[dict[str, Any]] = field(default_factory=list)  # PricedUsage records
     # (scope, event minute) -> pico-USD and event count: what this message adds to each budget scope
     spend: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    # (scope, minute, pico-USD, events): spend that filled a delta up to MAX_DELTA_PICO
+    full_deltas: list[tuple[str, int, int, int]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     rekey: list[tuple[str, bytes]] = field(default_factory=list)  # (project, UsageEvent message)
-    statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # priced/fallback/unpriced
+    # priced/fallback/unpriced, and duplicate (a copy of an event already counted: skipped)
+    statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    unbudgeted: int = 0  # events older than the dedupe horizon: priced and stored, no budget moved
+    seen: list[int] = field(default_factory=list)  # dedupe keys of the events this message counted
 
 
 class MeterStage:
+    """Decode, validate, dedupe and price usage.raw messages; one bad event never costs another."""
+
     def __init__(
         self,
         catalogue: Catalogue,
         codec: Codec,
         model_globs: dict[str, list[str]] | None = None,
         budgeted: Container[str] = (),
+        dedupe_horizon_us: int = DEDUPE_HORIZON_S * 1_000_000,
     ) -> None:
         self.catalogue = catalogue
         self.codec = codec
@@ -65,14 +77,52 @@ class MeterStage:
         # Scopes with a budget: org and project spend is always kept; team and user spend only for
         # budgeted scopes (fanning out to every user of every message would cost more than pricing).
         self.budgeted = budgeted
+        self.dedupe_horizon_us = dedupe_horizon_us
+        self.seen: dict[int, SeenIds] = {}  # usage.raw partition -> the event ids it counted
 
-    def process(self, key: bytes | None, value: bytes, now_us: int) -> MeterResult:
-        result = MeterResult()
+    def seen_ids(self, partition: int) -> SeenIds:
+        seen = self.seen.get(partition)
+        if seen is None:
+            seen = self.seen[partition] = SeenIds(self.dedupe_horizon_us)
+        return seen
+
+    def process(self, key: bytes | None, value: bytes, now_us: int, partition: int = 0) -> MeterResult:
+        """One usage.raw message (see process_many)."""
+        return self.process_many([(partition, key, value)], now_us)[0]
+
+    def process_many(
+        self, messages: Sequence[tuple[int, bytes | None, bytes]], now_us: int
+    ) -> list[MeterResult]:
+        """(partition, key, value) of usage.raw messages in offset order -> one result each.
+
+        Every event is validated on its own; an event that fails in any way (bad bytes, bad
+        values, a bug) is dead-lettered with the reason and its neighbours are priced as usual.
+        Copies of an event already counted (same project and event_id, within the dedupe horizon)
+        are skipped; the ids are checked per partition for all messages together.
+        """
+        results = [MeterResult() for _ in messages]
+        owned: list[tuple[MeterResult, int, dict[str, Any]]] = []  # (result, partition, event)
+        for result, (partition, key, value) in zip(results, messages, strict=True):
+            owned += [(result, partition, e) for e in self._events(key, value, now_us, result)]
+        for (result, _, event), dedupe_key in zip(owned, self._dedupe(owned, now_us), strict=True):
+            if dedupe_key is None:
+                result.statuses["duplicate"] += 1
+                continue
+            try:
+                self._price_one(event, dedupe_key, now_us, result)
+            except Exception as exc:  # a bug must cost this event only, and say so
+                result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
+        return results
+
+    def _events(
+        self, key: bytes | None, value: bytes, now_us: int, result: MeterResult
+    ) -> list[dict[str, Any]]:
+        """The valid events of one message that belong to its key; dead letters and re-keys aside."""
         try:
             name, record = self.codec.decode(value)
         except DecodeError as exc:
             result.dead.append(DeadLetter("undecodable", str(exc), value))
-            return result
+            return []
         if name == "UsageEvent":
             events = [record]
         elif name == "UsageBatch":
@@ -81,27 +131,55 @@ class MeterStage:
             result.dead.append(
                 DeadLetter("wrong_schema", f"usage.raw takes UsageEvent or UsageBatch, not {name}", value)
             )
-            return result
+            return []
         message_project = key.decode("utf-8", "replace") if key is not None else None
+        valid = []
         for event in events:
-            self._price_one(event, message_project, now_us, result)
-        return result
+            try:
+                problem = usage_problem(event, now_us=now_us)
+            except Exception as exc:
+                problem = f"cannot be checked: {exc!r}"[:1000]
+            if problem is not None:
+                result.dead.append(DeadLetter("invalid_event", problem, self._single_or_raw(event, value)))
+            elif event["project"] != message_project:
+                # Spend is owned by the partition of key = project. An event sent under another key
+                # (or none) is forwarded with the right key instead of being counted by the wrong owner.
+                result.rekey.append((event["project"], self._single(event)))
+            else:
+                valid.append(event)
+        return valid
 
-    def _price_one(
-        self, event: dict[str, Any], message_project: str | None, now_us: int, result: MeterResult
-    ) -> None:
-        problem = usage_problem(event)
-        if problem is not None:
-            result.dead.append(DeadLetter("invalid_event", problem, self._single(event)))
-            return
-        project = event["project"]
-        if project != message_project:
-            # Spend is owned by the partition of key = project. An event sent under another key (or
-            # none) is forwarded with the right key instead of being counted by the wrong owner.
-            result.rekey.append((project, self._single(event)))
-            return
+    def _dedupe(self, owned: list[tuple[MeterResult, int, dict[str, Any]]], now_us: int) -> list[int | None]:
+        """Per owned event: its dedupe key if it is the first copy, None for a copy already counted,
+        -1 for an event older than the horizon (it moves no budget, so it cannot count twice)."""
+        oldest = now_us - self.dedupe_horizon_us
+        keys: list[int | None] = [-1] * len(owned)
+        by_partition: dict[int, list[int]] = defaultdict(list)
+        for i, (_, partition, event) in enumerate(owned):
+            if event["event_time"] >= oldest:
+                keys[i] = event_key(event["project"], event["event_id"])
+                by_partition[partition].append(i)
+        for partition, indexes in by_partition.items():
+            batch = np.fromiter((keys[i] for i in indexes), dtype=np.uint64, count=len(indexes))
+            for i, first in zip(indexes, self.seen_ids(partition).first_seen(batch, now_us), strict=True):
+                if not first:
+                    keys[i] = None
+        return keys
+
+    def _price_one(self, event: dict[str, Any], dedupe_key: int, now_us: int, result: MeterResult) -> None:
         priced = self.catalogue.price(event)
+        if priced.cost_pico is not None and priced.cost_pico > MAX_EVENT_PICO:
+            result.dead.append(
+                DeadLetter(
+                    "cost_out_of_bounds",
+                    f"cost {priced.cost_pico} pico-USD is above the maximum of {MAX_EVENT_PICO} "
+                    "(1,000,000 USD) per event",
+                    self._single(event),
+                )
+            )
+            return
         card = priced.card
+        project = event["project"]
         result.project = project
         result.statuses[priced.status] += 1
         result.priced.append(
@@ -116,6 +194,10 @@ class MeterStage:
                 "unpriced_reason": priced.reason,
             }
         )
+        if dedupe_key < 0:
+            result.unbudgeted += 1
+            return
+        result.seen.append(dedupe_key)
         if priced.cost_pico:  # unpriced (None) moves no budget, but is counted and stored
             minute = event["event_time"] // MINUTE_US
             globs = self.model_globs.get(project, ())
@@ -126,12 +208,22 @@ class MeterStage:
                 slot = result.spend.get((scope, minute))
                 if slot is None:
                     result.spend[(scope, minute)] = [priced.cost_pico, 1]
+                elif slot[0] + priced.cost_pico > MAX_DELTA_PICO:  # a delta is an Avro long
+                    result.full_deltas.append((scope, minute, slot[0], slot[1]))
+                    slot[0], slot[1] = priced.cost_pico, 1
                 else:
                     slot[0] += priced.cost_pico
                     slot[1] += 1
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)
+
+    def _single_or_raw(self, event: dict[str, Any], raw: bytes) -> bytes:
+        """The event alone as a UsageEvent message, or the whole message if it cannot be encoded."""
+        try:
+            return self._single(event)
+        except Exception:
+            return raw
 
 
 class MeterBatch:
@@ -146,11 +238,18 @@ class MeterBatch:
         self.partitions = partitions
         self.priced: dict[str, list[dict[str, Any]]] = defaultdict(list)  # project -> PricedUsage
         self.deltas: dict[int, list[dict[str, Any]]] = defaultdict(list)  # spend.deltas partition -> deltas
+        # usage.raw partition -> (offsets, dedupe keys) of the events counted: for usage.seen
+        self.seen: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
 
     def add(self, result: MeterResult, source_partition: int, source_offset: int) -> None:
         if result.project is not None:
             self.priced[result.project].extend(result.priced)
-        for (scope, minute), (pico, count) in result.spend.items():
+        if result.seen:
+            offsets, keys = self.seen[source_partition]
+            offsets.extend([source_offset] * len(result.seen))
+            keys.extend(result.seen)
+        spend = [(s, m, p, c) for (s, m), (p, c) in result.spend.items()]
+        for scope, minute, pico, count in result.full_deltas + spend:
             self.deltas[partition_for(scope, self.partitions)].append(
                 {
                     "scope": scope,
@@ -161,6 +260,20 @@ class MeterBatch:
                     "source_offset": source_offset,
                 }
             )
+
+    def seen_records(self) -> list[tuple[int, dict[str, Any]]]:
+        """(usage.raw partition, SeenIds record): the ids counted, for a restarted meter to re-load."""
+        return [
+            (
+                partition,
+                {
+                    "source_partition": partition,
+                    "offsets": np.array(offsets, dtype="<i8").tobytes(),
+                    "ids": np.array(keys, dtype="<u8").tobytes(),
+                },
+            )
+            for partition, (offsets, keys) in self.seen.items()
+        ]
 
     def priced_batches(self) -> list[tuple[str, list[dict[str, Any]]]]:
         """(project, PricedUsage records) per message, at most PRICED_BATCH_EVENTS each."""

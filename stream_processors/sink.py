@@ -22,6 +22,7 @@ from mode import Service
 from spendstream.errors import DecodeError
 from spendstream.settings import Topics
 from spendstream.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
+from spendstream.usage import priced_problem
 from spendstream.wire import Codec
 from stream_processors.pricing import audio_micros, pico_to_usd
 
@@ -160,16 +161,34 @@ class Sink(Service):
         except DecodeError as exc:
             record, name = {}, str(exc)
         if tp.topic == self._topics.usage_priced and name == "PricedBatch":
-            self._usage.extend(usage_row(p) for p in record["events"])
+            for priced in record["events"]:
+                problem = priced_problem(priced)  # a foreign writer's row must not stall the inserts
+                if problem is None:
+                    self._usage.append(usage_row(priced))
+                else:
+                    detail = f"event {str(priced['usage'].get('event_id'))[:40]}: {problem}"
+                    self._dead.append(self._sink_dead_letter(tp, msg, "sink_invalid_row", detail, b""))
         elif tp.topic == self._topics.usage_dlq and name == "DeadLetter":
             self._dead.append(dead_letter_row(record))
         else:  # keep what we could not read: it is a dead letter of the sink itself
-            key = msg.key.decode("utf-8", "replace") if msg.key else None
-            now = time.time_ns() // 1000
-            self._dead.append(
-                (now, "sink_undecodable", name, tp.topic, tp.partition, msg.offset, key, value.hex())
-            )
+            self._dead.append(self._sink_dead_letter(tp, msg, "sink_undecodable", name, value))
         self._offsets[tp] = msg.offset + 1
+
+    @staticmethod
+    def _sink_dead_letter(
+        tp: TopicPartition, msg: ConsumerRecord[bytes, bytes], reason: str, detail: str, payload: bytes
+    ) -> tuple[Any, ...]:
+        key = msg.key.decode("utf-8", "replace") if msg.key else None
+        return (
+            time.time_ns() // 1000,
+            reason,
+            detail,
+            tp.topic,
+            tp.partition,
+            msg.offset,
+            key,
+            payload.hex(),
+        )
 
     async def flush(self) -> None:
         """Write what is buffered, then commit exactly the offsets of what was written."""

@@ -107,7 +107,24 @@ def start_worker(bootstrap: str, state_dir: Path, budgets: str, **extra: str) ->
             **extra,
         }
     )
-    log = state_dir / "worker.log"
+    return _spawn(env, port, Topics(prefix), state_dir / "worker.log")
+
+
+def restart_worker(worker: Worker, *, kill: bool = False) -> Worker:
+    """Stop `worker` (SIGTERM, or SIGKILL with kill=True) and start it again on the same topics,
+    state and port: what an operator's restart or a crash does. Returns `worker`, now the new process."""
+    if kill:
+        worker.process.kill()
+        worker.process.wait()
+    else:
+        worker.stop()
+    restarted = _spawn(worker.env, worker.port, worker.topics, worker.log.with_name("worker-restarted.log"))
+    worker.process, worker.log = restarted.process, restarted.log  # fixtures holding it stop the new one
+    return worker
+
+
+def _spawn(env: dict[str, str], port: int, topics: Topics, log: Path) -> Worker:
+    """`spendstream up` as a child process; returns once its /health answers."""
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "spendstream", "up"],
@@ -116,7 +133,7 @@ def start_worker(bootstrap: str, state_dir: Path, budgets: str, **extra: str) ->
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-    worker = Worker(env, port, Topics(prefix), process, log)
+    worker = Worker(env, port, topics, process, log)
     deadline = time.monotonic() + 120
     while True:
         if process.poll() is not None:

@@ -92,6 +92,7 @@ def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wor
         tmp_path_factory.mktemp("budgets"),
         "budgets: {}\n",
         SPENDSTREAM_LATE_GRACE_SECONDS=str(2 * 86_400),
+        SPENDSTREAM_DEDUPE_HORIZON_SECONDS=str(8 * 86_400),  # the late events below still move budgets
     )
     yield w
     w.stop()

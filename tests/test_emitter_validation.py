@@ -32,6 +32,15 @@ GOOD: dict[str, Any] = {
         ({"reasoning_tokens": 5}, "must include the reasoning share"),
         ({"event_id": "not-a-uuid"}, "is not a UUID"),
         ({"event_time": datetime(2026, 1, 1)}, "timezone-aware"),  # noqa: DTZ001 (the point of the test)
+        # every meter has a per-event maximum far above any real call (spendstream/usage.py)
+        ({"input_tokens": 4 * 10**12}, "input_tokens 4000000000000 is above the maximum of 1,000,000,000"),
+        ({"output_tokens": 2**62}, "output_tokens .* is above the maximum"),
+        ({"images": 100_001}, "images 100001 is above the maximum of 100,000"),
+        ({"audio_seconds": "1000000.000001"}, "audio_seconds is above the maximum of 1,000,000"),
+        ({"model": "m" * 257}, "model must be a string of at most 256 characters"),
+        ({"tags": {f"k{i}": "v" for i in range(65)}}, "65 tags: at most 64"),
+        ({"event_time": datetime(2014, 12, 31, tzinfo=UTC)}, "before 2015"),
+        ({"event_time": datetime(2999, 1, 1, tzinfo=UTC)}, "more than a day in the future"),
     ],
 )
 def test_invalid_usage_raises_with_the_reason(change: dict[str, Any], message: str) -> None:

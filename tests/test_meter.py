@@ -12,7 +12,7 @@ from stream_processors.pricing import Catalogue
 
 CODEC = default_codec()
 STAGE = MeterStage(Catalogue.load(fallback="none"), CODEC)
-NOW = 1_800_000_000_000_000
+NOW = int(datetime(2026, 12, 1, 0, 30, tzinfo=UTC).timestamp()) * 1_000_000  # the meter's clock
 
 
 def ev(**kw: Any) -> dict[str, Any]:
@@ -23,6 +23,7 @@ def ev(**kw: Any) -> dict[str, Any]:
         "model": "gpt-4o",
         "input_tokens": 1000,
         "output_tokens": 100,
+        "event_time": datetime.fromtimestamp(NOW / 1e6 - 60, UTC),
     }
     return build_event(**{**base, **kw})
 

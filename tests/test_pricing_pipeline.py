@@ -201,3 +201,20 @@ def test_price_cli_prices_one_event_without_kafka() -> None:
     )
     assert unknown.returncode == 1
     assert "no price for model 'gpt-unknown'" in " ".join(unknown.stderr.split())
+    huge = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spendstream",
+            "price",
+            "--json",
+            '{"provider": "openai", "model": "gpt-4o", "input_tokens": 100000000000000000000, "output_tokens": 1}',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert huge.returncode != 0  # refused like the emitter and the meter refuse it, never $250 trillion
+    assert "input_tokens 100000000000000000000 is above the maximum of 1,000,000,000" in huge.stderr
+    assert "Traceback" not in huge.stderr
