@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from spendstream.errors import ConfigError
 from spendstream.settings import Topics
+from spendstream.signing import generate_key
 from spendstream.wire import default_codec
 from stream_processors.budgets import MAX_LIMIT_USD, Spec, make_limit, usd_to_pico_checked
 from stream_processors.feeds import publish, read_compacted
@@ -96,7 +97,8 @@ BAD_CLI_VALUES = [
 
 def test_bad_cli_values_are_refused_in_one_line_and_nothing_is_published(kafka: str, tmp_path: Path) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}."
-    env = cli_env(kafka, tmp_path, prefix)
+    generate_key(tmp_path / "operator.pem")  # a signed deployment: no unauthenticated-plane warning
+    env = {**cli_env(kafka, tmp_path, prefix), "SPENDSTREAM_SIGNING_KEY": str(tmp_path / "operator.pem")}
     good = spendstream(env, "budget", "set", "project:good", "9000000", "--window", "rolling:31d")
     assert good.returncode == 0, good.stderr
     refused = 0
