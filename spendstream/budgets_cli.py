@@ -14,17 +14,19 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
 from stream_processors.budgets import (
+    MAX_REASON_CHARS,
     Spec,
     load_specs,
     make_limit,
     parse_scope,
-    usd_to_pico_checked,
+    runaway_pico_checked,
     utc_from_micros,
 )
 from stream_processors.feeds import budget_rejection, read_compacted
@@ -47,14 +49,29 @@ def _ready(settings: Settings) -> None:
 
 
 def current_specs(settings: Settings) -> dict[str, Spec]:
-    """The specs the worker applies: with verify keys, the latest signed one of each scope."""
+    """The specs the worker applies: with verify keys, the latest signed one of each scope. A record
+    the worker refuses as invalid (it dead-letters it) is skipped with a warning."""
     verifier = settings.verifier()
 
     def admit(key: bytes, value: bytes | None, record: dict[str, Any] | None, kept: Any) -> bool:
         return budget_rejection(verifier, key, value, record, kept["updated_at"] if kept else None) is None
 
     records = asyncio.run(read_compacted(settings.bootstrap, settings.topics.budgets, default_codec(), admit))
-    return {k.decode(): Spec.from_record(v) for k, v in records.items() if v is not None and not v["removed"]}
+    specs = {}
+    for key, record in records.items():
+        if record is None or record["removed"]:
+            continue
+        try:
+            specs[key.decode()] = Spec.from_record(record)
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            _warn(f"skipped the invalid budget record {key!r} on {settings.topics.budgets}: {exc}")
+    return specs
+
+
+def _warn(message: str) -> None:
+    from spendstream.cli import err
+
+    err.print(f"[yellow]warning[/yellow]: {escape(message)}", soft_wrap=True)
 
 
 def _publish(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = ()) -> None:
@@ -138,7 +155,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Set the runaway rule of a scope (the weekend backlog script)."""
-        per_min = usd_to_pico_checked(f"runaway {scope}", usd_per_minute) if usd_per_minute else None
+        per_min = runaway_pico_checked(f"runaway {scope}", usd_per_minute) if usd_per_minute else None
         _change(ctx.obj, scope, runaway_multiplier=multiplier, runaway_pico_per_minute=per_min)
         _console().print(
             f"runaway rule for {scope}: multiplier {multiplier}, ceiling ${usd_per_minute or '-'}/min"
@@ -167,9 +184,13 @@ def register(app: typer.Typer) -> None:
         table = Table("scope", "window", "spend", "limit", "%", "state", "until (UTC)")
         for r in rows:
             colour = {"blocked": "red", "warn": "yellow"}.get(r["state"], "green")
-            end = f"{utc_from_micros(r['window_end']):%Y-%m-%d %H:%M}" if r["window_end"] else ""
-            spend = f"${Decimal(r['spend_usd']).quantize(_CENT):,}" if r["spend_usd"] else ""
-            limit = f"${Decimal(r['limit_usd']).quantize(_CENT):,}" if r["limit_usd"] else ""
+            try:
+                end = f"{utc_from_micros(r['window_end']):%Y-%m-%d %H:%M}" if r["window_end"] else ""
+                spend = f"${Decimal(r['spend_usd']).quantize(_CENT):,}" if r["spend_usd"] else ""
+                limit = f"${Decimal(r['limit_usd']).quantize(_CENT):,}" if r["limit_usd"] else ""
+            except (ArithmeticError, OverflowError, ValueError) as exc:  # one bad row, not the whole list
+                _warn(f"skipped {r['scope']} {r['window']}: {exc!r}")
+                continue
             table.add_row(
                 r["scope"],
                 r["window"],
@@ -188,6 +209,11 @@ def register(app: typer.Typer) -> None:
         reason: Annotated[str, typer.Option(help="Why (shown to everyone refused)")],
     ) -> None:
         """Operator kill switch: block a scope now, until `spendstream unblock`."""
+        if not reason.strip() or len(reason) > MAX_REASON_CHARS:
+            raise ConfigError(
+                f"--reason says why {scope} is blocked (shown to every caller refused): "
+                f'1 to {MAX_REASON_CHARS} characters, e.g. --reason "incident 4711"'
+            )
         _change(ctx.obj, scope, manual_block=True, manual_reason=reason)
         _console().print(f"[red]blocked[/red] {scope}: {reason}")
 

@@ -16,6 +16,7 @@ import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from spendstream import budgets_cli, keys_cli, prices_cli
@@ -128,16 +129,26 @@ def up(
 
 
 def query(settings: Settings, sql: str) -> QueryResult:
-    """Run a read-only query: through the running worker (it owns embedded chDB), or directly."""
+    """Run a user's read-only query: through the running worker (it owns embedded chDB), or directly
+    when no worker listens. Either way ClickHouse guards it (read-only, `QueryLimits`)."""
     try:
-        response = httpx.post(f"http://127.0.0.1:{settings.web_port}/sql", json={"query": sql}, timeout=120)
-    except httpx.TransportError:
-        store = ClickHouseStore(settings.dsn, settings.clickhouse_database)
+        response = httpx.post(
+            f"http://127.0.0.1:{settings.web_port}/sql",
+            json={"query": sql},
+            timeout=settings.query_timeout_seconds + 30,  # the worker answers by then: ClickHouse stops it
+        )
+    except httpx.ConnectError:
+        store = ClickHouseStore(settings.dsn, settings.clickhouse_database, settings.query_limits)
         try:
-            return store.query(sql)
+            return store.user_query(sql)
         finally:
             store.close()
-    body = response.json()
+    except httpx.TransportError as exc:
+        raise QueryError(f"the worker on port {settings.web_port} did not answer: {exc!r}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        raise QueryError(f"the worker answered {response.status_code}: {response.text[:300]}") from None
     if response.status_code != 200:
         raise QueryError(body.get("error", response.text))
     return QueryResult(body["columns"], body["rows"])
@@ -245,6 +256,6 @@ def main() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the CLI reports failures itself
     try:
         app()
-    except SpendstreamError as exc:
-        err.print(f"[red]error[/red]: {exc}")
+    except SpendstreamError as exc:  # one line, unwrapped, whatever the message holds
+        err.print(f"[red]error[/red]: {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)

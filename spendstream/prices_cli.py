@@ -71,17 +71,35 @@ def _catalogue(settings: Settings, *, online: bool, fallback: str = "none") -> t
 
 
 def _event_from_json(text: str) -> dict[str, Any]:
+    """A UsageEvent from `--json`; InvalidUsage in one line for anything that is not one."""
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_float=Decimal)  # a float count is refused as such, never rounded
     except json.JSONDecodeError as exc:
         raise InvalidUsage(f"--json is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidUsage("--json must be one UsageEvent object")
+    missing = [k for k in ("provider", "model", "input_tokens", "output_tokens") if k not in raw]
+    if missing:
+        raise InvalidUsage(f"--json needs provider, model, input_tokens and output_tokens; missing {missing}")
     when = raw.pop("event_time", None)
-    if isinstance(when, str):
-        raw["event_time"] = datetime.fromisoformat(when.replace("Z", "+00:00"))
-    elif isinstance(when, int):
-        raw["event_time"] = datetime.fromtimestamp(when / 1_000_000, UTC)
+    try:
+        if isinstance(when, str):
+            raw["event_time"] = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        elif isinstance(when, int) and not isinstance(when, bool):
+            raw["event_time"] = datetime.fromtimestamp(when / 1_000_000, UTC)
+        elif when is not None:
+            raise ValueError
+    except (ValueError, OverflowError, OSError):
+        raise InvalidUsage(
+            f"--json: event_time must be an ISO 8601 time or epoch microseconds, got {when!r}"
+        ) from None
+    tags = raw.get("tags")
+    if tags is not None and (
+        not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values())
+    ):
+        raise InvalidUsage(
+            f'--json: tags must be an object of strings such as {{"team": "data"}}, got {tags!r}'
+        )
     for drop in ("event_id",):
         raw.pop(drop, None)
     raw.setdefault("service", "cli")

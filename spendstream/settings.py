@@ -7,12 +7,16 @@ Library code never reads the environment: the CLI builds one `Settings` and pass
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spendstream.errors import ConfigError
 from spendstream.signing import Signer, Verifier
+
+if TYPE_CHECKING:
+    from spendstream.store import QueryLimits
 
 __all__ = ["DEDUPE_HORIZON_S", "Settings", "Topics"]
 
@@ -101,6 +105,20 @@ class Settings(BaseSettings):
         description="CPU niceness of the history process (sink, queries): when the CPU is short, "
         "enforcement goes first and history catches up after.",
     )
+    query_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="ClickHouse stops a user's query (`spendstream sql`, POST /sql) after this long "
+        "(max_execution_time); the sink keeps writing meanwhile.",
+    )
+    query_max_rows: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most rows a user's query may return (max_result_rows); more is an error.",
+    )
+    query_max_memory_bytes: int = Field(
+        default=1 << 30, ge=1 << 20, description="Memory one user's query may use (max_memory_usage)."
+    )
 
     signing_key: SecretStr | None = Field(
         default=None,
@@ -149,6 +167,12 @@ class Settings(BaseSettings):
         if v is not None and not v.get_secret_value().startswith(("chdb://", "http://", "https://")):
             raise ValueError("must start with chdb://, http:// or https://")
         return v
+
+    @property
+    def query_limits(self) -> QueryLimits:
+        from spendstream.store import QueryLimits  # clickhouse-connect only where queries run
+
+        return QueryLimits(self.query_timeout_seconds, self.query_max_rows, self.query_max_memory_bytes)
 
     @property
     def topics(self) -> Topics:

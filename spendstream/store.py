@@ -2,6 +2,17 @@
 
 The same client type serves both DSNs, so there is one store class. chDB admits one engine per
 process: while a worker runs, it owns the embedded database and answers the CLI's queries.
+
+Users' SQL (`spendstream sql`, `POST /sql`) runs in sessions of its own, never on the writer's:
+
+1. ClickHouse's parser decides what the statement is (`formatQuerySingleLine` of the text as a
+   parameter: exactly one statement; then `EXPLAIN AST`): SELECT/WITH, SHOW, DESCRIBE, EXPLAIN or
+   EXISTS, without `INTO OUTFILE`. Embedded chDB writes `INTO OUTFILE` files itself (a client-side
+   clause that `readonly` does not cover), and allows `KILL QUERY` and `USE` under `readonly`.
+2. The session has `readonly=1`, set after its limits (`QueryLimits`): no write, no `file()`,
+   `url()` or `Python()`, and no `SETTINGS` clause or `SET` can lift a limit.
+3. A query past `max_execution_time` is stopped by ClickHouse; the sink's inserts run on their own
+   session meanwhile (measured: a query at its 8 s limit did not hold back inserts every 50 ms).
 """
 
 from __future__ import annotations
@@ -9,7 +20,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +30,7 @@ import clickhouse_connect
 from spendstream.contracts import contract_dir
 from spendstream.errors import QueryError
 
-__all__ = ["USAGE_COLUMNS", "ClickHouseStore", "QueryResult"]
+__all__ = ["USAGE_COLUMNS", "ClickHouseStore", "QueryLimits", "QueryResult"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +79,12 @@ DEAD_LETTER_COLUMNS = (
     "key",
     "payload",
 )
-_READ_ONLY = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE)
 _MIGRATION = re.compile(r"^(\d+)_[\w-]+\.sql$")
+# Statement kinds users may run, as the first word of ClickHouse's `EXPLAIN AST` (node names).
+_READ_KINDS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery", "Explain", "Show", "Describe", "Exists")
+_READ_ONLY_HINT = "one read-only statement is allowed (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, EXISTS)"
+_ERROR_CODE = re.compile(r"Code: (\d+)\.")
+_TIMEOUT_EXCEEDED, _READONLY, _MEMORY_LIMIT_EXCEEDED, _TOO_MANY_ROWS = 159, 164, 241, 396
 
 
 @dataclass(frozen=True)
@@ -77,14 +93,39 @@ class QueryResult:
     rows: list[list[Any]]
 
 
+@dataclass(frozen=True)
+class QueryLimits:
+    """ClickHouse's own limits on a user's query (settings of the session it runs in)."""
+
+    timeout_seconds: float = 30.0  # max_execution_time: ClickHouse stops the query
+    max_rows: int = 100_000  # max_result_rows: more is an error, never a silently cut result
+    max_memory_bytes: int = 1 << 30  # max_memory_usage of one query
+
+    def settings(self) -> dict[str, Any]:
+        """Applied in this order: `readonly` last, so nothing after it can change any of them."""
+        return {
+            "max_execution_time": self.timeout_seconds,
+            "timeout_overflow_mode": "throw",
+            "max_result_rows": self.max_rows,
+            "result_overflow_mode": "throw",
+            "max_memory_usage": self.max_memory_bytes,
+            "allow_python_table_function": 0,  # chDB reads Python objects of the process (readonly too)
+            "readonly": 1,
+        }
+
+
 class ClickHouseStore:
     """Applies the DDL in `sql/`, inserts rows, answers read-only queries. Thread-safe."""
 
-    def __init__(self, dsn: str, database: str = "spendstream") -> None:
+    def __init__(self, dsn: str, database: str = "spendstream", limits: QueryLimits | None = None) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
             raise QueryError(f"database name {database!r} must be a plain identifier")
         self.database = database
+        self.limits = limits or QueryLimits()
+        self._dsn = dsn
         self._lock = threading.Lock()
+        self._idle_sessions: list[Any] = []  # guarded sessions for users' queries, one per caller at a time
+        self._sessions_lock = threading.Lock()
         bootstrap = clickhouse_connect.get_client(dsn=dsn)
         bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {database}")
         # Unqualified table names in users' queries resolve to this database.
@@ -124,21 +165,93 @@ class ClickHouseStore:
             self._client.insert(f"{self.database}.{table}", rows, column_names=list(columns))
 
     def query(self, sql: str) -> QueryResult:
-        """Run one read-only statement (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS)."""
-        if not _READ_ONLY.match(sql) or ";" in sql.strip().rstrip(";"):
-            raise QueryError(
-                "only one read-only statement is allowed (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN)"
-            )
+        """Run spendstream's own SQL (the repricer's reads); users' SQL goes to `user_query`."""
         try:
             with self._lock:
-                result = self._client.query(sql.strip().rstrip(";"), settings={"readonly": 1})
+                result = self._client.query(sql)
         except Exception as exc:  # clickhouse-connect raises driver-specific types
-            raise QueryError(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+            raise QueryError(_first_line(exc)) from exc
         return QueryResult(list(result.column_names), [list(r) for r in result.result_rows])
 
+    def user_query(self, sql: str) -> QueryResult:
+        """Run one read-only statement from a user under ClickHouse's guard (see the module doc).
+
+        Raises QueryError with ClickHouse's reason; a query stopped by a limit names the limit.
+        """
+        statement = sql.strip().rstrip(";").strip()
+        with self._guarded_session() as session:
+            self._check_statement(session, statement)
+            try:
+                result = session.query(statement)
+            except Exception as exc:
+                raise QueryError(self._explain(exc)) from exc
+        return QueryResult(list(result.column_names), [list(r) for r in result.result_rows])
+
+    def _check_statement(self, session: Any, statement: str) -> None:
+        """ClickHouse's parser says what the statement is; only one read-only statement passes."""
+        try:
+            # The text is a parameter here, never run: one statement, or ClickHouse's syntax error.
+            session.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": statement})
+            ast = [row[0] for row in session.query(f"EXPLAIN AST {statement}").result_rows]
+        except Exception as exc:
+            raise QueryError(self._explain(exc)) from exc
+        kind = ast[0].split(" ", 1)[0] if ast else ""
+        children = [line.strip() for line in ast[1:] if line.startswith(" ") and not line.startswith("  ")]
+        if kind == "Explain" and children:  # EXPLAIN <statement>: the statement must be one of these too
+            kind = children[0].split(" ", 1)[0] if not children[0].startswith("Literal") else kind
+        if not kind.startswith(_READ_KINDS):
+            raise QueryError(f"only {_READ_ONLY_HINT}; ClickHouse parsed it as {kind or 'something else'}")
+        # A top-level Literal child of the statement is its INTO OUTFILE file name (and compression):
+        # in embedded chDB that file would be written on the worker's host.
+        if any(child.startswith("Literal") for child in children):
+            raise QueryError(
+                "INTO OUTFILE is not allowed (it would write a file on the worker's host): "
+                "save a result with `spendstream sql -f csv ... > file.csv`"
+            )
+
+    def _explain(self, exc: Exception) -> str:
+        message = _first_line(exc)
+        code = _ERROR_CODE.search(message)
+        limits = self.limits
+        hints = {
+            _TIMEOUT_EXCEEDED: f"the query ran past {limits.timeout_seconds:g} s and ClickHouse stopped it "
+            "(max_execution_time = SPENDSTREAM_QUERY_TIMEOUT_SECONDS): narrow the time range or aggregate",
+            _TOO_MANY_ROWS: f"the result has more than {limits.max_rows:,} rows (max_result_rows = "
+            "SPENDSTREAM_QUERY_MAX_ROWS): add a LIMIT or aggregate",
+            _MEMORY_LIMIT_EXCEEDED: f"the query needs more than {limits.max_memory_bytes:,} bytes "
+            "(max_memory_usage = SPENDSTREAM_QUERY_MAX_MEMORY_BYTES)",
+            _READONLY: "read-only: ClickHouse refused it (no writes, files, URLs or SETTINGS in user queries)",
+        }
+        hint = hints.get(int(code.group(1))) if code else None
+        return f"{hint}: {message}" if hint else message
+
+    @contextmanager
+    def _guarded_session(self) -> Iterator[Any]:
+        """A session with `QueryLimits.settings()`: readonly after the limits, so none can be lifted."""
+        with self._sessions_lock:
+            session = self._idle_sessions.pop() if self._idle_sessions else None
+        if session is None:
+            session = clickhouse_connect.get_client(
+                dsn=self._dsn, database=self.database, settings=self.limits.settings()
+            )
+        try:
+            yield session
+        finally:
+            with self._sessions_lock:
+                self._idle_sessions.append(session)
+
     def close(self) -> None:
+        with self._sessions_lock:
+            sessions, self._idle_sessions = self._idle_sessions, []
+        for session in sessions:
+            session.close()
         with self._lock:
             self._client.close()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
 
 
 def _statements(text: str) -> list[str]:

@@ -74,7 +74,14 @@ def encode_seconds(seconds: Decimal | str | int) -> bytes:
     """Seconds as the Avro decimal(18, 6) of UsageEvent.audio_seconds (exact; floats refused)."""
     if isinstance(seconds, float):
         raise TypeError("audio_seconds must be exact: pass a Decimal, str or int, not a float")
-    micros = Decimal(seconds).scaleb(6)
+    try:
+        micros = Decimal(seconds).scaleb(6)
+    except (ArithmeticError, TypeError, ValueError):
+        raise ValueError(f"audio_seconds must be a decimal number of seconds, got {seconds!r}") from None
+    if not micros.is_finite():
+        raise ValueError(f"audio_seconds must be a finite number of seconds, got {seconds!r}")
+    if abs(micros) >= 10**18:
+        raise ValueError(f"audio_seconds {seconds} does not fit the event's decimal(18, 6) seconds")
     if micros != micros.to_integral_value():
         raise ValueError(f"audio_seconds {seconds} has more than 6 decimals")
     value = int(micros)

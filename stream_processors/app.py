@@ -437,12 +437,20 @@ def create_app(
     async def from_history(
         method: str, path: str, body: bytes | None = None, within_s: float | None = None
     ) -> Any:
-        """The history process's answer (status, JSON); 503 with the reason if it does not answer."""
+        """The history process's answer (status, JSON); 503 with the reason if it does not answer.
+
+        Every request carries the token of the history process's current start (401 without it).
+        """
         try:
-            answer = await http.request(method, history.url + path, content=body, timeout=within_s)
-            return answer.status_code, answer.json()
-        except (httpx.TransportError, ValueError) as exc:
+            answer = await http.request(
+                method, history.url + path, content=body, headers=history.headers, timeout=within_s
+            )
+        except httpx.TransportError as exc:
             return 503, {"error": f"the history process (ClickHouse) does not answer: {exc!r}"}
+        try:
+            return answer.status_code, answer.json()
+        except ValueError:
+            return 502, {"error": f"the history process answered {answer.status_code}: {answer.text[:300]}"}
 
     @app.timer(1.0)
     async def watch_history() -> None:

@@ -33,6 +33,10 @@ from spendstream.usage import MAX_FUTURE_US, MIN_EVENT_TIME_US, scopes_for_event
 
 __all__ = [
     "LONG_MAX",
+    "MAX_LIMIT_USD",
+    "MAX_REASON_CHARS",
+    "MAX_ROLLING_MINUTES",
+    "MAX_RUNAWAY_MULTIPLIER",
     "Decision",
     "Limit",
     "Spec",
@@ -45,6 +49,7 @@ __all__ = [
     "make_limit",
     "new_state",
     "parse_scope",
+    "runaway_pico_checked",
     "scopes_for_event",
     "usd_to_pico_checked",
     "utc_from_micros",
@@ -54,11 +59,17 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 MINUTE_US = 60_000_000
 _SCOPE = re.compile(r"^(org|team:[^/\s]+|project:[^/\s]+|user:[^/\s]+|project:[^/\s]+/model:\S+)$")
-_ROLLING = re.compile(r"^rolling:(\d+)(m|h|d)$")
+_ROLLING = re.compile(r"^rolling:(\d{1,6})(m|h|d)$")
 _UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
 RUNAWAY_MINUTES = 5  # the recent rate is the spend of the last 5 minutes ...
 BASELINE_MINUTES = 60  # ... compared with the 5-minute average of the hour before
 FORECAST_MIN_HISTORY = 10  # minutes of spend needed before a forecast is made
+# Bounds of every budget value, from the CLI, a budgets file or the `budgets` topic (any client):
+# A ControlSignal carries limit and spend as pico-USD in an Avro long (at most ~9.22 million USD).
+MAX_LIMIT_USD = Decimal(9_000_000)
+MAX_ROLLING_MINUTES = 31 * 1440  # a rolling window keeps one bucket per minute per scope
+MAX_RUNAWAY_MULTIPLIER = 1_000
+MAX_REASON_CHARS = 500  # a manual block's reason, shown to every caller refused
 _SEVERITY = {"ok": 0, "warn": 1, "blocked": 2}
 _REASON_RANK = {
     "manual": 5,
@@ -159,8 +170,9 @@ def _exact_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
 _ExactLoader.add_constructor("tag:yaml.org,2002:float", _exact_decimal)
 
 
-def usd_to_pico_checked(where: str, raw: Any) -> int:
-    """A USD amount (decimal string, int or Decimal: never a float) as positive pico-USD."""
+def usd_to_pico_checked(where: str, raw: Any, maximum: Decimal = MAX_LIMIT_USD) -> int:
+    """A USD amount (decimal string, int or Decimal: never a float) as positive pico-USD, at most
+    `maximum` USD."""
     if isinstance(raw, bool) or not isinstance(raw, str | int | Decimal):
         raise ConfigError(f'{where}: amount must be USD such as "50.00", got {raw!r}')
     try:
@@ -169,19 +181,37 @@ def usd_to_pico_checked(where: str, raw: Any) -> int:
         raise ConfigError(f"{where}: {raw!r} is not a decimal amount of USD") from None
     if not usd.is_finite() or usd <= 0 or usd.as_tuple().exponent < -12:  # type: ignore[operator]
         raise ConfigError(f"{where}: {raw!r} must be positive with at most 12 decimals")
+    if usd > maximum:
+        raise ConfigError(
+            f"{where}: {raw!r} is more than the maximum of {maximum:,} USD "
+            "(limits travel as pico-USD in 64-bit integers)"
+        )
     return int(usd.scaleb(12))
+
+
+def runaway_pico_checked(where: str, raw: Any) -> int:
+    """A runaway ceiling in USD per minute: its 5-minute total must fit a ControlSignal too."""
+    return usd_to_pico_checked(where, raw, MAX_LIMIT_USD / RUNAWAY_MINUTES)
 
 
 def make_limit(
     scope: str, window: str, amount: Any, tz: str = "UTC", warn: Iterable[int] = (50, 80), mode: str = "hard"
 ) -> Limit:
     where = f"budget {scope} {window}"
-    if window not in ("daily", "weekly", "monthly") and not _ROLLING.match(window):
+    rolling = _ROLLING.match(window)
+    if window not in ("daily", "weekly", "monthly") and not rolling:
         raise ConfigError(
             f"{where}: window must be daily, weekly, monthly or rolling:<n>m|h|d (e.g. rolling:60m)"
         )
+    if rolling and not 1 <= int(rolling.group(1)) * _UNIT_MINUTES[rolling.group(2)] <= MAX_ROLLING_MINUTES:
+        raise ConfigError(f"{where}: a rolling window is 1 minute to 31 days long (e.g. rolling:60m)")
     _zone(tz)
-    levels = tuple(sorted({int(w) for w in warn}))
+    try:
+        levels = tuple(sorted({int(w) for w in warn}))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: warn levels are whole percentages such as [50, 80], got {warn!r}"
+        ) from None
     if any(not 0 < w < 100 for w in levels):
         raise ConfigError(f"{where}: warn levels are percentages between 1 and 99, got {list(levels)}")
     if mode not in ("hard", "soft"):
@@ -199,6 +229,18 @@ class Spec:
     manual_reason: str = ""
     runaway_multiplier: int = 0
     runaway_pico_per_minute: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.runaway_multiplier <= MAX_RUNAWAY_MULTIPLIER:
+            raise ConfigError(
+                f"budget {self.scope} runaway: multiplier must be 0 (off) to {MAX_RUNAWAY_MULTIPLIER:,}, "
+                f"not {self.runaway_multiplier}"
+            )
+        if len(self.manual_reason) > MAX_REASON_CHARS:
+            raise ConfigError(
+                f"{self.scope}: a block reason has at most {MAX_REASON_CHARS} characters, "
+                f"not {len(self.manual_reason):,}"
+            )
 
     def to_record(self, now_us: int) -> dict[str, Any]:
         return {
@@ -243,7 +285,7 @@ class Spec:
             bool(r.get("manual_block")),
             r.get("manual_reason", ""),
             int(r.get("runaway_multiplier") or 0),
-            usd_to_pico_checked(f"budget {scope} runaway", per_min) if per_min else None,
+            runaway_pico_checked(f"budget {scope} runaway", per_min) if per_min else None,
         )
 
 
@@ -279,11 +321,15 @@ def _spec_from_file_entry(scope: str, entry: Any, source: str) -> Spec:
             f"{source}: {scope}: unknown keys {sorted(unknown)} (windows are daily, weekly, monthly, rolling:<n>m)"
         )
     per_min = runaway.get("usd_per_minute")
+    try:
+        multiplier = int(runaway.get("multiplier", 0))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {scope} runaway: multiplier must be a whole number") from None
     return Spec(
         scope,
         tuple(limits),
-        runaway_multiplier=int(runaway.get("multiplier", 0)),
-        runaway_pico_per_minute=usd_to_pico_checked(f"{source}: {scope} runaway", per_min)
+        runaway_multiplier=multiplier,
+        runaway_pico_per_minute=runaway_pico_checked(f"{source}: {scope} runaway", per_min)
         if per_min
         else None,
     )

@@ -8,6 +8,12 @@ beside it. Embedded chDB admits one process per database, so the queries and re-
 here too; the worker answers the same URLs by forwarding them (`spendstream sql`, `prices
 reprice`, the demo and the tests are unchanged).
 
+The private port (127.0.0.1, random) answers only requests that carry the token the worker drew
+for this start (`Authorization: Bearer <token>`, handed over with the spawn, never on a command
+line or in the environment): other local users and processes get 401. Users' SQL runs read-only
+under ClickHouse's limits (spendstream/store.py), in a thread and a session of its own: a long
+query is stopped at `SPENDSTREAM_QUERY_TIMEOUT_SECONDS` and never holds back the sink.
+
 `HistoryProcess` (in the worker) starts it, waits until the schema is migrated and the sink
 consumes, and stops it on exit: SIGTERM, and the sink flushes what it holds. It also stops when
 the worker dies, even by `kill -9`, so a restarted worker can open the database again.
@@ -18,12 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hmac
+import json
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from datetime import date, datetime
 from decimal import Decimal
 from multiprocessing.connection import Connection
@@ -58,14 +68,16 @@ class HistoryProcess:
         self._loglevel = loglevel
         self._process: BaseProcess | None = None
         self.url = ""
+        self.headers: dict[str, str] = {}  # carry the token of the current start
         self.applied: list[str] = []  # migrations the last start applied
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork: the parent has threads and sockets
         parent, child = ctx.Pipe(duplex=False)
+        token = secrets.token_urlsafe(32)  # a new one per start; the spawn pipe carries it
         process = ctx.Process(
             target=_main,
-            args=(self._settings, self._loglevel, os.getpid(), child),
+            args=(self._settings, self._loglevel, os.getpid(), child, token),
             name="spendstream-history",
             daemon=False,
         )
@@ -86,6 +98,7 @@ class HistoryProcess:
             raise SpendstreamError(f"ClickHouse: {detail}")
         port, self.applied = detail
         self.url = f"http://127.0.0.1:{port}"
+        self.headers = {"Authorization": f"Bearer {token}"}
 
     @property
     def exitcode(self) -> int | None:
@@ -104,7 +117,7 @@ class HistoryProcess:
             process.join()
 
 
-def _main(settings: Settings, loglevel: str, parent_pid: int, conn: Connection) -> None:
+def _main(settings: Settings, loglevel: str, parent_pid: int, conn: Connection, token: str) -> None:
     """Entry point of the process (spawned: it starts from a fresh interpreter)."""
     with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the worker dies
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -113,14 +126,14 @@ def _main(settings: Settings, loglevel: str, parent_pid: int, conn: Connection) 
     logging.basicConfig(
         level=loglevel.upper(), format="[%(asctime)s] [history %(process)d] [%(levelname)s] %(message)s"
     )
-    asyncio.run(_serve(settings, parent_pid, conn))
+    asyncio.run(_serve(settings, parent_pid, conn, token))
 
 
 async def _open_store(settings: Settings) -> tuple[ClickHouseStore, list[str]]:
     deadline = time.monotonic() + _OPEN_RETRY
     while True:
         try:
-            store = ClickHouseStore(settings.dsn, settings.clickhouse_database)
+            store = ClickHouseStore(settings.dsn, settings.clickhouse_database, settings.query_limits)
             return store, store.migrate()
         except Exception as exc:
             # A previous history process of a killed worker may still be flushing and closing.
@@ -130,7 +143,7 @@ async def _open_store(settings: Settings) -> tuple[ClickHouseStore, list[str]]:
             await asyncio.sleep(1)
 
 
-async def _serve(settings: Settings, parent_pid: int, conn: Connection) -> None:
+async def _serve(settings: Settings, parent_pid: int, conn: Connection, token: str) -> None:
     try:
         store, applied = await _open_store(settings)
     except Exception as exc:
@@ -158,7 +171,7 @@ async def _serve(settings: Settings, parent_pid: int, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
-    runner = web.AppRunner(_web(store, sink, prices), access_log=None)
+    runner = web.AppRunner(_web(store, sink, prices, token), access_log=None)
     await runner.setup()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -167,7 +180,11 @@ async def _serve(settings: Settings, parent_pid: int, conn: Connection) -> None:
     await prices.start()
     conn.send(("ready", (sock.getsockname()[1], applied)))
     conn.close()
-    log.info("history process serving: sink on %s", settings.topics.usage_priced)
+    log.info(
+        "history process serving on 127.0.0.1:%d (token required): sink on %s",
+        sock.getsockname()[1],
+        settings.topics.usage_priced,
+    )
     try:
         while not stop.is_set() and os.getppid() == parent_pid:  # the worker is gone: stop too
             with contextlib.suppress(TimeoutError):
@@ -198,29 +215,59 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _web(store: ClickHouseStore, sink: Sink, prices: PriceFeed) -> web.Application:
+_SQL_BODY = 'body must be JSON {"query": "<one read-only statement>"}'
+_REPRICE_BODY = 'body must be JSON {"from_us": <int>, "to_us": <int>, "model": "<id>" or null}'
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = json.loads(await request.read() or b"null")
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _web(store: ClickHouseStore, sink: Sink, prices: PriceFeed, token: str) -> web.Application:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def only_the_worker(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return web.json_response(
+                {
+                    "error": "the history process answers its worker only: send the worker's requests to its port"
+                },
+                status=401,
+            )
+        return await handler(request)
+
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"pid": os.getpid(), "sink_rows_written": sink.rows_written})
 
     async def sql(request: web.Request) -> web.Response:
-        body = await request.json()
-        try:
-            result = await asyncio.to_thread(store.query, str(body.get("query", "")))
+        body = await _json_object(request)
+        if body is None or not isinstance(body.get("query"), str):
+            return web.json_response({"error": _SQL_BODY}, status=400)
+        try:  # a thread and a guarded session of its own: the sink's inserts go on meanwhile
+            result = await asyncio.to_thread(store.user_query, body["query"])
         except QueryError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"columns": result.columns, "rows": _jsonable(result.rows)})
 
     async def reprice_(request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await _json_object(request) or {}
+        try:
+            start, end = int(body["from_us"]), int(body["to_us"])
+        except (TypeError, KeyError, ValueError):
+            return web.json_response({"error": _REPRICE_BODY}, status=400)
+        model = body.get("model") or None
+        if model is not None and not isinstance(model, str):
+            return web.json_response({"error": _REPRICE_BODY}, status=400)
         await prices.caught_up.wait()  # price with the cards published at run time too
-        report = await asyncio.to_thread(
-            reprice,
-            store,
-            prices.catalogue,
-            int(body["from_us"]),
-            int(body["to_us"]),
-            body.get("model") or None,
-        )
+        report = await asyncio.to_thread(reprice, store, prices.catalogue, start, end, model)
         return web.json_response(
             {"pricing_version": report.pricing_version, "events": report.events, "rows": report.rows()}
         )
@@ -229,7 +276,7 @@ def _web(store: ClickHouseStore, sink: Sink, prices: PriceFeed) -> web.Applicati
         await sink.flush()
         return web.json_response({"sink_rows_written": sink.rows_written})
 
-    app = web.Application(client_max_size=16 << 20)
+    app = web.Application(client_max_size=16 << 20, middlewares=[only_the_worker])
     app.router.add_get("/health", health)
     app.router.add_post("/sql", sql)
     app.router.add_post("/reprice", reprice_)

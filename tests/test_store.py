@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -12,7 +15,7 @@ import pytest
 
 from producers import build_event
 from spendstream.errors import QueryError
-from spendstream.store import USAGE_COLUMNS, ClickHouseStore
+from spendstream.store import USAGE_COLUMNS, ClickHouseStore, QueryLimits
 from stream_processors.sink import usage_row
 
 # chDB admits one engine (one path) per process: every test here shares this one.
@@ -98,23 +101,130 @@ def test_unpriced_cost_is_null_not_zero(store: ClickHouseStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "sql",
-    [
-        "DROP TABLE usage_events",
-        "INSERT INTO usage_events SELECT * FROM usage_events",
-        "SELECT 1; DROP TABLE usage_events",
-        "ALTER TABLE usage_events DELETE WHERE 1",
+    ("sql", "refused"),
+    [  # each refused by ClickHouse: its parser (statement kind) or its readonly guard
+        ("DROP TABLE usage_events", "parsed it as DropQuery"),
+        ("INSERT INTO usage_events SELECT * FROM usage_events", "parsed it as InsertQuery"),
+        ("CREATE TABLE x (a UInt8) ENGINE = Memory", "parsed it as CreateQuery"),
+        ("ALTER TABLE usage_events DELETE WHERE 1", "parsed it as AlterQuery"),
+        ("SET readonly = 0", "parsed it as Set"),
+        ("SYSTEM STOP MERGES", "Syntax error"),  # SYSTEM takes no FORMAT: never reaches a session
+        ("KILL QUERY WHERE 1", "parsed it as KillQueryQuery"),  # readonly allows KILL: the sink's inserts
+        ("USE system", "parsed it as UseQuery"),  # readonly allows USE
+        ("SELECT 1; DROP TABLE usage_events", "Multi-statements are not allowed"),
+        ("SELECT * FROM file('/etc/hostname', 'LineAsString')", "Cannot execute query in readonly mode"),
+        (
+            "SELECT * FROM url('http://127.0.0.1:9/', 'CSV', 'a String')",
+            "Cannot execute query in readonly mode",
+        ),
+        ("SELECT 1 SETTINGS max_execution_time = 1000", "Cannot modify 'max_execution_time'"),
+        ("SELECT 1 SETTINGS readonly = 0", "Cannot modify 'readonly'"),
+        ("SELECT * FROM Python(store)", "allow_python_table_function"),
     ],
 )
-def test_queries_are_read_only(store: ClickHouseStore, sql: str) -> None:
+def test_user_queries_are_read_only(store: ClickHouseStore, sql: str, refused: str) -> None:
     store.migrate()
-    with pytest.raises(QueryError, match="read-only"):
-        store.query(sql)
+    store.insert("usage_events", [usage_row(priced("a", 1))], USAGE_COLUMNS)
+    with pytest.raises(QueryError, match=re.escape(refused)):
+        store.user_query(sql)
+    assert store.user_query("SELECT count() FROM usage_events").rows == [[1]]  # nothing changed
+    assert len(store.user_query("SHOW TABLES").rows) == 6
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 'x' INTO OUTFILE '{f}' APPEND",
+        "SELECT 'x' INTO OUTFILE '{f}' TRUNCATE COMPRESSION 'gzip'",
+        "SELECT 'x' INTO OUTFILE '{f}' AND STDOUT",
+        "SHOW TABLES INTO OUTFILE '{f}'",
+        "DESCRIBE TABLE usage_events INTO OUTFILE '{f}'",
+        "EXPLAIN SELECT 1 INTO OUTFILE '{f}'",
+        "  select 'x'  into   outfile '{f}' ;",
+    ],
+)
+def test_into_outfile_writes_no_file(
+    store: ClickHouseStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sql: str
+) -> None:
+    """Embedded chDB writes INTO OUTFILE itself, even under readonly=1 (measured: the file appears);
+    ClickHouse's parser finds the clause first. Relative paths resolve in the process's cwd."""
+    store.migrate()
+    monkeypatch.chdir(tmp_path)
+    for target in ("f.txt", str(tmp_path / "abs.txt")):
+        with pytest.raises(QueryError, match="INTO OUTFILE is not allowed"):
+            store.user_query(sql.format(f=target))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_statements_answer(store: ClickHouseStore) -> None:
+    store.migrate()
+    assert store.user_query("SELECT 'INTO OUTFILE x' AS s;").rows == [
+        ["INTO OUTFILE x"]
+    ]  # text, not a clause
+    assert store.user_query("WITH 2 AS x SELECT x * 3").rows == [[6]]
+    assert store.user_query("EXISTS TABLE usage_events").rows == [[1]]
+    assert store.user_query("DESCRIBE usage_events").rows[0][:2] == ["event_id", "UUID"]
+    assert store.user_query("EXPLAIN SELECT 1").rows != []
+    assert store.user_query("SELECT getSetting('readonly'), getSetting('max_result_rows')").rows == [
+        [1, 100_000]
+    ]
+
+
+def test_limits_stop_queries_and_no_settings_clause_lifts_them(store: ClickHouseStore) -> None:
+    limited = ClickHouseStore(f"chdb://{_PATH}", store.database, QueryLimits(2, 1_000, 256 << 20))
+    heavy = "SELECT count() FROM numbers(100000000000) WHERE sipHash64(number) % 1000 = 7"
+    try:
+        started = time.monotonic()
+        with pytest.raises(QueryError, match=r"ran past 2 s .*max_execution_time.*TIMEOUT_EXCEEDED"):
+            limited.user_query(heavy)
+        assert 1.9 < time.monotonic() - started < 10
+        # A subquery's SETTINGS clause is not checked by readonly, but does not lift the limits either.
+        with pytest.raises(QueryError, match="TIMEOUT_EXCEEDED"):
+            limited.user_query(f"SELECT * FROM ({heavy} SETTINGS max_execution_time = 0)")
+        with pytest.raises(QueryError, match=r"more than 1,000 rows .*max_result_rows"):
+            limited.user_query("SELECT * FROM (SELECT * FROM numbers(5000) SETTINGS max_result_rows = 0)")
+        with pytest.raises(QueryError, match=r"max_memory_usage.*MEMORY_LIMIT_EXCEEDED"):
+            limited.user_query(
+                "SELECT length(a) FROM (SELECT groupArray(number) AS a FROM numbers(200000000) "
+                "SETTINGS max_memory_usage = 0)"
+            )
+        assert limited.user_query("SELECT count() FROM numbers(1000)").rows == [[1000]]
+    finally:
+        limited.close()
+
+
+def test_a_query_stopped_at_its_limit_never_held_back_inserts(store: ClickHouseStore) -> None:
+    """The sink's inserts and users' queries run on separate ClickHouse sessions (and threads)."""
+    store.migrate()
+    limited = ClickHouseStore(f"chdb://{_PATH}", store.database, QueryLimits(timeout_seconds=4))
+    errors: list[str] = []
+
+    def long_query() -> None:
+        try:
+            limited.user_query("SELECT count() FROM numbers(100000000000) WHERE sipHash64(number) % 1000 = 7")
+        except QueryError as exc:
+            errors.append(str(exc))
+
+    try:
+        query = threading.Thread(target=long_query)
+        query.start()
+        inserts = 0
+        while query.is_alive():
+            store.insert("usage_events", [usage_row(priced("held", 1))], USAGE_COLUMNS)
+            inserts += 1
+            time.sleep(0.05)
+        query.join()
+    finally:
+        limited.close()
+    assert len(errors) == 1
+    assert "max_execution_time" in errors[0]
+    assert inserts >= 20  # ~4 s at one insert per 50 ms plus its own time; a held writer manages 1
+    assert store.query("SELECT count() FROM usage_events WHERE project = 'held'").rows == [[inserts]]
 
 
 def test_query_errors_are_query_errors(store: ClickHouseStore) -> None:
     with pytest.raises(QueryError, match=r"UNKNOWN_TABLE|Unknown table"):
-        store.query("SELECT * FROM no_such_table")
+        store.user_query("SELECT * FROM no_such_table")
 
 
 def test_a_flush_while_the_sink_decodes_commits_exactly_the_offsets_of_the_rows_it_takes() -> None:
