@@ -67,24 +67,30 @@ class EmitterStats(TypedDict):
     buffer_full_refusals: int  # emit() calls refused with BufferFull (memory and spool full)
     reconnects: int  # producers discarded after a failed delivery and replaced by a new one
     resent_batches: int  # batches sent again on a new producer
-    suppressed_log_lines: int  # aiokafka log lines dropped while Kafka was unreachable (process-wide)
+    suppressed_log_lines: int  # repeated aiokafka warning/error lines dropped (process-wide)
 
 
-class _QuietWhileDisconnected(logging.Filter):
-    """aiokafka logs every failed connection attempt and retry (the issue counted 501,066 lines for a
-    65 s outage). While an emitter of this process knows Kafka is unreachable (and has said so in
-    one line), aiokafka's records below CRITICAL are dropped and counted. Process-wide: aiokafka's
-    loggers cannot tell whose connection a line is about."""
+class _RepeatLimiter(logging.Filter):
+    """aiokafka logs every failed connection attempt and retry: the issue counted 501,066 lines
+    (50 MB) for a 65 s outage. Installed on aiokafka's loggers by the first emitter started, this
+    lets each WARNING/ERROR line template through once per `period` seconds and drops (counts) the
+    repeats in between. DEBUG and INFO pass untouched. Process-wide: aiokafka's loggers cannot tell
+    whose connection a line is about."""
 
-    def __init__(self) -> None:
+    def __init__(self, period: float) -> None:
         super().__init__()
-        self.disconnected = 0  # emitters now disconnected
+        self.period = period
         self.dropped = 0
+        self._last: dict[tuple[str, object], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.disconnected and record.levelno < logging.CRITICAL:
+        if record.levelno < logging.WARNING or record.levelno >= logging.CRITICAL:
+            return True
+        key, now = (record.name, record.msg), time.monotonic()
+        if now - self._last.get(key, -self.period) < self.period:
             self.dropped += 1
             return False
+        self._last[key] = now
         return True
 
     def install(self) -> None:
@@ -96,7 +102,7 @@ class _QuietWhileDisconnected(logging.Filter):
                     logger.addFilter(self)
 
 
-_quiet = _QuietWhileDisconnected()
+_quiet = _RepeatLimiter(period=10.0)
 
 
 def _micros(ts: datetime | None) -> int:
@@ -463,7 +469,6 @@ class Emitter:
         while True:
             try:
                 await self._connect_once()
-                self._mark_connected()
                 break
             except Exception as exc:  # unreachable, or any other start failure: retry
                 self._mark_disconnected(f"cannot connect: {exc}")
@@ -475,18 +480,15 @@ class Emitter:
             if batch is not None:
                 await self._send(number, batch)
         self._resent_batches += len(resend)
-        if resend:
-            log.info("re-sent %d unacknowledged usage batches on a new producer", len(resend))
+        self._mark_connected()
 
     def _mark_disconnected(self, reason: str) -> None:
         if self._disconnected_since is not None:
             return
         self._disconnected_since = time.monotonic()
-        _quiet.disconnected += 1
         b = self._buffer
         log.warning(
-            "Kafka unreachable (%s): keeping events (%d in memory, %d bytes spooled) and retrying; "
-            "aiokafka's retry lines are suppressed until it is back",
+            "Kafka unreachable (%s): keeping events (%d in memory, %d bytes spooled) and retrying",
             reason,
             b.size,
             b.spool.bytes if b.spool is not None else 0,
@@ -497,7 +499,6 @@ class Emitter:
             return
         seconds = time.monotonic() - self._disconnected_since
         self._disconnected_since = None
-        _quiet.disconnected -= 1
         log.warning(
             "Kafka reachable again after %.1f s (%d reconnects, %d batches re-sent so far, %d aiokafka "
             "log lines suppressed so far)",
@@ -592,7 +593,7 @@ class Emitter:
             self._wake.clear()
             if self._producer is None or self._broken is not None:
                 await self._reconnect()
-            if self._buffer.unsent:
+            if self._buffer.unsent and self._disconnected_since is None:  # else: full batches later
                 await self._send_grouped(self._buffer.take_all(), None)
             spool = self._buffer.spool
             if (
@@ -669,9 +670,6 @@ class Emitter:
             else:
                 await _discard(self._producer)
         self._producer = None
-        if self._disconnected_since is not None:
-            self._disconnected_since = None
-            _quiet.disconnected -= 1
         left = [e for b in self._unacked.values() if b.events is not None for e in b.events]
         left += [e for events in self._buffer.take_all().values() for e in events]
         spool = self._buffer.spool
@@ -699,12 +697,18 @@ class Emitter:
 
 
 async def _discard(producer: AIOKafkaProducer) -> None:
-    """Stop a producer without waiting for the batches it holds (they are re-sent on a new one)."""
-    sender_task = producer._sender.sender_task  # aiokafka has no public abort
+    """Drop a producer without waiting for the batches it holds (they are re-sent on a new one).
+
+    aiokafka has no public abort: stop() waits for every batch to be delivered or expire. So its
+    sender task is cancelled and its connections closed; the futures of the batches it held are
+    left unresolved (the emitter ignores a discarded producer's batches anyway)."""
+    sender_task = producer._sender.sender_task
     if sender_task is not None:
-        sender_task.cancel()  # its done-callback fails every batch it still holds
+        sender_task.cancel()
+        await asyncio.wait([sender_task])
+    producer._closed = True  # stop() is not called: nothing left to flush
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(producer.stop(), 5.0)
+        await asyncio.wait_for(producer.client.close(), 5.0)
 
 
 class SyncEmitter:

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,12 @@ from tests.test_pipeline import read_all
 
 pytestmark = pytest.mark.integration
 
-CALL = {"provider": "openai", "model": "gpt-4o-mini", "input_tokens": 900, "output_tokens": 120}
+CALL: dict[str, Any] = {
+    "provider": "openai",
+    "model": "gpt-4o-mini",
+    "input_tokens": 900,
+    "output_tokens": 120,
+}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +140,7 @@ def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka) -> None:
     assert stats["sent"] == stats["accepted"] == len(accepted), (stats, summary)
     assert stats["reconnects"] >= 1, stats  # the producer really broke, and was replaced
     assert doubled <= stats["resent_batches"] * 500, summary  # only re-sent batches can double
-    assert aiokafka_lines.lines < 1_000, f"{aiokafka_lines.lines:,} aiokafka log lines ({stats})"
+    assert aiokafka_lines.lines < 500, f"{aiokafka_lines.lines:,} aiokafka log lines ({stats})"
 
 
 def test_an_emitter_started_while_kafka_is_down_delivers_when_it_comes(broker: LocalKafka) -> None:
