@@ -30,7 +30,7 @@ from spendstream.kafka_local import LocalKafka
 from spendstream.settings import Topics
 from spendstream.topics import ensure_topics
 from spendstream.wire import default_codec
-from tests.conftest import REPO, TEST_KAFKA_PORT, free_port
+from tests.conftest import REPO, TEST_KAFKA_PORT, Worker, free_port, start_worker
 from tests.test_pipeline import read_all
 
 pytestmark = pytest.mark.integration
@@ -58,10 +58,14 @@ def broker() -> Iterator[LocalKafka]:
     own.stop()
 
 
-def fresh_topic(bootstrap: str) -> str:
+def fresh_topics(bootstrap: str) -> Topics:
     topics = Topics(f"t{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(bootstrap, topics, 4))
-    return topics.usage_raw
+    return topics
+
+
+def fresh_topic(bootstrap: str) -> str:
+    return fresh_topics(bootstrap).usage_raw
 
 
 def event_ids_on(bootstrap: str, topic: str) -> list[str]:
@@ -95,9 +99,23 @@ class CountingHandler(logging.Handler):
         self.lines += 1
 
 
-def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka) -> None:
-    """300 events/s keep coming while the broker is stopped for 60 s and started again."""
-    topic = fresh_topic(broker.bootstrap)
+def stored_in_clickhouse(worker: Worker, n: int, timeout: float = 60) -> tuple[int, int]:
+    """(rows, distinct event_ids) of usage_events FINAL once `n` rows are there (or time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        worker.flush()
+        [[rows, distinct]] = worker.sql("SELECT count(), uniqExact(event_id) FROM usage_events FINAL")
+        if int(str(rows)) >= n or time.monotonic() > deadline:
+            return int(str(rows)), int(str(distinct))
+        time.sleep(0.5)
+
+
+def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka, tmp_path: Path) -> None:
+    """300 events/s keep coming while the broker is stopped for 60 s and started again; then a
+    worker (started after the outage) stores every event in ClickHouse once."""
+    topics = fresh_topics(broker.bootstrap)
+    topic = topics.usage_raw
+    worker: Worker | None = None
     aiokafka_lines = CountingHandler()
     logging.getLogger("aiokafka").addHandler(aiokafka_lines)
     accepted: list[str] = []
@@ -115,28 +133,38 @@ def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka) -> None:
 
             loader = threading.Thread(target=load)
             loader.start()
-            time.sleep(5)
+            time.sleep(3)
             broker.stop()
             down_at = time.monotonic()
             during = len(accepted)
             time.sleep(60)
             broker.start(timeout=120)
             outage_s = time.monotonic() - down_at
-            time.sleep(5)
+            # the load goes on while the worker starts
+            worker = start_worker(
+                broker.bootstrap, tmp_path, "budgets: {}\n", SPENDSTREAM_TOPIC_PREFIX=topics.prefix
+            )
             stop.set()
             loader.join()
             emitter.flush(timeout=90)
             stats = emitter.stats()
+        rows, distinct = stored_in_clickhouse(worker, len(accepted))
     finally:
         stop.set()
         logging.getLogger("aiokafka").removeHandler(aiokafka_lines)
+        if worker is not None:
+            worker.stop()
     found = event_ids_on(broker.bootstrap, topic)
     lost, doubled, summary = tally(accepted, found)
     print(
         f"\n60 s outage ({outage_s:.0f} s down, {len(accepted) - during:,} accepted meanwhile): {summary}; "
-        f"{stats}; aiokafka lines that got through: {aiokafka_lines.lines:,}"
+        f"ClickHouse FINAL rows {rows:,} ({distinct:,} distinct); {stats}; "
+        f"aiokafka lines that got through: {aiokafka_lines.lines:,}"
     )
     assert lost == 0, summary
+    assert rows == distinct == len(accepted), (
+        f"ClickHouse FINAL holds {rows:,} rows ({distinct:,} distinct); {summary}"
+    )
     assert stats["sent"] == stats["accepted"] == len(accepted), (stats, summary)
     assert stats["reconnects"] >= 1, stats  # the producer really broke, and was replaced
     assert doubled <= stats["resent_batches"] * 500, summary  # only re-sent batches can double
