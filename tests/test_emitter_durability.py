@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from producers import SyncEmitter
+from producers import Emitter, EmitterStats, SyncEmitter
 from producers._spool import read_segment
 from spendstream.errors import BufferFull, DeliveryTimeout
 from spendstream.kafka_local import LocalKafka
@@ -196,7 +196,7 @@ def test_an_emitter_started_while_kafka_is_down_delivers_when_it_comes(broker: L
 
 CHILD = """
 import json, sys
-from producers import SyncEmitter
+from producers import Emitter, EmitterStats, SyncEmitter
 bootstrap, topic, spool, n, out = sys.argv[1:]
 ids = []
 em = SyncEmitter(bootstrap_servers=bootstrap, service="spooler", topic=topic, spool_dir=spool, max_buffered=500)
@@ -269,13 +269,34 @@ def test_full_memory_and_spool_refuse_loudly_and_drop_nothing(tmp_path: Path) ->
     assert stats["buffer_full_refusals"] == 1, stats
     assert stats["accepted"] == len(accepted) == 100 + stats["spooled"], stats
     assert 50 < stats["spooled"] < 200, stats
-    with pytest.raises(BufferFull):
-        em._emitter.emit_nowait(project="p", **CALL)
-    assert em.stats()["buffer_full_refusals"] == 2
     em.close(timeout=0.5)
     codec = default_codec()
     kept = [codec.decode(p)[1]["event_id"] for s in sorted(spool.glob("*.spool")) for p in read_segment(s)]
     assert sorted(kept) == sorted(accepted), f"accepted {len(accepted)}, kept in the spool {len(kept)}"
+
+
+def test_the_async_emitter_refuses_after_block_timeout_and_emit_nowait_at_once() -> None:
+    async def fill() -> tuple[float, EmitterStats]:
+        em = Emitter(
+            bootstrap_servers=f"127.0.0.1:{free_port()}", service="full", max_buffered=10, block_timeout=0.3
+        )
+        await em.start()
+        for _ in range(10):
+            await em.emit(project="p", **CALL)
+        started = time.monotonic()
+        with pytest.raises(BufferFull, match="max_buffered 10"):
+            await em.emit(project="p", **CALL)
+        waited = time.monotonic() - started
+        with pytest.raises(BufferFull):
+            em.emit_nowait(project="p", **CALL)
+        stats = em.stats()
+        with pytest.raises(DeliveryTimeout, match="10 accepted usage events"):
+            await em.close(timeout=0.2)
+        return waited, stats
+
+    waited, stats = asyncio.run(fill())
+    assert waited >= 0.3, f"BufferFull after {waited:.2f} s, block_timeout is 0.3 s"
+    assert (stats["accepted"], stats["buffer_full_refusals"], stats["sent"]) == (10, 2, 0), stats
 
 
 def test_close_without_a_spool_says_how_many_events_it_drops() -> None:
