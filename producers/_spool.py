@@ -138,7 +138,8 @@ class Spool:
         self._fd: int | None = None  # open segment (always the last of `unread`)
 
     def append(self, payload: bytes) -> bool:
-        """Append one record; False (nothing written) when the spool would exceed max_bytes."""
+        """Append one record; False (nothing written) when the spool would exceed max_bytes or the
+        write fails (the disk is full)."""
         record = _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
         new = self._fd is None or self.unread[-1].size + len(record) > self.segment_bytes
         if self.bytes + len(record) + (len(MAGIC) if new else 0) > self.max_bytes:
@@ -148,8 +149,15 @@ class Spool:
             self._open((self._next_seq, 1))
             self._next_seq += 1
         assert self._fd is not None
-        os.write(self._fd, record)
         segment = self.unread[-1]
+        try:
+            problem = "" if os.write(self._fd, record) == len(record) else "short write"
+        except OSError as exc:
+            problem = str(exc)
+        if problem:  # e.g. the disk is full: undo a partial record, refuse this one
+            os.ftruncate(self._fd, segment.size)
+            log.warning("spool %s: cannot append (%s); the event is refused", self.directory, problem)
+            return False
         segment.size += len(record)
         segment.records += 1
         self.bytes += len(record)
