@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Self, TypedDict
 from aiokafka import AIOKafkaProducer
 
 from producers._spool import Segment, Spool, read_segment
-from spendstream.errors import BufferFull, DeliveryTimeout, EmitterClosed, InvalidUsage
+from spendstream.errors import BufferFull, DecodeError, DeliveryTimeout, EmitterClosed, InvalidUsage
 
 if TYPE_CHECKING:
     from producers.instrument._protocols import GuardLike
@@ -554,12 +554,10 @@ class Emitter:
             self._buffer.spooling = False
             log.warning("spool %s drained: every spooled event is acknowledged", spool.directory)
 
-    def _add(self, key: bytes, events: list[dict[str, Any]], segment: Segment | None) -> tuple[int, _Batch]:
-        value = self._codec.encode("UsageBatch", {"events": events})
-        batch = _Batch(key, value, len(events), None if segment else events, segment)
+    async def _send_new(self, batch: _Batch) -> None:
         number, self._next_batch = self._next_batch, self._next_batch + 1
         self._unacked[number] = batch
-        return number, batch
+        await self._send(number, batch)
 
     async def _send_grouped(
         self, by_project: dict[str, list[dict[str, Any]]], segment: Segment | None
@@ -567,7 +565,9 @@ class Emitter:
         for project, events in by_project.items():
             key = project.encode()
             for i in range(0, len(events), self._batch_events):
-                await self._send(*self._add(key, events[i : i + self._batch_events], segment))
+                chunk = events[i : i + self._batch_events]
+                value = self._codec.encode("UsageBatch", {"events": chunk})
+                await self._send_new(_Batch(key, value, len(chunk), None if segment else chunk, segment))
 
     async def _send_spooled(self) -> None:
         """Read the oldest spool segment and send its events (after memory, which is older)."""
@@ -575,15 +575,30 @@ class Emitter:
         if segment is None:
             return
         by_project: dict[str, list[dict[str, Any]]] = {}
+        undecodable: list[bytes] = []
         for payload in read_segment(segment.path):
-            event = self._codec.decode(payload)[1]
+            try:
+                event = self._codec.decode(payload)[1]
+            except DecodeError:
+                undecodable.append(payload)
+                continue
             by_project.setdefault(event["project"], []).append(event)
-        segment.pending = sum(-(-len(e) // self._batch_events) for e in by_project.values())
+        segment.pending = sum(-(-len(e) // self._batch_events) for e in by_project.values()) + len(
+            undecodable
+        )
         self._segments_in_flight += 1
         if segment.pending == 0:
             self._segment_done(segment)
             return
         await self._send_grouped(by_project, segment)
+        if undecodable:  # e.g. written by another version: the meter decodes or dead-letters them
+            log.warning(
+                "spool segment %s: %d records this emitter cannot decode; sent as they are",
+                segment.path,
+                len(undecodable),
+            )
+        for payload in undecodable:
+            await self._send_new(_Batch(b"", payload, 1, None, segment))
 
     async def _send_loop(self) -> None:
         assert self._wake is not None

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from producers import Emitter, EmitterStats, SyncEmitter
-from producers._spool import read_segment
+from producers import Emitter, EmitterStats, SyncEmitter, build_event
+from producers._spool import Spool, read_segment
 from spendstream.errors import BufferFull, DeliveryTimeout
 from spendstream.kafka_local import LocalKafka
 from spendstream.settings import Topics
@@ -306,3 +306,26 @@ def test_close_without_a_spool_says_how_many_events_it_drops() -> None:
     with pytest.raises(DeliveryTimeout, match=r"42 accepted usage events .* DROPPED") as dropped:
         em.close(timeout=0.5)
     assert dropped.value.undelivered == 42
+
+
+def test_spool_records_it_cannot_decode_are_sent_as_they_are_not_dropped(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    """A record this version cannot decode (another version wrote it) still reaches usage.raw, where the
+    meter dead-letters it with the reason; the events around it are delivered too."""
+    topic = fresh_topic(broker.bootstrap)
+    codec = default_codec()
+    events = [build_event(service="s", project="p", **CALL) for _ in range(2)]
+    spool = Spool(tmp_path, 1 << 20)
+    garbage = b"\xc3\x01not a known schema"
+    for payload in (codec.encode("UsageEvent", events[0]), garbage, codec.encode("UsageEvent", events[1])):
+        assert spool.append(payload)
+    spool.close()
+    with SyncEmitter(bootstrap_servers=broker.bootstrap, service="s", topic=topic, spool_dir=tmp_path) as em:
+        em.flush(timeout=30)
+        stats = em.stats()
+    values = [v for _k, v in asyncio.run(read_all(broker.bootstrap, topic))]
+    assert garbage in values, values
+    delivered = [e["event_id"] for v in values if v != garbage for e in codec.decode(v)[1]["events"]]
+    assert sorted(delivered) == sorted(e["event_id"] for e in events), delivered
+    assert stats["sent"] == 3, stats
