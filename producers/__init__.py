@@ -4,12 +4,13 @@ kill switch on `spend.control`.
     from producers import Emitter, Guard, SyncEmitter, SyncGuard
 """
 
-from producers._emitter import Emitter, SyncEmitter, build_event
+from producers._emitter import Emitter, EmitterStats, SyncEmitter, build_event
 from producers._guard import Guard, ScopeState, SyncGuard
 from producers._meter_call import meter_call, metered
 
 __all__ = [
     "Emitter",
+    "EmitterStats",
     "Guard",
     "ScopeState",
     "SyncEmitter",

@@ -1,12 +1,22 @@
 """Emitters: what services call to publish usage events.
 
-The caller's path only validates the event and appends it to a bounded in-memory buffer. A
-background task groups buffered events by project, encodes each group as one Avro `UsageBatch`
-(single-object encoding) and sends it to `usage.raw` with key = project through an idempotent
-Kafka producer. `flush()` returns when every accepted event is acknowledged by the broker.
+The caller's path only validates the event and appends it to a bounded in-memory buffer (or, when
+that is full and a `spool_dir` is set, to the on-disk spool, see producers/_spool.py). A background
+task groups buffered events by project, encodes each group as one Avro `UsageBatch` (single-object
+encoding) and sends it to `usage.raw` with key = project through an idempotent Kafka producer.
 
-Delivery guarantee: at least once from emit() to Kafka (the producer retries; idempotence removes
-broker-side duplicates of a retry), and `event_id` lets every later stage drop duplicates.
+Delivery guarantee, for every event emit() accepted (it returned an event_id):
+1. It stays in the emitter (memory or spool) until Kafka has acknowledged it (`acks=all`).
+2. A failed delivery, whatever the error (a timeout, `OutOfOrderSequenceNumber` after an outage,
+   any fatal producer state), is not a loss: the producer is discarded, a new one is connected
+   (retrying with capped backoff for as long as the process lives) and every unacknowledged batch
+   is sent again, in the order first sent. So delivery is at least once; `event_id` lets every later
+   stage drop the duplicates a re-send can make.
+3. When memory and spool are both full, emit() waits up to `block_timeout` and then raises
+   BufferFull: the new event is refused, never an accepted one dropped.
+4. close() delivers what it can within its timeout; the rest goes to the spool (sent by the next
+   emitter started on the same spool_dir) or, without a spool, close() raises DeliveryTimeout
+   saying how many events were dropped: the only way an accepted event is lost.
 """
 
 from __future__ import annotations
@@ -20,25 +30,79 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypedDict
 
 from aiokafka import AIOKafkaProducer
 
-from spendstream.errors import BufferFull, EmitterClosed, InvalidUsage
+from producers._spool import Segment, Spool, read_segment
+from spendstream.errors import BufferFull, DecodeError, DeliveryTimeout, EmitterClosed, InvalidUsage
 
 if TYPE_CHECKING:
     from producers.instrument._protocols import GuardLike
 from spendstream.usage import encode_seconds, usage_problem
 from spendstream.wire import Codec, default_codec
 
-__all__ = ["Emitter", "SyncEmitter"]
+__all__ = ["Emitter", "EmitterStats", "SyncEmitter"]
 
-_MAX_ATTEMPTS = 8  # retriable delivery failures (leader changes, timeouts): ~25 s of backoff in all
+_STALLED_SECONDS = 5.0  # oldest batch unacknowledged this long: Kafka is unreachable (one log line)
+_REQUEST_TIMEOUT_MS = 15_000  # a batch aiokafka cannot deliver fails after this; we re-send it
+_BACKOFF_SECONDS = (0.2, 5.0)  # reconnect attempts: first wait, cap (doubling in between)
+_SPOOL_SEGMENTS_IN_FLIGHT = 2  # spool segments read into memory and being sent at once
 
 log = logging.getLogger(__name__)
+
+
+class EmitterStats(TypedDict):
+    """Counters of one emitter (`stats()`); all since it was created."""
+
+    accepted: int  # events emit() accepted
+    sent: int  # events Kafka acknowledged (a re-sent batch counts once; includes spool replays)
+    buffered: int  # events in memory, not yet acknowledged
+    spooled: int  # events written to the spool (memory full, or not delivered by close())
+    spool_bytes: int  # bytes in the spool directory now
+    buffer_full_refusals: int  # emit() calls refused with BufferFull (memory and spool full)
+    reconnects: int  # producers discarded after a failed delivery and replaced by a new one
+    resent_batches: int  # batches sent again on a new producer
+    suppressed_log_lines: int  # repeated aiokafka warning/error lines dropped (process-wide)
+
+
+class _RepeatLimiter(logging.Filter):
+    """aiokafka logs every failed connection attempt and retry: the issue counted 501,066 lines
+    (50 MB) for a 65 s outage. Installed on aiokafka's loggers by the first emitter started, this
+    lets each WARNING/ERROR line template through once per `period` seconds and drops (counts) the
+    repeats in between. DEBUG and INFO pass untouched. Process-wide: aiokafka's loggers cannot tell
+    whose connection a line is about."""
+
+    def __init__(self, period: float) -> None:
+        super().__init__()
+        self.period = period
+        self.dropped = 0
+        self._last: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.levelno >= logging.CRITICAL:
+            return True
+        key, now = (record.name, record.msg), time.monotonic()
+        if now - self._last.get(key, -self.period) < self.period:
+            self.dropped += 1
+            return False
+        self._last[key] = now
+        return True
+
+    def install(self) -> None:
+        """On every aiokafka logger (a logger's filters do not apply to its children's records)."""
+        for name in list(logging.root.manager.loggerDict):
+            if name == "aiokafka" or name.startswith("aiokafka."):
+                logger = logging.getLogger(name)
+                if self not in logger.filters:
+                    logger.addFilter(self)
+
+
+_quiet = _RepeatLimiter(period=10.0)
 
 
 def _micros(ts: datetime | None) -> int:
@@ -47,51 +111,6 @@ def _micros(ts: datetime | None) -> int:
     if ts.tzinfo is None:
         raise InvalidUsage("event_time must be timezone-aware (e.g. datetime.now(UTC))")
     return int(ts.timestamp()) * 1_000_000 + ts.microsecond
-
-
-class _Buffer:
-    """Thread-safe, bounded: events by project, waiting to be sent."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.size = 0  # accepted and not yet acknowledged (or failed): buffered + in flight
-        self.unsent = 0  # buffered, not yet handed to the producer
-        self._by_project: dict[str, list[dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-        self.space = threading.Condition(self._lock)
-
-    def put(self, event: dict[str, Any], timeout: float | None) -> None:
-        with self._lock:
-            if self.size >= self.capacity and not self.space.wait_for(
-                lambda: self.size < self.capacity, timeout
-            ):
-                raise BufferFull(
-                    f"{self.size} events are waiting for Kafka (buffer capacity {self.capacity}); "
-                    "is the broker reachable? raise max_buffered or slow down"
-                )
-            self._by_project.setdefault(event["project"], []).append(event)
-            self.size += 1
-            self.unsent += 1
-
-    def try_put(self, event: dict[str, Any]) -> bool:
-        with self._lock:
-            if self.size >= self.capacity:
-                return False
-            self._by_project.setdefault(event["project"], []).append(event)
-            self.size += 1
-            self.unsent += 1
-            return True
-
-    def take_all(self) -> dict[str, list[dict[str, Any]]]:
-        with self._lock:
-            taken, self._by_project = self._by_project, {}
-            self.unsent = 0
-            return taken
-
-    def release(self, n: int) -> None:
-        with self._lock:
-            self.size -= n
-            self.space.notify_all()
 
 
 _ZERO_SECONDS = b"\x00"
@@ -179,8 +198,114 @@ def build_event(
     return event
 
 
+class _Buffer:
+    """Thread-safe and bounded: accepted events not yet acknowledged, in memory and in the spool.
+
+    Events go to memory while the spool has nothing unread and memory has room, else to the spool
+    (so the spool is always the newest part of the queue and order is kept).
+    """
+
+    def __init__(self, capacity: int, spool: Spool | None, codec: Codec) -> None:
+        self.capacity = capacity
+        self.size = 0  # in memory and not yet acknowledged: buffered + in flight
+        self.unsent = 0  # in memory, not yet handed to the producer
+        self.spool = spool
+        self._codec = codec
+        self._by_project: dict[str, list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self.space = threading.Condition(self._lock)
+        self.accepted = 0
+        self.spooled = 0
+        self.refused = 0
+        self.spooling = spool is not None and bool(spool.unread)
+
+    def _try_put(self, event: dict[str, Any]) -> bool:
+        spool = self.spool
+        if spool is None or not spool.unread:
+            if self.size < self.capacity:
+                self._by_project.setdefault(event["project"], []).append(event)
+                self.size += 1
+                self.unsent += 1
+                self.accepted += 1
+                return True
+            if spool is None:
+                return False
+        if not spool.append(self._codec.encode("UsageEvent", event)):
+            return False
+        if not self.spooling:
+            self.spooling = True
+            log.warning(
+                "emitter memory buffer full (%d events): spooling to %s", self.capacity, spool.directory
+            )
+        self.accepted += 1
+        self.spooled += 1
+        return True
+
+    def _full(self) -> BufferFull:
+        self.refused += 1
+        where = f" and spool {self.spool.directory} ({self.spool.max_bytes:,} bytes)" if self.spool else ""
+        return BufferFull(
+            f"{self.size:,} events in memory (max_buffered {self.capacity:,}){where} are waiting for "
+            "Kafka: is the broker reachable? Raise max_buffered, set or enlarge spool_dir/"
+            "spool_max_bytes, or slow down"
+        )
+
+    def put(self, event: dict[str, Any], timeout: float | None) -> None:
+        """Accept `event`, waiting up to `timeout` s for room; BufferFull after that."""
+        with self._lock:
+            if not self.space.wait_for(lambda: self._try_put(event), timeout):
+                raise self._full()
+
+    def try_put(self, event: dict[str, Any]) -> bool:
+        with self._lock:
+            return self._try_put(event)
+
+    def refuse(self) -> BufferFull:
+        with self._lock:
+            return self._full()
+
+    def take_all(self) -> dict[str, list[dict[str, Any]]]:
+        with self._lock:
+            taken, self._by_project = self._by_project, {}
+            self.unsent = 0
+            return taken
+
+    def take_segment(self) -> Segment | None:
+        with self._lock:
+            return self.spool.take() if self.spool is not None else None
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.size -= n
+            self.space.notify_all()
+
+    def remove_segment(self, segment: Segment) -> None:
+        with self._lock:
+            assert self.spool is not None
+            self.spool.remove(segment)
+            self.space.notify_all()
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One UsageBatch message handed to the producer and not yet acknowledged."""
+
+    key: bytes
+    value: bytes
+    n: int
+    events: list[dict[str, Any]] | None  # memory events (spooled if close() cannot deliver them)
+    segment: Segment | None  # or: read from this spool segment (which stays on disk until acked)
+
+
 class Emitter:
-    """Async emitter. Use as `async with Emitter(bootstrap_servers=..., service=...) as em:`."""
+    """Async emitter. Use as `async with Emitter(bootstrap_servers=..., service=...) as em:`.
+
+    `max_buffered` bounds the events held in memory until Kafka acknowledges them. With `spool_dir`,
+    events beyond it go to files there (at most `spool_max_bytes`), and what close() cannot deliver
+    is kept there for the next emitter started on the same directory, which sends it first. When
+    memory and spool are full, `emit()` waits up to `block_timeout` s and raises BufferFull;
+    `emit_nowait()` raises at once. The module docstring states the delivery guarantee.
+    """
 
     def __init__(
         self,
@@ -191,6 +316,9 @@ class Emitter:
         max_buffered: int = 100_000,
         batch_events: int = 500,
         linger_ms: int = 20,
+        block_timeout: float = 5.0,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = 1 << 30,
         codec: Codec | None = None,
         guard: GuardLike | None = None,
     ) -> None:
@@ -199,34 +327,46 @@ class Emitter:
         self.service = service
         self.topic = topic
         self.guard = guard
+        self.block_timeout = block_timeout
         self._bootstrap = bootstrap_servers
         self._batch_events = batch_events
         self._linger = linger_ms / 1000
         self._codec = codec or default_codec()
-        self._buffer = _Buffer(max_buffered)
+        spool = Spool(spool_dir, spool_max_bytes) if spool_dir is not None else None
+        self._buffer = _Buffer(max_buffered, spool, self._codec)
         self._producer: AIOKafkaProducer | None = None
+        self._generation = 0  # of the producer; failures reported by a discarded one are ignored
+        self._broken: BaseException | None = None  # the current producer failed a delivery
         self._sender: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
-        self._pending: set[asyncio.Future[Any]] = set()
-        self._failure: BaseException | None = None
-        self._send_lock = asyncio.Lock()
-        self._stopping = False
+        self._acked: asyncio.Event | None = None
+        self._unacked: dict[int, _Batch] = {}  # by batch number, in the order first sent
+        self._sent_at: dict[int, float] = {}  # batch number -> monotonic time it was (re-)sent
+        self._next_batch = 0
+        self._segments_in_flight = 0
+        self._disconnected_since: float | None = None
         self._closed = False
         self.sent_events = 0
-        self.failed_events = 0
+        self._reconnects = 0
+        self._resent_batches = 0
+        if spool is not None and spool.left_by_previous:
+            log.info(
+                "spool %s holds %d segments (%d bytes) left by a previous emitter: sending them first",
+                spool.directory,
+                spool.left_by_previous,
+                spool.bytes,
+            )
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=5,
-            max_batch_size=1 << 20,
-            max_request_size=8 << 20,
-            client_id=f"spendstream-emitter-{self.service}",
-        )
-        await self._producer.start()
+        """Connect to Kafka and start the sender. Never raises because Kafka is unreachable: events
+        are accepted and kept, and the sender keeps trying to connect."""
         self._wake = asyncio.Event()
+        self._acked = asyncio.Event()
+        _quiet.install()
+        try:
+            await self._connect_once()
+        except Exception as exc:  # any failure to connect means: not connected yet
+            self._mark_disconnected(f"cannot connect at start: {exc}")
         self._sender = asyncio.create_task(self._send_loop(), name="spendstream-emitter")
 
     async def __aenter__(self) -> Self:
@@ -238,11 +378,20 @@ class Emitter:
     ) -> None:
         await self.close()
 
-    def _accept(self, event: dict[str, Any]) -> None:
-        if not self._buffer.try_put(event):
-            raise BufferFull(f"emitter buffer full ({self._buffer.capacity} events waiting for Kafka)")
-        if self._buffer.unsent >= self._batch_events and self._wake is not None:
-            self._wake.set()
+    def stats(self) -> EmitterStats:
+        """The emitter's counters (see EmitterStats); cheap, safe to call from any thread."""
+        b = self._buffer
+        return EmitterStats(
+            accepted=b.accepted,
+            sent=self.sent_events,
+            buffered=b.size,
+            spooled=b.spooled,
+            spool_bytes=b.spool.bytes if b.spool is not None else 0,
+            buffer_full_refusals=b.refused,
+            reconnects=self._reconnects,
+            resent_batches=self._resent_batches,
+            suppressed_log_lines=_quiet.dropped,
+        )
 
     def check(
         self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
@@ -256,121 +405,332 @@ class Emitter:
             self.guard.check(project=project, team=team, user=user, model=model)
 
     async def emit(self, *, project: str, provider: str, model: str, **usage: Any) -> str:
-        """Validate and buffer one event; returns its event_id. Waits only while the buffer is full."""
+        """Validate and accept one event; returns its event_id. While memory and spool are full it
+        waits up to `block_timeout` s for room, then raises BufferFull (the event is not accepted)."""
         if self._closed:
             raise EmitterClosed("emit() after close()")
         event = build_event(service=self.service, project=project, provider=provider, model=model, **usage)
-        while not self._buffer.try_put(event):
-            if self._failure is not None:
-                raise self._failure
-            await asyncio.sleep(self._linger)
-        if self._buffer.unsent >= self._batch_events and self._wake is not None:
+        buffer = self._buffer
+        if not buffer.try_put(event):
+            deadline = time.monotonic() + self.block_timeout
+            while not buffer.try_put(event):
+                if time.monotonic() >= deadline:
+                    raise buffer.refuse()
+                await asyncio.sleep(self._linger)
+        if buffer.unsent >= self._batch_events and self._wake is not None:
             self._wake.set()
         return str(event["event_id"])
 
     def emit_nowait(self, *, project: str, provider: str, model: str, **usage: Any) -> str:
-        """Like emit() but never waits: raises BufferFull when the buffer is full."""
+        """Like emit() but never waits: raises BufferFull when memory and spool are full."""
         if self._closed:
             raise EmitterClosed("emit_nowait() after close()")
         event = build_event(service=self.service, project=project, provider=provider, model=model, **usage)
-        self._accept(event)
+        if not self._buffer.try_put(event):
+            raise self._buffer.refuse()
+        if self._buffer.unsent >= self._batch_events and self._wake is not None:
+            self._wake.set()
         return str(event["event_id"])
 
-    async def _send_buffered(self) -> None:
-        # One sender at a time (the linger loop, flush, close): events taken from the buffer are
-        # handed to the producer before anyone can conclude that nothing is left to send.
-        async with self._send_lock:
-            for project, events in self._buffer.take_all().items():
-                key = project.encode()
-                for i in range(0, len(events), self._batch_events):
-                    chunk = events[i : i + self._batch_events]
-                    await self._send(key, self._codec.encode("UsageBatch", {"events": chunk}), len(chunk), 0)
+    # -- the sender ------------------------------------------------------------------------
 
-    async def _send(self, key: bytes, value: bytes, n: int, attempt: int) -> None:
-        assert self._producer is not None
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+            max_batch_size=1 << 20,
+            max_request_size=8 << 20,
+            request_timeout_ms=_REQUEST_TIMEOUT_MS,
+            client_id=f"spendstream-emitter-{self.service}",
+        )
+
+    async def _connect_once(self) -> None:
+        producer = self._new_producer()
         try:
-            fut = await self._producer.send(self.topic, value, key=key)
-        except Exception as exc:  # e.g. no metadata while the broker is away: same policy as a failed ack
-            self._failed(exc, key=key, value=value, n=n, attempt=attempt)
-            return
-        self._pending.add(fut)
-        fut.add_done_callback(functools.partial(self._delivered, key=key, value=value, n=n, attempt=attempt))
+            await producer.start()
+        except BaseException:
+            await _discard(producer)
+            raise
+        self._producer = producer
+        self._generation += 1
+        self._broken = None
 
-    def _delivered(self, fut: asyncio.Future[Any], *, key: bytes, value: bytes, n: int, attempt: int) -> None:
-        self._pending.discard(fut)
-        if fut.cancelled():
-            self._failed(
-                EmitterClosed("delivery cancelled"), key=key, value=value, n=n, attempt=_MAX_ATTEMPTS
+    async def _reconnect(self) -> None:
+        """Replace the producer (after a failed delivery, or none yet) and re-send every
+        unacknowledged batch, in the order first sent. Retries until connected."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            self._reconnects += 1
+            self._mark_disconnected(f"delivery failed: {self._broken!r}")
+            await _discard(old)
+        delay = _BACKOFF_SECONDS[0]
+        while True:
+            try:
+                await self._connect_once()
+                break
+            except Exception as exc:  # unreachable, or any other start failure: retry
+                self._mark_disconnected(f"cannot connect: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_SECONDS[1])
+        resend = list(self._unacked)
+        for number in resend:
+            batch = self._unacked.get(number)
+            if batch is not None:
+                await self._send(number, batch)
+        self._resent_batches += len(resend)
+        self._mark_connected()
+
+    def _mark_disconnected(self, reason: str) -> None:
+        if self._disconnected_since is not None:
+            return
+        self._disconnected_since = time.monotonic()
+        b = self._buffer
+        log.warning(
+            "Kafka unreachable (%s): keeping events (%d in memory, %d bytes spooled) and retrying",
+            reason,
+            b.size,
+            b.spool.bytes if b.spool is not None else 0,
+        )
+
+    def _mark_connected(self) -> None:
+        if self._disconnected_since is None:
+            return
+        seconds = time.monotonic() - self._disconnected_since
+        self._disconnected_since = None
+        log.warning(
+            "Kafka reachable again after %.1f s (%d reconnects, %d batches re-sent so far, %d aiokafka "
+            "log lines suppressed so far)",
+            seconds,
+            self._reconnects,
+            self._resent_batches,
+            _quiet.dropped,
+        )
+
+    async def _send(self, number: int, batch: _Batch) -> None:
+        producer = self._producer
+        assert producer is not None
+        generation = self._generation
+        self._sent_at[number] = time.monotonic()
+        try:
+            fut = await producer.send(self.topic, batch.value, key=batch.key)
+        except Exception as exc:  # e.g. no metadata while the broker is away
+            self._failed(exc, generation)
+            return
+        fut.add_done_callback(functools.partial(self._delivered, number, generation))
+
+    def _delivered(self, number: int, generation: int, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self._failed(fut.exception() if not fut.cancelled() else EmitterClosed("cancelled"), generation)
+            return
+        batch = self._unacked.pop(number, None)
+        if batch is None:  # acknowledged already (a re-sent batch whose first send arrived too)
+            return
+        del self._sent_at[number]
+        self.sent_events += batch.n
+        if batch.segment is None:
+            self._buffer.release(batch.n)
+        else:
+            batch.segment.pending -= 1
+            if batch.segment.pending == 0:
+                self._segment_done(batch.segment)
+        self._mark_connected()
+        assert self._acked is not None
+        self._acked.set()
+
+    def _failed(self, error: BaseException | None, generation: int) -> None:
+        # Whatever the error, the batch is still ours: the sender replaces the producer and re-sends.
+        if generation == self._generation and self._broken is None:
+            self._broken = error or RuntimeError("delivery failed")
+            if self._wake is not None:
+                self._wake.set()
+
+    def _segment_done(self, segment: Segment) -> None:
+        self._buffer.remove_segment(segment)
+        self._segments_in_flight -= 1
+        spool = self._buffer.spool
+        if spool is not None and not spool.unread and not self._segments_in_flight and self._buffer.spooling:
+            self._buffer.spooling = False
+            log.warning("spool %s drained: every spooled event is acknowledged", spool.directory)
+
+    async def _send_new(self, batch: _Batch) -> None:
+        number, self._next_batch = self._next_batch, self._next_batch + 1
+        self._unacked[number] = batch
+        await self._send(number, batch)
+
+    async def _send_grouped(
+        self, by_project: dict[str, list[dict[str, Any]]], segment: Segment | None
+    ) -> None:
+        for project, events in by_project.items():
+            key = project.encode()
+            for i in range(0, len(events), self._batch_events):
+                chunk = events[i : i + self._batch_events]
+                value = self._codec.encode("UsageBatch", {"events": chunk})
+                await self._send_new(_Batch(key, value, len(chunk), None if segment else chunk, segment))
+
+    async def _send_spooled(self) -> None:
+        """Read the oldest spool segment and send its events (after memory, which is older)."""
+        segment = self._buffer.take_segment()
+        if segment is None:
+            return
+        by_project: dict[str, list[dict[str, Any]]] = {}
+        undecodable: list[bytes] = []
+        for payload in read_segment(segment.path):
+            try:
+                event = self._codec.decode(payload)[1]
+            except DecodeError:
+                undecodable.append(payload)
+                continue
+            by_project.setdefault(event["project"], []).append(event)
+        segment.pending = sum(-(-len(e) // self._batch_events) for e in by_project.values()) + len(
+            undecodable
+        )
+        self._segments_in_flight += 1
+        if segment.pending == 0:
+            self._segment_done(segment)
+            return
+        await self._send_grouped(by_project, segment)
+        if undecodable:  # e.g. written by another version: the meter decodes or dead-letters them
+            log.warning(
+                "spool segment %s: %d records this emitter cannot decode; sent as they are",
+                segment.path,
+                len(undecodable),
             )
-            return
-        error = fut.exception()
-        if error is None:
-            self._buffer.release(n)
-            self.sent_events += n
-            return
-        self._failed(error, key=key, value=value, n=n, attempt=attempt)
-
-    def _failed(self, error: BaseException, *, key: bytes, value: bytes, n: int, attempt: int) -> None:
-        if getattr(error, "retriable", False) and attempt < _MAX_ATTEMPTS:
-            # e.g. a leader election: the batch is still ours, send it again (event_id keeps it idempotent)
-            log.warning("usage batch of %d events not delivered (%s); retry %d", n, error, attempt + 1)
-            retry = asyncio.ensure_future(self._retry(key, value, n, attempt + 1))
-            self._pending.add(retry)
-            retry.add_done_callback(self._pending.discard)
-            return
-        self._buffer.release(n)
-        self.failed_events += n
-        self._failure = error
-        log.error("lost %d usage events: Kafka delivery failed after %d attempts: %s", n, attempt + 1, error)
-
-    async def _retry(self, key: bytes, value: bytes, n: int, attempt: int) -> None:
-        await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
-        await self._send(key, value, n, attempt)
+        for payload in undecodable:
+            await self._send_new(_Batch(b"", payload, 1, None, segment))
 
     async def _send_loop(self) -> None:
         assert self._wake is not None
-        while not self._stopping:
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._linger)
             self._wake.clear()
-            await self._send_buffered()
+            if self._producer is None or self._broken is not None:
+                await self._reconnect()
+            if self._buffer.unsent and self._disconnected_since is None:  # else: full batches later
+                await self._send_grouped(self._buffer.take_all(), None)
+            spool = self._buffer.spool
+            if (
+                spool is not None
+                and spool.unread
+                and not self._buffer.unsent
+                and self._segments_in_flight < _SPOOL_SEGMENTS_IN_FLIGHT
+                and self._broken is None
+            ):
+                await self._send_spooled()
+            if self._sent_at and self._disconnected_since is None:
+                oldest = min(self._sent_at.values())
+                if time.monotonic() - oldest > _STALLED_SECONDS:
+                    self._mark_disconnected(f"no acknowledgement for {_STALLED_SECONDS:.0f} s")
 
-    async def flush(self) -> None:
-        """Send everything accepted so far and wait until Kafka has acknowledged it (retries
-        included); raises the delivery error if some events could not be delivered."""
-        await self._send_buffered()
-        while self._buffer.size > self._buffer.unsent or self._pending:
-            if self._pending:
-                await asyncio.gather(*list(self._pending), return_exceptions=True)
-            else:
-                await asyncio.sleep(0.001)  # handed to the producer by the loop a moment ago
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
+    def _idle(self) -> bool:
+        spool = self._buffer.spool
+        return self._buffer.size == 0 and (
+            spool is None or (not spool.unread and not self._segments_in_flight)
+        )
 
-    async def close(self) -> None:
-        """Deliver everything accepted, then stop. Idempotent."""
+    async def _wait_idle(self, timeout: float | None) -> bool:  # noqa: ASYNC109 (the documented API)
+        assert self._wake is not None
+        assert self._acked is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._idle():
+            if self._sender is None:
+                return False
+            if self._sender.done():  # never on purpose: surface the sender's own failure
+                self._sender.result()
+                return False
+            self._wake.set()
+            wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if wait <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), wait)
+            self._acked.clear()
+        return True
+
+    def _undelivered(self) -> str:
+        spool = self._buffer.spool
+        spooled = f" and {spool.bytes:,} bytes in spool {spool.directory}" if spool and spool.bytes else ""
+        return f"{self._buffer.size:,} events in memory{spooled}"
+
+    async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the documented API)
+        """Return when every accepted event (spooled ones included) is acknowledged by Kafka. With
+        Kafka down it waits; after `timeout` s (None: no limit) it raises DeliveryTimeout, and the
+        events are kept and still being sent."""
+        if self._sender is None:
+            raise EmitterClosed("flush() before start()")
+        if not await self._wait_idle(timeout):
+            raise DeliveryTimeout(
+                f"flush(): {self._undelivered()} not acknowledged by Kafka after {timeout} s "
+                "(is the broker reachable?); they are kept and still being sent",
+                self._buffer.size,
+            )
+
+    async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (the documented API)
+        """Deliver everything accepted within `timeout` s, then stop. What is not acknowledged by then
+        is written to the spool if there is one; without a spool, close() raises DeliveryTimeout
+        saying how many events were dropped. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._stopping = True
-        try:
-            if self._wake is not None:
-                self._wake.set()
-            if self._sender is not None:
-                await self._sender  # the loop finishes its current send and exits
-            if self._producer is not None:
-                await self.flush()
-        finally:
-            if self._producer is not None:
+        delivered = self._sender is None or await self._wait_idle(timeout)
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        if self._producer is not None:
+            if delivered:
                 await self._producer.stop()
+            else:
+                await _discard(self._producer)
+        self._producer = None
+        left = [e for b in self._unacked.values() if b.events is not None for e in b.events]
+        left += [e for events in self._buffer.take_all().values() for e in events]
+        spool = self._buffer.spool
+        if spool is None:
+            if left:
+                raise DeliveryTimeout(
+                    f"close(): {len(left):,} accepted usage events were not acknowledged by Kafka "
+                    f"within {timeout} s and are DROPPED (no spool_dir); set spool_dir to keep them "
+                    "for the next start, or give close() more time",
+                    len(left),
+                )
+            return
+        if left:
+            spool.write_front([self._codec.encode("UsageEvent", e) for e in left])
+            self._buffer.spooled += len(left)
+        spool.close()
+        if spool.bytes:
+            log.warning(
+                "emitter closed with %d events not delivered to Kafka: %d bytes kept in spool %s, sent "
+                "by the next emitter started with this spool_dir",
+                len(left),
+                spool.bytes,
+                spool.directory,
+            )
+
+
+async def _discard(producer: AIOKafkaProducer) -> None:
+    """Drop a producer without waiting for the batches it holds (they are re-sent on a new one).
+
+    aiokafka has no public abort: stop() waits for every batch to be delivered or expire. So its
+    sender task is cancelled and its connections closed; the futures of the batches it held are
+    left unresolved (the emitter ignores a discarded producer's batches anyway)."""
+    sender_task = producer._sender.sender_task
+    if sender_task is not None:
+        sender_task.cancel()
+        await asyncio.wait([sender_task])
+    producer._closed = True  # stop() is not called: nothing left to flush
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.client.close(), 5.0)
 
 
 class SyncEmitter:
     """Emitter for non-async code: same arguments, runs its own event loop in a daemon thread.
 
-    `emit()` validates in the caller's thread (errors raise there) and buffers; when the buffer is
-    full it blocks up to `block_timeout` seconds, then raises BufferFull.
+    `emit()` validates in the caller's thread (errors raise there) and buffers; when memory and
+    spool are full it blocks up to `block_timeout` seconds, then raises BufferFull.
     """
 
     def __init__(self, *, block_timeout: float = 5.0, **kwargs: Any) -> None:
@@ -380,9 +740,9 @@ class SyncEmitter:
             target=self._loop.run_forever, name="spendstream-emitter", daemon=True
         )
         self._thread.start()
-        self._emitter = Emitter(**kwargs)
         self._closed = False
         try:
+            self._emitter = Emitter(block_timeout=block_timeout, **kwargs)
             self._call(self._emitter.start())
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -414,21 +774,28 @@ class SyncEmitter:
     def sent_events(self) -> int:
         return self._emitter.sent_events
 
+    def stats(self) -> EmitterStats:
+        """See Emitter.stats."""
+        return self._emitter.stats()
+
     def check(
         self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
     ) -> None:
         """See Emitter.check: refuse a call before it costs money when its scope is blocked."""
         self._emitter.check(project=project, team=team, user=user, model=model)
 
-    def flush(self) -> None:
-        self._call(self._emitter.flush())
+    def flush(self, timeout: float | None = None) -> None:
+        """See Emitter.flush: wait until every accepted event is acknowledged (DeliveryTimeout after
+        `timeout` s; the events are kept)."""
+        self._call(self._emitter.flush(timeout))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """See Emitter.close: deliver within `timeout` s, spool the rest or raise DeliveryTimeout."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._call(self._emitter.close())
+            self._call(self._emitter.close(timeout))
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)

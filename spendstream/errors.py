@@ -5,7 +5,8 @@ SpendstreamError                 base of everything below
 ├── KafkaLocalError              the local broker could not be fetched, formatted, started or stopped
 ├── InvalidUsage                 an event failed validation at the call site (negative count, no model, ...)
 ├── EmitterClosed                emit() after close()
-├── BufferFull                   the emitter's bounded buffer stayed full for the whole timeout
+├── BufferFull                   the emitter's memory buffer and spool stayed full for the whole timeout
+├── DeliveryTimeout              flush()/close() ran out of time with events not acknowledged by Kafka
 ├── DecodeError                  bytes that are not a known Avro single-object message
 ├── UnknownModel                 no price for this provider/model (never priced at zero)
 └── QueryError                   a SQL query was refused (not read-only) or failed
@@ -21,6 +22,7 @@ __all__ = [
     "BufferFull",
     "ConfigError",
     "DecodeError",
+    "DeliveryTimeout",
     "EmitterClosed",
     "InvalidUsage",
     "KafkaLocalError",
@@ -51,7 +53,21 @@ class EmitterClosed(SpendstreamError):
 
 
 class BufferFull(SpendstreamError):
-    """The emitter's bounded buffer stayed full: Kafka is not keeping up or is unreachable."""
+    """The emitter's memory buffer (and spool, if any) stayed full: Kafka is not keeping up or is
+    unreachable. The refused event was not accepted; nothing accepted before it is lost."""
+
+
+class DeliveryTimeout(SpendstreamError):
+    """`flush()` or `close()` ran out of time with accepted events not yet acknowledged by Kafka.
+
+    From flush() the events are kept and still being sent. From close() they were written to the
+    spool if the emitter has one; otherwise they are dropped, and this error is the only way an
+    accepted event is ever lost. `undelivered` is how many events it concerns.
+    """
+
+    def __init__(self, message: str, undelivered: int) -> None:
+        self.undelivered = undelivered
+        super().__init__(message)
 
 
 class DecodeError(SpendstreamError):
