@@ -51,6 +51,7 @@ __all__ = ["Emitter", "EmitterStats", "SyncEmitter"]
 _STALLED_SECONDS = 5.0  # oldest batch unacknowledged this long: Kafka is unreachable (one log line)
 _REQUEST_TIMEOUT_MS = 15_000  # a batch aiokafka cannot deliver fails after this; we re-send it
 _BACKOFF_SECONDS = (0.2, 5.0)  # reconnect attempts: first wait, cap (doubling in between)
+_MAX_BATCH_BYTES = 2 << 20  # a UsageBatch message at most (the producer's request limit is 8 MiB)
 _SPOOL_SEGMENTS_IN_FLIGHT = 2  # spool segments read into memory and being sent at once
 
 log = logging.getLogger(__name__)
@@ -559,15 +560,29 @@ class Emitter:
         self._unacked[number] = batch
         await self._send(number, batch)
 
-    async def _send_grouped(
-        self, by_project: dict[str, list[dict[str, Any]]], segment: Segment | None
-    ) -> None:
+    def _batches(self, by_project: dict[str, list[dict[str, Any]]]) -> list[tuple[bytes, bytes, list[Any]]]:
+        """(key, UsageBatch message, its events): at most `batch_events` events and _MAX_BATCH_BYTES
+        each (events with long texts and many tags could otherwise exceed Kafka's request size,
+        and such a batch would be refused on every retry)."""
+        out = []
         for project, events in by_project.items():
             key = project.encode()
-            for i in range(0, len(events), self._batch_events):
-                chunk = events[i : i + self._batch_events]
+            todo = [events[i : i + self._batch_events] for i in range(0, len(events), self._batch_events)]
+            while todo:
+                chunk = todo.pop(0)
                 value = self._codec.encode("UsageBatch", {"events": chunk})
-                await self._send_new(_Batch(key, value, len(chunk), None if segment else chunk, segment))
+                if len(value) > _MAX_BATCH_BYTES and len(chunk) > 1:  # one event always fits (usage.py)
+                    half = len(chunk) // 2
+                    todo[:0] = [chunk[:half], chunk[half:]]
+                    continue
+                out.append((key, value, chunk))
+        return out
+
+    async def _send_grouped(
+        self, batches: list[tuple[bytes, bytes, list[Any]]], segment: Segment | None
+    ) -> None:
+        for key, value, chunk in batches:
+            await self._send_new(_Batch(key, value, len(chunk), None if segment else chunk, segment))
 
     async def _send_spooled(self) -> None:
         """Read the oldest spool segment and send its events (after memory, which is older)."""
@@ -583,14 +598,13 @@ class Emitter:
                 undecodable.append(payload)
                 continue
             by_project.setdefault(event["project"], []).append(event)
-        segment.pending = sum(-(-len(e) // self._batch_events) for e in by_project.values()) + len(
-            undecodable
-        )
+        batches = self._batches(by_project)
+        segment.pending = len(batches) + len(undecodable)
         self._segments_in_flight += 1
         if segment.pending == 0:
             self._segment_done(segment)
             return
-        await self._send_grouped(by_project, segment)
+        await self._send_grouped(batches, segment)
         if undecodable:  # e.g. written by another version: the meter decodes or dead-letters them
             log.warning(
                 "spool segment %s: %d records this emitter cannot decode; sent as they are",
@@ -609,7 +623,7 @@ class Emitter:
             if self._producer is None or self._broken is not None:
                 await self._reconnect()
             if self._buffer.unsent and self._disconnected_since is None:  # else: full batches later
-                await self._send_grouped(self._buffer.take_all(), None)
+                await self._send_grouped(self._batches(self._buffer.take_all()), None)
             spool = self._buffer.spool
             if (
                 spool is not None

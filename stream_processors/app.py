@@ -59,6 +59,8 @@ __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
+MAX_DEAD_LETTER_PAYLOAD = 1 << 20
+MAX_PRICED_BATCH_BYTES = 4 << 20  # a PricedBatch message at most (the request limit is 8 MiB)
 METER_TAKE = 1_000  # usage.raw messages the meter prices together at most
 METER_WAIT = 0.005  # seconds it waits for more before pricing what it has (adds at most this latency)
 FETCH_MAX_WAIT_MS = 20  # longest broker long-poll of the worker's consumer (see short_fetch_wait)
@@ -150,13 +152,16 @@ def create_app(
     async def dead_letter(
         reason: str, detail: str, topic: str, partition: int, offset: int, key: bytes | None, payload: bytes
     ) -> None:
+        if len(payload) > MAX_DEAD_LETTER_PAYLOAD:  # the letter must fit a Kafka message too
+            detail += f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD} of {len(payload)} bytes)"
+            payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
         letter = {
             "reason": reason,
-            "detail": detail,
+            "detail": detail[:4000],
             "source_topic": topic,
             "source_partition": partition,
             "source_offset": offset,
-            "key": key,
+            "key": key[:1000] if key else key,
             "payload": payload,
             "failed_at": _now_us(),
         }
@@ -196,30 +201,24 @@ def create_app(
         next_offset[partition] = offset + 1
 
     async def send_priced(project: str, priced: list[dict[str, Any]]) -> None:
-        """One PricedBatch; should one event not encode, it alone is dead-lettered."""
+        """PricedBatch messages of at most MAX_PRICED_BATCH_BYTES (halved until they fit); an
+        event that cannot be encoded at all (a bug) is dead-lettered alone."""
         try:
-            value = codec.encode("PricedBatch", {"events": priced})
-        except Exception:
-            value = None
-        if value is not None:
+            value: bytes | None = codec.encode("PricedBatch", {"events": priced})
+            problem = ""
+        except Exception as exc:
+            value, problem = None, repr(exc)[:1000]
+        if value is not None and (len(value) <= MAX_PRICED_BATCH_BYTES or len(priced) == 1):
             await priced_topic.send(key=project.encode(), value=value)
-            return
-        for one in priced:
-            try:
-                value = codec.encode("PricedBatch", {"events": [one]})
-            except Exception as exc:
-                usage = one["usage"]
-                await dead_letter(
-                    "processing_error",
-                    repr(exc)[:1000],
-                    topics.usage_raw,
-                    -1,
-                    -1,
-                    project.encode(),
-                    repr(usage).encode(),
-                )
-                continue
-            await priced_topic.send(key=project.encode(), value=value)
+        elif len(priced) > 1:
+            half = len(priced) // 2
+            await send_priced(project, priced[:half])
+            await send_priced(project, priced[half:])
+        else:
+            payload = repr(priced[0]["usage"]).encode()
+            await dead_letter(
+                "processing_error", problem, topics.usage_priced, -1, -1, project.encode(), payload
+            )
 
     @app.agent(raw_topic, name="meter")
     async def meter(stream: faust.StreamT[bytes]) -> None:
@@ -256,7 +255,7 @@ def create_app(
                 await seen_topic.send(
                     key=str(partition).encode(), value=codec.encode("SeenIds", record), partition=partition
                 )
-            for partition, deltas in batch.deltas.items():
+            for partition, deltas in batch.delta_batches():
                 await deltas_topic.send(
                     key=deltas[0]["scope"].encode(),
                     value=codec.encode("SpendDeltaBatch", {"deltas": deltas}),

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,9 @@ __all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_f
 
 PRICED_BATCH_EVENTS = 2_000  # events per PricedBatch message (well under the 8 MiB request size)
 MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per scope is split above
+# (scope, minute) pairs one usage.raw message may move: its deltas must fit one spend.deltas message
+# (~45 bytes each), since a scope applies all deltas of a source message together.
+MAX_DELTAS_PER_MESSAGE = 50_000
 
 
 @lru_cache(maxsize=65536)
@@ -178,8 +182,28 @@ class MeterStage:
                 )
             )
             return
-        card = priced.card
         project = event["project"]
+        scopes: list[str] = []
+        if priced.cost_pico and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
+            globs = self.model_globs.get(project, ())
+            team, user = event["team"], event["user"]
+            team = team if team and f"team:{team}" in self.budgeted else None
+            user = user if user and f"user:{user}" in self.budgeted else None
+            scopes = scopes_for_event(project, team, user, event["model"], globs)
+            minute = event["event_time"] // MINUTE_US
+            if len(result.spend) + len(scopes) > MAX_DELTAS_PER_MESSAGE and any(
+                (s, minute) not in result.spend for s in scopes
+            ):
+                result.dead.append(
+                    DeadLetter(
+                        "too_many_windows",
+                        f"its message already spreads spend over {len(result.spend)} (scope, minute) "
+                        f"pairs, the most one message may; send events of far-apart times separately",
+                        self._single(event),
+                    )
+                )
+                return
+        card = priced.card
         result.project = project
         result.statuses[priced.status] += 1
         result.priced.append(
@@ -198,22 +222,17 @@ class MeterStage:
             result.unbudgeted += 1
             return
         result.seen.append(dedupe_key)
-        if priced.cost_pico:  # unpriced (None) moves no budget, but is counted and stored
-            minute = event["event_time"] // MINUTE_US
-            globs = self.model_globs.get(project, ())
-            team, user = event["team"], event["user"]
-            team = team if team and f"team:{team}" in self.budgeted else None
-            user = user if user and f"user:{user}" in self.budgeted else None
-            for scope in scopes_for_event(project, team, user, event["model"], globs):
-                slot = result.spend.get((scope, minute))
-                if slot is None:
-                    result.spend[(scope, minute)] = [priced.cost_pico, 1]
-                elif slot[0] + priced.cost_pico > MAX_DELTA_PICO:  # a delta is an Avro long
-                    result.full_deltas.append((scope, minute, slot[0], slot[1]))
-                    slot[0], slot[1] = priced.cost_pico, 1
-                else:
-                    slot[0] += priced.cost_pico
-                    slot[1] += 1
+        cost = priced.cost_pico or 0  # scopes is empty when unpriced
+        for scope in scopes:
+            slot = result.spend.get((scope, minute))
+            if slot is None:
+                result.spend[(scope, minute)] = [cost, 1]
+            elif slot[0] + cost > MAX_DELTA_PICO:  # a delta is an Avro long
+                result.full_deltas.append((scope, minute, slot[0], slot[1]))
+                slot[0], slot[1] = cost, 1
+            else:
+                slot[0] += cost
+                slot[1] += 1
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)
@@ -238,6 +257,7 @@ class MeterBatch:
         self.partitions = partitions
         self.priced: dict[str, list[dict[str, Any]]] = defaultdict(list)  # project -> PricedUsage
         self.deltas: dict[int, list[dict[str, Any]]] = defaultdict(list)  # spend.deltas partition -> deltas
+        self._starts: dict[int, list[int]] = defaultdict(list)  # where each source message's deltas start
         # usage.raw partition -> (offsets, dedupe keys) of the events counted: for usage.seen
         self.seen: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
 
@@ -249,8 +269,13 @@ class MeterBatch:
             offsets.extend([source_offset] * len(result.seen))
             keys.extend(result.seen)
         spend = [(s, m, p, c) for (s, m), (p, c) in result.spend.items()]
+        marked: set[int] = set()
         for scope, minute, pico, count in result.full_deltas + spend:
-            self.deltas[partition_for(scope, self.partitions)].append(
+            partition = partition_for(scope, self.partitions)
+            if partition not in marked:
+                marked.add(partition)
+                self._starts[partition].append(len(self.deltas[partition]))
+            self.deltas[partition].append(
                 {
                     "scope": scope,
                     "minute": minute,
@@ -260,6 +285,20 @@ class MeterBatch:
                     "source_offset": source_offset,
                 }
             )
+
+    def delta_batches(self) -> list[tuple[int, list[dict[str, Any]]]]:
+        """(spend.deltas partition, deltas) per message: at most MAX_DELTAS_PER_MESSAGE deltas each,
+        cut only between source messages (a scope applies a source message's deltas together)."""
+        out = []
+        for partition, deltas in self.deltas.items():
+            cuts = [*self._starts[partition], len(deltas)]
+            first = 0
+            for start, end in pairwise(cuts):
+                if end - first > MAX_DELTAS_PER_MESSAGE and start > first:
+                    out.append((partition, deltas[first:start]))
+                    first = start
+            out.append((partition, deltas[first:]))
+        return out
 
     def seen_records(self) -> list[tuple[int, dict[str, Any]]]:
         """(usage.raw partition, SeenIds record): the ids counted, for a restarted meter to re-load."""

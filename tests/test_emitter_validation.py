@@ -58,3 +58,18 @@ def test_valid_event_has_uuid_and_microsecond_time() -> None:
 def test_missing_token_counts_are_an_error_not_zero() -> None:
     with pytest.raises(TypeError, match="output_tokens"):
         build_event(service="s", project="p", provider="openai", model="m", input_tokens=1)  # type: ignore[call-arg]
+
+
+def test_batches_stay_under_the_message_size_with_the_largest_valid_events() -> None:
+    """64 tags of 256 characters on every event: 500 of them would pass Kafka's request limit."""
+    from producers import Emitter
+    from producers._emitter import _MAX_BATCH_BYTES
+
+    big = {f"k{i:03d}" + "k" * 252: "v" * 256 for i in range(64)}
+    events = [build_event(**GOOD, tags=big) for _ in range(500)]
+    emitter = Emitter(bootstrap_servers="127.0.0.1:1", service="svc")
+    batches = emitter._batches({"p": events})
+    assert all(len(value) <= _MAX_BATCH_BYTES for _, value, _ in batches)
+    assert sum(len(chunk) for _, _, chunk in batches) == 500  # every event, once, in order
+    assert [e["event_id"] for _, _, chunk in batches for e in chunk] == [e["event_id"] for e in events]
+    assert len(batches) > 1

@@ -7,7 +7,7 @@ from typing import Any
 
 from producers import build_event
 from spendstream.wire import default_codec
-from stream_processors.meter import MeterStage
+from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
 
 CODEC = default_codec()
@@ -178,3 +178,38 @@ def test_partition_for_is_kafkas_default_partitioner() -> None:
 
     for key in ["org", "project:a", "team:x", "user:émile", "project:p/model:gpt-4*"]:
         assert partition_for(key, 4) == DefaultPartitioner()(key.encode(), [0, 1, 2, 3], [0, 1, 2, 3])
+
+
+def test_spend_deltas_are_cut_between_source_messages_never_inside_one() -> None:
+    from stream_processors import meter
+
+    batch = MeterBatch(partitions=1)
+    events = [ev(event_time=datetime.fromtimestamp(NOW / 1e6 - 60 * i, UTC)) for i in range(30)]
+    for offset in range(4):  # 4 messages of 30 minutes x 2 scopes: 60 deltas each
+        result = MeterStage(Catalogue.load(fallback="none"), CODEC).process(
+            b"a", CODEC.encode("UsageBatch", {"events": events}), NOW
+        )
+        batch.add(result, 0, offset)
+    old, meter.MAX_DELTAS_PER_MESSAGE = meter.MAX_DELTAS_PER_MESSAGE, 130
+    try:
+        cut = batch.delta_batches()
+    finally:
+        meter.MAX_DELTAS_PER_MESSAGE = old
+    assert [len(deltas) for _, deltas in cut] == [120, 120]  # two whole messages each, under 130
+    assert [sorted({d["source_offset"] for d in deltas}) for _, deltas in cut] == [[0, 1], [2, 3]]
+
+
+def test_an_event_that_spreads_a_message_over_too_many_minutes_is_dead_lettered_alone() -> None:
+    from stream_processors import meter
+
+    events = [ev(event_time=datetime.fromtimestamp(NOW / 1e6 - 60 * i, UTC)) for i in range(10)]
+    old, meter.MAX_DELTAS_PER_MESSAGE = meter.MAX_DELTAS_PER_MESSAGE, 12  # 2 scopes per minute
+    try:
+        result = MeterStage(Catalogue.load(fallback="none"), CODEC).process(
+            b"a", CODEC.encode("UsageBatch", {"events": [*events, events[0]]}), NOW
+        )
+    finally:
+        meter.MAX_DELTAS_PER_MESSAGE = old
+    assert len(result.priced) == 6  # six minutes fit; a copy of the first is skipped as a copy
+    assert [d.reason for d in result.dead] == ["too_many_windows"] * 4
+    assert len(result.spend) == 12
