@@ -18,9 +18,11 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from producers import Emitter, EmitterStats, SyncEmitter, build_event
@@ -30,6 +32,7 @@ from spendstream.kafka_local import LocalKafka
 from spendstream.settings import Topics
 from spendstream.topics import ensure_topics
 from spendstream.wire import default_codec
+from stream_processors.pricing import Catalogue
 from tests.conftest import REPO, TEST_KAFKA_PORT, Worker, free_port, start_worker
 from tests.test_pipeline import read_all
 
@@ -110,9 +113,21 @@ def stored_in_clickhouse(worker: Worker, n: int, timeout: float = 60) -> tuple[i
         time.sleep(0.5)
 
 
+def org_spend(worker: Worker, expected: Decimal, timeout: float = 60) -> Decimal:
+    """The org's spend this month in the worker's budget table, once it reaches `expected` (or time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = httpx.get(f"http://127.0.0.1:{worker.port}/budgets", timeout=10).json()["budgets"]
+        spend = sum((Decimal(r["spend_usd"]) for r in rows if r["scope"] == "org"), Decimal(0))
+        if spend >= expected or time.monotonic() > deadline:
+            return spend
+        time.sleep(0.5)
+
+
 def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka, tmp_path: Path) -> None:
     """300 events/s keep coming while the broker is stopped for 60 s and started again; then a
-    worker (started after the outage) stores every event in ClickHouse once."""
+    worker (started after the outage) stores every event in ClickHouse once and counts it once in
+    the budgets (re-sent batches are copies with the same event_id)."""
     topics = fresh_topics(broker.bootstrap)
     topic = topics.usage_raw
     worker: Worker | None = None
@@ -142,13 +157,20 @@ def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka, tmp_path: Pa
             outage_s = time.monotonic() - down_at
             # the load goes on while the worker starts
             worker = start_worker(
-                broker.bootstrap, tmp_path, "budgets: {}\n", SPENDSTREAM_TOPIC_PREFIX=topics.prefix
+                broker.bootstrap,
+                tmp_path,
+                'budgets:\n  org: {monthly: "1000000"}\n',
+                SPENDSTREAM_TOPIC_PREFIX=topics.prefix,
             )
             stop.set()
             loader.join()
             emitter.flush(timeout=90)
             stats = emitter.stats()
         rows, distinct = stored_in_clickhouse(worker, len(accepted))
+        one = Catalogue.load().price(build_event(service="outage", project="p0", **CALL)).cost_pico
+        assert one is not None
+        truth = Decimal(one * len(accepted)).scaleb(-12)
+        budget = org_spend(worker, truth)
     finally:
         stop.set()
         logging.getLogger("aiokafka").removeHandler(aiokafka_lines)
@@ -158,13 +180,14 @@ def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka, tmp_path: Pa
     lost, doubled, summary = tally(accepted, found)
     print(
         f"\n60 s outage ({outage_s:.0f} s down, {len(accepted) - during:,} accepted meanwhile): {summary}; "
-        f"ClickHouse FINAL rows {rows:,} ({distinct:,} distinct); {stats}; "
+        f"ClickHouse FINAL rows {rows:,} ({distinct:,} distinct); org budget ${budget} (truth ${truth}); {stats}; "
         f"aiokafka lines that got through: {aiokafka_lines.lines:,}"
     )
     assert lost == 0, summary
     assert rows == distinct == len(accepted), (
         f"ClickHouse FINAL holds {rows:,} rows ({distinct:,} distinct); {summary}"
     )
+    assert budget == truth, f"org budget ${budget}, truth ${truth} ({len(accepted):,} events); {summary}"
     assert stats["sent"] == stats["accepted"] == len(accepted), (stats, summary)
     assert stats["reconnects"] >= 1, stats  # the producer really broke, and was replaced
     assert doubled <= stats["resent_batches"] * 500, summary  # only re-sent batches can double
