@@ -1,9 +1,12 @@
-"""The errors spendstream raises, as one small tree.
+"""The errors spendstream raises, as one small tree. Every one is importable from `producers` too.
 
 SpendstreamError                 base of everything below
 ├── ConfigError                  a setting is missing or wrong; the message says which and how to fix it
 ├── KafkaLocalError              the local broker could not be fetched, formatted, started or stopped
-├── InvalidUsage                 an event failed validation at the call site (negative count, no model, ...)
+├── InvalidUsage (ValueError)    an event failed validation at the call site (negative count, no model, ...)
+│   └── IncompleteUsage          a provider's usage object lacks a count the meter needs (instrumentation)
+├── BudgetExceeded               a call was refused: a scope it counts against is blocked (scope, reason,
+│                                spend, limit, window end)
 ├── EmitterClosed                emit() after close()
 ├── BufferFull                   the emitter's memory buffer and spool stayed full for the whole timeout
 ├── DeliveryTimeout              flush()/close() ran out of time with events not acknowledged by Kafka
@@ -24,6 +27,7 @@ __all__ = [
     "DecodeError",
     "DeliveryTimeout",
     "EmitterClosed",
+    "IncompleteUsage",
     "InvalidUsage",
     "KafkaLocalError",
     "QueryError",
@@ -46,6 +50,10 @@ class KafkaLocalError(SpendstreamError):
 
 class InvalidUsage(SpendstreamError, ValueError):
     """A usage event is invalid; raised at the call site by the emitters."""
+
+
+class IncompleteUsage(InvalidUsage):
+    """A provider's usage object lacks a required count (or has a nonsensical one)."""
 
 
 class EmitterClosed(SpendstreamError):

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from spendstream.errors import IncompleteUsage
+
 __all__ = [
     "IncompleteUsage",
     "anthropic_usage",
@@ -41,10 +43,6 @@ Meters = dict[str, Any]
 _MICRO = Decimal("0.000001")
 _TIERS = {"default": "standard", "standard": "standard", "auto": "standard", "flex": "flex"}
 _TIERS |= {"priority": "priority", "batch": "batch"}
-
-
-class IncompleteUsage(ValueError):
-    """A usage object lacks a required count (or has a nonsensical one)."""
 
 
 def as_mapping(usage: Any) -> Mapping[str, Any]:
