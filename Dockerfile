@@ -17,10 +17,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # sdist: it builds as pure Python when no C compiler is present (slower, same behaviour).
 
 # 1. Dependencies alone, from pyproject.toml, so that editing the source does not reinstall them.
-COPY pyproject.toml /tmp/build/pyproject.toml
+COPY pyproject.toml constraints.txt /tmp/build/
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/build/pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/build/requirements.txt \
-    && pip install -r /tmp/build/requirements.txt \
+    && pip install -r /tmp/build/requirements.txt -c /tmp/build/constraints.txt \
     && rm -rf /tmp/build
 
 # 2. The project. hatchling needs README.md (the readme) and force-includes schemas/, sql/ and

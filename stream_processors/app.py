@@ -45,6 +45,7 @@ from stream_processors.budgets import (
 from stream_processors.dedupe import SeenIds, reload_seen
 from stream_processors.faust_fixes import (
     ack_only_what_this_generation_handled,
+    check_internals,
     commit_only_what_is_delivered,
     hold_flow_while_seeking,
     reread_undelivered,
@@ -118,6 +119,8 @@ def create_app(
         broker_heartbeat_interval=3.0,
     )
 
+    for warning in check_internals():  # raises ConfigError if a patched name is gone
+        log.warning("UNCHECKED VERSION: %s", warning)
     commit_only_what_is_delivered(app)
     short_fetch_wait(FETCH_MAX_WAIT_MS)
     ack_only_what_this_generation_handled()

@@ -6,15 +6,21 @@ faust-streaming upgrade. `create_app` installs them; docs/architecture.md says w
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from importlib.metadata import version
 from typing import Any
 
 import faust
 
+from spendstream.errors import ConfigError
+
 __all__ = [
+    "CHECKED_VERSIONS",
     "ack_only_what_this_generation_handled",
+    "check_internals",
     "commit_only_what_is_delivered",
     "hold_flow_while_seeking",
     "partitions_in_flight",
@@ -23,6 +29,75 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+# The versions these workarounds were written and tested against (constraints.txt pins them).
+CHECKED_VERSIONS = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streaming": "0.7.1"}
+
+
+def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
+    """Every private name (and public one whose behaviour is relied on) the workarounds touch,
+    with a check that it is still there: a method on its class, or an attribute its __init__ sets."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.consumer.fetcher import Fetcher
+    from faust.transport.consumer import Consumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+    from faust.transport.producer import ProducerBuffer
+    from faust.types import tuples
+
+    def sets(cls: type, attribute: str, method: str = "__init__") -> Callable[[], bool]:
+        return lambda: f"self.{attribute} =" in inspect.getsource(getattr(cls, method))
+
+    def has(owner: Any, name: str) -> Callable[[], bool]:
+        return lambda: hasattr(owner, name)
+
+    return [
+        ("faust Consumer.ack", has(Consumer, "ack")),
+        ("faust Consumer.perform_seek", has(Consumer, "perform_seek")),
+        ("faust Consumer.stop_flow", has(Consumer, "stop_flow")),
+        ("faust Consumer._unacked_messages", sets(Consumer, "_unacked_messages")),
+        ("faust Consumer._read_offset", sets(Consumer, "_read_offset")),
+        ("faust types.tuples.ack_lock", has(tuples, "ack_lock")),
+        (
+            "faust AIOKafkaConsumerThread._create_worker_consumer",
+            has(AIOKafkaConsumerThread, "_create_worker_consumer"),
+        ),
+        ("faust AIOKafkaConsumerThread._ensure_consumer", has(AIOKafkaConsumerThread, "_ensure_consumer")),
+        ("faust AIOKafkaConsumerThread.call_thread", has(AIOKafkaConsumerThread, "call_thread")),
+        ("faust ProducerBuffer.flush_atmost", has(ProducerBuffer, "flush_atmost")),
+        ("faust ProducerBuffer.size", has(ProducerBuffer, "size")),
+        ("aiokafka AIOKafkaConsumer._fetch_max_wait_ms", sets(AIOKafkaConsumer, "_fetch_max_wait_ms")),
+        ("aiokafka AIOKafkaConsumer._fetcher", sets(AIOKafkaConsumer, "_fetcher", "start")),
+        ("aiokafka Fetcher._records", sets(Fetcher, "_records")),
+    ]
+
+
+def check_internals() -> list[str]:
+    """Refuse (ConfigError) when a name the workarounds patch is gone; return a warning line per
+    library whose version was not checked with them (the worker logs those loudly)."""
+    missing = []
+    for name, present in _patched_names():
+        try:
+            found = present()
+        except (OSError, TypeError, AttributeError):  # e.g. no source to read
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise ConfigError(
+            f"faust-streaming/aiokafka internals that spendstream patches are missing: {', '.join(missing)}; "
+            f"install the checked versions: pip install -c constraints.txt ({CHECKED_VERSIONS})"
+        )
+    warnings = []
+    for package, checked in CHECKED_VERSIONS.items():
+        installed = version(package)
+        if installed != checked:
+            warnings.append(
+                f"{package} {installed} is installed; the worker's Faust workarounds were checked with "
+                f"{checked} only (constraints.txt): records can be lost or stall across rebalances "
+                "if its internals changed meaning"
+            )
+    return warnings
 
 
 def commit_only_what_is_delivered(app: faust.App) -> None:

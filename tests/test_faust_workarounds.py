@@ -109,3 +109,33 @@ def test_the_seek_to_committed_offsets_runs_with_the_flow_stopped() -> None:
     # nothing fetched after the seek is delivered before recovery clears the queues
     assert flow_at_seek == [False]
     assert (c.flow_active, c._read_offset, c._committed_offset) == (False, {RAW: 372}, {RAW: 372})
+
+
+def test_every_internal_the_workarounds_patch_exists_in_the_pinned_versions() -> None:
+    from pathlib import Path
+
+    from stream_processors.faust_fixes import CHECKED_VERSIONS, _patched_names, check_internals
+
+    assert [name for name, present in _patched_names() if not present()] == []
+    assert check_internals() == []  # the installed versions are the checked ones
+    pins = (Path(__file__).resolve().parents[1] / "constraints.txt").read_text().splitlines()
+    assert dict(p.split("==") for p in pins if p and not p.startswith("#")) == CHECKED_VERSIONS
+
+
+def test_a_missing_internal_refuses_to_start_and_another_version_warns(monkeypatch: Any) -> None:
+    import pytest
+    from faust.types import tuples
+
+    from spendstream.errors import ConfigError
+    from stream_processors import faust_fixes
+
+    monkeypatch.setitem(faust_fixes.CHECKED_VERSIONS, "aiokafka", "0.0.1")
+    [warning] = faust_fixes.check_internals()
+    assert warning.startswith(
+        "aiokafka 0.14.0 is installed; the worker's Faust workarounds were checked with 0.0.1"
+    )
+    monkeypatch.delattr(tuples, "ack_lock")  # as if an upgrade had renamed it
+    with pytest.raises(
+        ConfigError, match=r"internals that spendstream patches are missing: faust types.tuples.ack_lock;"
+    ):
+        faust_fixes.check_internals()
