@@ -18,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # 1. Dependencies alone, from pyproject.toml, so that editing the source does not reinstall them.
 COPY pyproject.toml constraints.txt /tmp/build/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/build/pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/build/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" \
         > /tmp/build/requirements.txt \
     && pip install -r /tmp/build/requirements.txt -c /tmp/build/constraints.txt \
     && rm -rf /tmp/build

@@ -29,8 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from spendstream.gc_pauses import GcPauses
 from spendstream.kafka_local import KAFKA_VERSION, LocalKafka
-from spendstream.settings import Topics
-from spendstream.topics import ensure_topics
+from spendstream.topics import Topics, ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_HOME = REPO / ".spendstream" / "bench"

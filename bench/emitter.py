@@ -55,7 +55,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from producers import Emitter, SyncEmitter, build_event
 from spendstream.errors import BufferFull
-from spendstream.settings import Topics
+from spendstream.topics import Topics
 from spendstream.wire import default_codec
 
 BATCH_EVENTS = 500  # the Emitter's default batch_events

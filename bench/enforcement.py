@@ -44,8 +44,7 @@ from bench._common import (
 )
 from bench._profiled_worker import PROFILE_START, PROFILE_STOP
 from producers import SyncEmitter
-from spendstream.settings import Topics
-from spendstream.topics import ensure_topics
+from spendstream.topics import Topics, ensure_topics
 from spendstream.wire import default_codec
 
 GUARD = """

@@ -65,7 +65,7 @@ from aiokafka.errors import KafkaError
 
 from producers import build_event
 from spendstream.kafka_local import LocalKafka
-from spendstream.settings import Topics
+from spendstream.topics import Topics
 from spendstream.wire import default_codec
 from stream_processors.meter import MeterStage
 from stream_processors.pricing import Catalogue, pico_to_usd

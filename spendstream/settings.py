@@ -14,40 +14,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spendstream.errors import ConfigError
 from spendstream.signing import Signer, Verifier
+from spendstream.topics import DEDUPE_HORIZON_S, Topics
 
 if TYPE_CHECKING:
     from spendstream.store import QueryLimits
 
-__all__ = ["DEDUPE_HORIZON_S", "Settings", "Topics"]
-
-DEDUPE_HORIZON_S = 6 * 3600  # default of SPENDSTREAM_DEDUPE_HORIZON_SECONDS
-
-
-class Topics:
-    """The public topic names (the contract), each behind the optional prefix."""
-
-    def __init__(self, prefix: str = "") -> None:
-        self.prefix = prefix
-        self.usage_raw = f"{prefix}usage.raw"
-        self.usage_priced = f"{prefix}usage.priced"
-        self.spend_control = f"{prefix}spend.control"
-        self.usage_dlq = f"{prefix}usage.dlq"
-        self.prices = f"{prefix}prices"
-        self.budgets = f"{prefix}budgets"
-        self.spend_deltas = f"{prefix}spend.deltas"
-        self.usage_seen = f"{prefix}usage.seen"
-
-    def all(self) -> list[str]:
-        return [
-            self.usage_raw,
-            self.usage_priced,
-            self.spend_control,
-            self.usage_dlq,
-            self.prices,
-            self.budgets,
-            self.spend_deltas,
-            self.usage_seen,
-        ]
+__all__ = ["Settings"]
 
 
 class Settings(BaseSettings):

@@ -24,10 +24,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from spendstream.errors import ConfigError
-from spendstream.settings import DEDUPE_HORIZON_S, Topics
 
 __all__ = [
+    "DEDUPE_HORIZON_S",
     "DLQ_RETENTION_MS",
+    "Topics",
     "ensure_topics",
     "partitions_of",
     "topic_configs",
@@ -35,9 +36,37 @@ __all__ = [
 ]
 
 DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
+DEDUPE_HORIZON_S = 6 * 3600  # default of SPENDSTREAM_DEDUPE_HORIZON_SECONDS
 _TOPIC_ALREADY_EXISTS = 36
 
 log = logging.getLogger(__name__)
+
+
+class Topics:
+    """The public topic names (the contract), each behind the optional prefix."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.usage_raw = f"{prefix}usage.raw"
+        self.usage_priced = f"{prefix}usage.priced"
+        self.spend_control = f"{prefix}spend.control"
+        self.usage_dlq = f"{prefix}usage.dlq"
+        self.prices = f"{prefix}prices"
+        self.budgets = f"{prefix}budgets"
+        self.spend_deltas = f"{prefix}spend.deltas"
+        self.usage_seen = f"{prefix}usage.seen"
+
+    def all(self) -> list[str]:
+        return [
+            self.usage_raw,
+            self.usage_priced,
+            self.spend_control,
+            self.usage_dlq,
+            self.prices,
+            self.budgets,
+            self.spend_deltas,
+            self.usage_seen,
+        ]
 
 
 def topic_configs(topics: Topics, dedupe_horizon_s: int = DEDUPE_HORIZON_S) -> dict[str, dict[str, str]]:

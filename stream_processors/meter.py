@@ -19,7 +19,7 @@ import numpy as np
 from aiokafka.partitioner import murmur2
 
 from spendstream.errors import DecodeError
-from spendstream.settings import DEDUPE_HORIZON_S
+from spendstream.topics import DEDUPE_HORIZON_S
 from spendstream.usage import MAX_EVENT_PICO, usage_problem
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event

@@ -20,8 +20,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from mode import Service
 
 from spendstream.errors import DecodeError
-from spendstream.settings import Topics
 from spendstream.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
+from spendstream.topics import Topics
 from spendstream.usage import priced_problem
 from spendstream.wire import Codec
 from stream_processors.pricing import audio_micros, pico_to_usd

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from spendstream.kafka_local import LocalKafka
-from spendstream.settings import Topics
+from spendstream.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent
 # Not the default 9092, so a developer's own broker keeps running; override to run two sessions at once.

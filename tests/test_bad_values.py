@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.errors import ConfigError
-from spendstream.settings import Topics
 from spendstream.signing import generate_key
+from spendstream.topics import Topics
 from spendstream.wire import default_codec
 from stream_processors.budgets import MAX_LIMIT_USD, Spec, make_limit, usd_to_pico_checked
 from stream_processors.feeds import publish, read_compacted

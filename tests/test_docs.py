@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from spendstream.settings import Settings, Topics
+from spendstream.settings import Settings
+from spendstream.topics import Topics
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

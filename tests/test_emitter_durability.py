@@ -29,8 +29,7 @@ from producers import Emitter, EmitterStats, SyncEmitter, build_event
 from producers._spool import Spool, read_segment
 from spendstream.errors import BufferFull, DeliveryTimeout
 from spendstream.kafka_local import LocalKafka
-from spendstream.settings import Topics
-from spendstream.topics import ensure_topics
+from spendstream.topics import Topics, ensure_topics
 from spendstream.wire import default_codec
 from stream_processors.pricing import Catalogue
 from tests.conftest import REPO, TEST_KAFKA_PORT, Worker, free_port, start_worker

@@ -21,8 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from producers import Emitter, SyncEmitter
-from spendstream.settings import Topics
-from spendstream.topics import ensure_topics
+from spendstream.topics import Topics, ensure_topics
 from spendstream.usage import COUNT_FIELDS
 from spendstream.wire import default_codec
 from stream_processors.pricing import audio_micros

@@ -16,8 +16,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from spendstream.errors import ConfigError, KafkaLocalError
 from spendstream.kafka_local import KAFKA_VERSION, LocalKafka
-from spendstream.settings import Topics
-from spendstream.topics import DLQ_RETENTION_MS, ensure_topics, wait_for_broker
+from spendstream.topics import DLQ_RETENTION_MS, Topics, ensure_topics, wait_for_broker
 
 pytestmark = pytest.mark.integration
 

@@ -234,7 +234,7 @@ def test_a_flush_while_the_sink_decodes_commits_exactly_the_offsets_of_the_rows_
 
     from aiokafka import TopicPartition
 
-    from spendstream.settings import Topics
+    from spendstream.topics import Topics
     from spendstream.wire import default_codec
     from stream_processors.sink import Sink
 
