@@ -15,12 +15,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from spendstream.wire import MAGIC, default_codec
 from stream_processors.pricing import Catalogue, pico_to_usd
 from tests.conftest import REPO, Worker, start_worker
+from tests.test_budgets_pipeline import budgets
 from tests.test_pipeline import read_all
 
 pytestmark = pytest.mark.integration
@@ -48,12 +48,16 @@ def example_jar() -> Path:
     build = cache.with_name(f"build-{uuid.uuid4().hex[:8]}")
     shutil.copytree(EXAMPLE, build, ignore=shutil.ignore_patterns("target"))
     try:
-        offline = subprocess.run(["mvn", "-B", "-q", "-o", "package"], cwd=build, capture_output=True, text=True)
+        offline = subprocess.run(
+            ["mvn", "-B", "-q", "-o", "package"], cwd=build, capture_output=True, text=True, timeout=300
+        )
         if offline.returncode != 0:
             online = subprocess.run(
                 ["mvn", "-B", "-q", "package"], cwd=build, capture_output=True, text=True, timeout=900
             )
-            assert online.returncode == 0, f"mvn package failed:\n{online.stdout[-4000:]}{online.stderr[-2000:]}"
+            assert online.returncode == 0, (
+                f"mvn package failed:\n{online.stdout[-4000:]}{online.stderr[-2000:]}"
+            )
         cache.mkdir(parents=True, exist_ok=True)
         (build / "target" / JAR).replace(cache / JAR)  # atomic: a half-written jar is never cached
     finally:
@@ -61,14 +65,11 @@ def example_jar() -> Path:
     return cache / JAR
 
 
-def budgets(worker: Worker) -> dict[tuple[str, str], dict[str, Any]]:
-    rows = httpx.get(f"http://127.0.0.1:{worker.port}/budgets", timeout=10).json()["budgets"]
-    return {(r["scope"], r["window"].split(":")[0]): r for r in rows}
-
-
 @pytest.fixture(scope="module")
 def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = start_worker(kafka, tmp_path_factory.mktemp("java"), f'budgets:\n  project:{PROJECT}: {{monthly: "1000"}}\n')
+    w = start_worker(
+        kafka, tmp_path_factory.mktemp("java"), f'budgets:\n  project:{PROJECT}: {{monthly: "1000"}}\n'
+    )
     yield w
     w.stop()
 
@@ -94,7 +95,7 @@ def test_java_events_decode_and_are_priced_stored_and_counted_like_python(kafka:
     assert len(messages) == COUNT
     assert {key for key, _ in messages} == {PROJECT.encode()}
     assert {value[:10] for _, value in messages} == {MAGIC + codec.fingerprint("UsageEvent")}
-    events = {}
+    events: dict[str, dict[str, Any]] = {}
     for _, value in messages:
         name, event = codec.decode(value)
         assert name == "UsageEvent"
