@@ -132,8 +132,8 @@ def build_event(
     project: str,
     provider: str,
     model: str,
-    input_tokens: int,
-    output_tokens: int,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
     cached_input_tokens: int = 0,
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
@@ -158,7 +158,9 @@ def build_event(
     """A validated UsageEvent record; raises InvalidUsage saying what is wrong.
 
     Meters do not overlap (docs/event-format.md): `input_tokens` excludes cache reads and writes,
-    `output_tokens` includes reasoning. Token counts have no default: unknown is never zero.
+    `output_tokens` includes reasoning. Every meter defaults to 0 (a whisper call sets only
+    `audio_seconds`, a TTS call `characters`), but a reported event needs one that is not 0: unknown
+    is never zero, so a call whose usage is unknown is sent with `usage_source="missing"`.
     """
     try:
         seconds = _ZERO_SECONDS if audio_seconds == 0 else encode_seconds(audio_seconds)
