@@ -12,16 +12,11 @@ from spendstream.wire import default_codec
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
 from stream_processors.sink import usage_row
+from tests.test_emitter_validation import NO_USAGE
 
 CODEC = default_codec()
 STAGE = MeterStage(Catalogue.load(fallback="none"), CODEC)
 NOW = int(datetime(2026, 12, 1, 0, 30, tzinfo=UTC).timestamp()) * 1_000_000  # the meter's clock
-NO_USAGE = (
-    "no usage: set at least one of input_tokens, cached_input_tokens, cache_write_tokens, "
-    "cache_write_1h_tokens, output_tokens, input_audio_tokens, output_audio_tokens, audio_seconds, "
-    'characters, images, requests (every meter defaults to 0); a call whose usage is unknown is sent '
-    'with usage_source="missing"'
-)
 
 
 def ev(**kw: Any) -> dict[str, Any]:
