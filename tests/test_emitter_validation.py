@@ -59,7 +59,7 @@ def test_valid_event_has_uuid_and_microsecond_time() -> None:
 NO_USAGE = (  # the same words from build_event, `spendstream price` and the meter's dead letter
     "no usage: set at least one of input_tokens, cached_input_tokens, cache_write_tokens, "
     "cache_write_1h_tokens, output_tokens, input_audio_tokens, output_audio_tokens, audio_seconds, "
-    'characters, images, requests (every meter defaults to 0); a call whose usage is unknown is '
+    "characters, images, requests (every meter defaults to 0); a call whose usage is unknown is "
     'sent with usage_source="missing"'
 )
 NO_METERS = {k: v for k, v in GOOD.items() if not k.endswith("_tokens")}
@@ -84,9 +84,10 @@ def test_an_event_needs_one_meter_and_the_others_are_zero(meter: dict[str, Any])
 
 
 def test_an_event_with_no_usage_is_refused_with_the_meters_that_exist() -> None:
-    for zeros in ({}, dict.fromkeys(METERS, 0) | {"reasoning_tokens": 0}):
+    zeros: dict[str, Any] = {m: "0" if m == "audio_seconds" else 0 for m in (*METERS, "reasoning_tokens")}
+    for given in ({}, zeros):
         with pytest.raises(InvalidUsage) as refused:
-            build_event(**NO_METERS, **zeros)
+            build_event(**NO_METERS, **given)
         assert str(refused.value) == NO_USAGE
 
 

@@ -37,10 +37,11 @@ def test_price_cli_takes_one_meter_and_refuses_none_in_one_line() -> None:
     assert whisper.returncode == 0, whisper.stderr
     body = json.loads(whisper.stdout)
     assert (body["total_usd"], body["itemised"]) == ("0.00905", {"audio_seconds": "0.00905"})
-    for event in (
+    nothing: list[dict[str, object]] = [
         {"provider": "openai", "model": "gpt-4o"},
         {"provider": "openai", "model": "gpt-4o", "input_tokens": 0, "output_tokens": 0},
-    ):
+    ]
+    for event in nothing:
         refused = price(event)
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
         assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
