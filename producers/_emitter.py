@@ -409,7 +409,11 @@ class Emitter:
 
     async def emit(self, *, project: str, provider: str, model: str, **usage: Any) -> str:
         """Validate and accept one event; returns its event_id. While memory and spool are full it
-        waits up to `block_timeout` s for room, then raises BufferFull (the event is not accepted)."""
+        waits up to `block_timeout` s for room, then raises BufferFull (the event is not accepted).
+
+        `usage`: the meters and fields of `build_event`; every meter defaults to 0, and an event
+        with none set raises InvalidUsage naming the meters (unknown usage: usage_source="missing").
+        """
         if self._closed:
             raise EmitterClosed("emit() after close()")
         event = build_event(service=self.service, project=project, provider=provider, model=model, **usage)
@@ -777,6 +781,7 @@ class SyncEmitter:
         self.close()
 
     def emit(self, *, project: str, provider: str, model: str, **usage: Any) -> str:
+        """See Emitter.emit: meters default to 0, at least one must be set."""
         if self._closed:
             raise EmitterClosed("emit() after close()")
         em = self._emitter
