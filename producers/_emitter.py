@@ -132,8 +132,8 @@ def build_event(
     project: str,
     provider: str,
     model: str,
-    input_tokens: int,
-    output_tokens: int,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
     cached_input_tokens: int = 0,
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
@@ -158,7 +158,9 @@ def build_event(
     """A validated UsageEvent record; raises InvalidUsage saying what is wrong.
 
     Meters do not overlap (docs/event-format.md): `input_tokens` excludes cache reads and writes,
-    `output_tokens` includes reasoning. Token counts have no default: unknown is never zero.
+    `output_tokens` includes reasoning. Every meter defaults to 0 (a whisper call sets only
+    `audio_seconds`, a TTS call `characters`), but a reported event needs one that is not 0: unknown
+    is never zero, so a call whose usage is unknown is sent with `usage_source="missing"`.
     """
     try:
         seconds = _ZERO_SECONDS if audio_seconds == 0 else encode_seconds(audio_seconds)
@@ -407,7 +409,11 @@ class Emitter:
 
     async def emit(self, *, project: str, provider: str, model: str, **usage: Any) -> str:
         """Validate and accept one event; returns its event_id. While memory and spool are full it
-        waits up to `block_timeout` s for room, then raises BufferFull (the event is not accepted)."""
+        waits up to `block_timeout` s for room, then raises BufferFull (the event is not accepted).
+
+        `usage`: the meters and fields of `build_event`; every meter defaults to 0, and an event
+        with none set raises InvalidUsage naming the meters (unknown usage: usage_source="missing").
+        """
         if self._closed:
             raise EmitterClosed("emit() after close()")
         event = build_event(service=self.service, project=project, provider=provider, model=model, **usage)
@@ -775,6 +781,7 @@ class SyncEmitter:
         self.close()
 
     def emit(self, *, project: str, provider: str, model: str, **usage: Any) -> str:
+        """See Emitter.emit: meters default to 0, at least one must be set."""
         if self._closed:
             raise EmitterClosed("emit() after close()")
         em = self._emitter

@@ -78,9 +78,9 @@ def _event_from_json(text: str) -> dict[str, Any]:
         raise InvalidUsage(f"--json is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidUsage("--json must be one UsageEvent object")
-    missing = [k for k in ("provider", "model", "input_tokens", "output_tokens") if k not in raw]
+    missing = [k for k in ("provider", "model") if k not in raw]
     if missing:
-        raise InvalidUsage(f"--json needs provider, model, input_tokens and output_tokens; missing {missing}")
+        raise InvalidUsage(f"--json needs provider, model and at least one meter; missing {missing}")
     when = raw.pop("event_time", None)
     try:
         if isinstance(when, str):

@@ -1,6 +1,11 @@
 """The rules every UsageEvent must satisfy, shared by the emitters (raise at the call site), the
 meter (dead-letter with the reason) and `spendstream price` (refuse with the reason).
 
+Every meter defaults to 0, but an event must say what was used: one whose provider reported the
+usage (`usage_source="reported"`) needs at least one non-zero meter, so a caller that forgot its
+counts is refused instead of stored as a free call. A call whose usage is unknown is sent with
+`usage_source="missing"` (or `"estimated"`): its counts are a lower bound and may all be 0.
+
 Every meter has a maximum per event, far above any real call (the longest context windows are a few
 million tokens), so a corrupt or hostile value is refused at the door instead of overflowing the
 64-bit money fields downstream; see docs/event-format.md for the table.
@@ -23,6 +28,7 @@ __all__ = [
     "MAX_FUTURE_US",
     "MAX_TAGS",
     "MAX_TEXT",
+    "METERS",
     "MIN_EVENT_TIME_US",
     "SERVICE_TIERS",
     "USAGE_SOURCES",
@@ -45,6 +51,26 @@ COUNT_FIELDS = (
     "images",
     "requests",
 )
+# The billed meters, in the order the "no usage" error lists them (reasoning_tokens is a share of
+# output_tokens, not a meter of its own).
+METERS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "output_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "audio_seconds",
+    "characters",
+    "images",
+    "requests",
+)
+_NO_USAGE = (
+    f"no usage: set at least one of {', '.join(METERS)} (every meter defaults to 0); "
+    'a call whose usage is unknown is sent with usage_source="missing"'
+)
+_OTHER_COUNTS = tuple(m for m in METERS if m not in ("input_tokens", "output_tokens", "audio_seconds"))
 # The most one event may report of each meter. A real call is far below: a 2M-token context, a
 # 4,096-character TTS input, ten images. Beyond it the event is refused, never priced.
 MAX_COUNT = {
@@ -93,6 +119,7 @@ def usage_problem(
 ) -> str | None:
     """Why `event` (a UsageEvent record) is invalid, or None if it is valid.
 
+    A meter left out counts 0; a reported event needs one that is not (see the module docstring).
     `check_identity=False` skips event_id and event_time, for a caller that generated them.
     `now_us` is the clock event times are checked against (default: this machine's).
     """
@@ -127,10 +154,11 @@ def usage_problem(
             if value < 0:
                 return f"{field} is negative ({value})"
             return f"{field} {value} is above the maximum of {top:,} per event"
-    if event.get("reasoning_tokens", 0) > event["output_tokens"]:
+    output = get("output_tokens", 0)
+    if get("reasoning_tokens", 0) > output:
         return (
             f"reasoning_tokens ({event['reasoning_tokens']}) exceeds output_tokens "
-            f"({event['output_tokens']}): output_tokens must include the reasoning share"
+            f"({output}): output_tokens must include the reasoning share"
         )
     audio = event.get("audio_seconds", b"\x00")
     if isinstance(audio, str):
@@ -146,6 +174,13 @@ def usage_problem(
     source = event.get("usage_source", "reported")
     if source not in USAGE_SOURCES:
         return f"usage_source {source!r} is not one of {', '.join(USAGE_SOURCES)}"
+    if (  # the common case stops at the first test: an event with input or output tokens
+        not (output or get("input_tokens", 0))
+        and source == "reported"
+        and not any(get(m, 0) for m in _OTHER_COUNTS)
+        and not (isinstance(audio, bytes) and any(audio))
+    ):
+        return _NO_USAGE
     if not check_identity:
         return None
     if not isinstance(event.get("event_id"), str) or not _UUID.fullmatch(event["event_id"]):

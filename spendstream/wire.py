@@ -43,13 +43,19 @@ def _strip_logical_types(schema: Any) -> Any:
     return schema
 
 
+def _type_name(schema: Any) -> Any:
+    """The Avro type of a field's schema: "bytes" for {"type": "bytes", "precision": ...} too."""
+    return schema.get("type") if isinstance(schema, dict) else schema
+
+
 @dataclass(frozen=True)
 class _Schema:
     name: str  # short name, e.g. "UsageEvent"
     fingerprint: bytes  # 8 bytes, little-endian CRC-64-AVRO
     parsed: Any  # fastavro parsed schema, logical types stripped
-    # Defaults of bytes fields: the schema writes them as strings (Avro spec) and fastavro would
-    # write that str, so encode() fills them in as bytes when a record leaves the field out.
+    # Defaults of bytes fields (decimals included): the schema writes them as strings (Avro spec)
+    # and fastavro would write that str, so encode() fills them in as bytes when a record leaves
+    # the field out.
     bytes_defaults: dict[str, bytes]
 
 
@@ -63,7 +69,7 @@ def _load(path: Path) -> _Schema:
     bytes_defaults = {
         f["name"]: f["default"].encode("latin-1")
         for f in plain["fields"]
-        if f["type"] == "bytes" and isinstance(f.get("default"), str)
+        if "bytes" in (f["type"], _type_name(f["type"])) and isinstance(f.get("default"), str)
     }
     return _Schema(
         full_name.removeprefix(_NAMESPACE), fp, parse_schema(plain, _write_hint=False), bytes_defaults

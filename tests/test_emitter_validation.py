@@ -9,6 +9,7 @@ import pytest
 
 from producers import build_event
 from spendstream.errors import InvalidUsage
+from spendstream.usage import METERS
 
 GOOD: dict[str, Any] = {
     "service": "svc",
@@ -55,9 +56,46 @@ def test_valid_event_has_uuid_and_microsecond_time() -> None:
     assert (e["team"], e["user"], e["tags"], e["reasoning_tokens"]) == (None, None, {"k": "v"}, 0)
 
 
-def test_missing_token_counts_are_an_error_not_zero() -> None:
-    with pytest.raises(TypeError, match="output_tokens"):
-        build_event(service="s", project="p", provider="openai", model="m", input_tokens=1)  # type: ignore[call-arg]
+NO_USAGE = (  # the same words from build_event, `spendstream price` and the meter's dead letter
+    "no usage: set at least one of input_tokens, cached_input_tokens, cache_write_tokens, "
+    "cache_write_1h_tokens, output_tokens, input_audio_tokens, output_audio_tokens, audio_seconds, "
+    "characters, images, requests (every meter defaults to 0); a call whose usage is unknown is "
+    'sent with usage_source="missing"'
+)
+NO_METERS = {k: v for k, v in GOOD.items() if not k.endswith("_tokens")}
+
+
+@pytest.mark.parametrize(
+    "meter",
+    [
+        {"audio_seconds": "90.5"},  # whisper
+        {"characters": 1000},  # tts
+        {"input_tokens": 1000},  # embeddings
+        {"images": 1},
+        {"requests": 3},
+        {"cached_input_tokens": 5},
+    ],
+)
+def test_an_event_needs_one_meter_and_the_others_are_zero(meter: dict[str, Any]) -> None:
+    e = build_event(**NO_METERS, **meter)
+    counts = {k: e[k] for k in METERS if k != "audio_seconds" and k not in meter}
+    assert counts == dict.fromkeys(counts, 0)
+    assert e["audio_seconds"] == (b"\x05d\xeb\xa0" if "audio_seconds" in meter else b"\x00")
+
+
+def test_an_event_with_no_usage_is_refused_with_the_meters_that_exist() -> None:
+    zeros: dict[str, Any] = {m: "0" if m == "audio_seconds" else 0 for m in (*METERS, "reasoning_tokens")}
+    for given in ({}, zeros):
+        with pytest.raises(InvalidUsage) as refused:
+            build_event(**NO_METERS, **given)
+        assert str(refused.value) == NO_USAGE
+
+
+@pytest.mark.parametrize("source", ["missing", "estimated"])
+def test_unknown_usage_is_flagged_not_refused(source: str) -> None:
+    """What @metered and instrument() send for a call without usage: a lower bound, not a zero."""
+    e = build_event(**NO_METERS, usage_source=source)
+    assert (e["usage_source"], e["input_tokens"], e["output_tokens"]) == (source, 0, 0)
 
 
 def test_batches_stay_under_the_message_size_with_the_largest_valid_events() -> None:

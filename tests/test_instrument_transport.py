@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from decimal import Decimal
@@ -15,8 +16,10 @@ import openai
 import pytest
 from openai.types import CompletionUsage
 
-from producers import SyncEmitter, meter_call, metered
+from producers import SyncEmitter, build_event, meter_call, metered
 from producers.instrument import AsyncMeteringTransport, GuardLike, MeteringTransport
+from producers.instrument._call import Attribution, CallMeter, plan_call
+from producers.instrument._routes import route_of
 from spendstream.errors import BudgetExceeded, EmitterClosed, InvalidUsage
 from tests.providers.calls import BlockedSetGuard
 from tests.providers.replay import ReplayServer, fixture
@@ -322,3 +325,26 @@ def test_responses_an_inner_transport_already_read_are_metered_too() -> None:
     with httpx2.Client(transport=MeteringTransport(emitter=rec, project="p", transport=inner)) as client:
         client.post("https://api.anthropic.com/v1/messages", json={"model": "claude-x", "max_tokens": 1})
     assert [(e["cache_write_tokens"], e["cache_write_1h_tokens"]) for e in rec.events] == [(1548, 500)]
+
+
+@pytest.mark.parametrize(
+    ("usage", "emitted"),
+    [
+        ({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, []),
+        ({"prompt_tokens": 12, "completion_tokens": 0, "total_tokens": 12}, [(12, 0)]),
+    ],
+)
+def test_an_error_body_emits_its_usage_only_when_some_of_it_is_billable(
+    usage: dict[str, int], emitted: list[tuple[int, int]]
+) -> None:
+    """A reported event needs one non-zero meter: an error that reports zero usage costs nothing."""
+    route = route_of("POST", "api.openai.com", "/v1/chat/completions")
+    assert route is not None
+    plan = plan_call(route, Attribution("p", None, None, {}), b'{"model": "gpt-4o"}', None)
+    meter = CallMeter(plan, "global")
+    meter.start(400, "application/json", None)
+    meter.feed(json.dumps({"error": {"message": "bad"}, "usage": usage}).encode())
+    events = meter.finish("eof")
+    assert [(e["input_tokens"], e["output_tokens"]) for e in events] == emitted
+    for e in events:  # and what is emitted is a valid event
+        build_event(service="s", **e)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from producers import build_event
+from spendstream.usage import METERS
 from spendstream.wire import default_codec
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
+from stream_processors.sink import usage_row
+from tests.test_emitter_validation import NO_USAGE
 
 CODEC = default_codec()
 STAGE = MeterStage(Catalogue.load(fallback="none"), CODEC)
@@ -213,3 +217,68 @@ def test_an_event_that_spreads_a_message_over_too_many_minutes_is_dead_lettered_
     assert len(result.priced) == 6  # six minutes fit; a copy of the first is skipped as a copy
     assert [d.reason for d in result.dead] == ["too_many_windows"] * 4
     assert len(result.spend) == 12
+
+
+def only(model: str, provider: str = "openai", **meters: Any) -> dict[str, Any]:
+    """An event that sets nothing but `meters`: every other meter is left to its default of 0."""
+    return build_event(
+        service="s",
+        project="a",
+        provider=provider,
+        model=model,
+        event_time=datetime.fromtimestamp(NOW / 1e6 - 60, UTC),
+        **meters,
+    )
+
+
+def test_an_event_with_one_meter_is_priced_exactly() -> None:
+    events = [
+        only("whisper-1", audio_seconds="90.5"),  # $0.0001 per second
+        only("tts-1", characters=1000),  # $15 per 1M characters
+        only("text-embedding-3-small", input_tokens=1000),  # $0.02 per 1M tokens
+        only("dall-e-3", images=2, image_size="1024x1024", image_quality="standard"),  # $0.04 each
+        only("rerank-v3.5", provider="cohere", requests=3),  # $0.002 per search
+    ]
+    result = STAGE.process(b"a", CODEC.encode("UsageBatch", {"events": events}), NOW)
+    assert result.dead == []
+    assert [(p["pricing_status"], p["cost_pico_usd"], p["itemised"]) for p in result.priced] == [
+        ("priced", 9_050_000_000, {"audio_seconds": 9_050_000_000}),
+        ("priced", 15_000_000_000, {"characters": 15_000_000_000}),
+        ("priced", 20_000_000, {"input": 20_000_000}),
+        ("priced", 80_000_000_000, {"images": 80_000_000_000}),
+        ("priced", 6_000_000_000, {"requests": 6_000_000_000}),
+    ]
+    assert result.spend[("project:a", NOW // 60_000_000 - 1)] == [110_070_000_000, 5]  # the sum, exact
+
+
+def test_a_reported_event_without_usage_is_dead_lettered_and_a_missing_one_is_priced() -> None:
+    base = {k: v for k, v in only("gpt-4o", input_tokens=1).items() if k != "input_tokens"}
+    missing = {**base, "event_id": "00000000-0000-4000-8000-000000000002", "usage_source": "missing"}
+    result = STAGE.process(b"a", CODEC.encode("UsageBatch", {"events": [base, missing]}), NOW)
+    assert [(d.reason, d.detail) for d in result.dead] == [("invalid_event", NO_USAGE)]
+    assert CODEC.decode(result.dead[0].payload)[1]["input_tokens"] == 0
+    # unknown usage is flagged as such, never passed off as a free call
+    assert [(p["usage"]["event_id"], p["usage"]["usage_source"]) for p in result.priced] == [
+        (missing["event_id"], "missing")
+    ]
+
+
+def test_an_old_writers_explicit_zeros_and_a_new_event_without_them_price_and_store_identically() -> None:
+    """tests/golden/UsageEvent.v2.bin: whisper-1, 90.5 s, written by the v2 schema (tokens required)."""
+    old_bytes = (Path(__file__).parent / "golden" / "UsageEvent.v2.bin").read_bytes()
+    assert old_bytes[2:10] != CODEC.fingerprint("UsageEvent")  # really an older writer
+    _, old = CODEC.decode(old_bytes)
+    new = {k: v for k, v in old.items() if not (k in METERS and k != "audio_seconds")}
+    assert {"input_tokens", "output_tokens"}.isdisjoint(new)
+    rows = []
+    for data in (old_bytes, CODEC.encode("UsageEvent", new)):
+        result = STAGE.process(b"voice", data, NOW)
+        assert result.dead == []
+        [priced] = result.priced
+        assert (priced["cost_pico_usd"], priced["price_card"]) == (
+            9_050_000_000,
+            "openai/whisper-1@2023-03-01",
+        )
+        rows.append(usage_row(CODEC.decode(CODEC.encode("PricedUsage", priced))[1]))
+    assert rows[0] == rows[1]
+    assert rows[0][8:13] == (0, 0, 0, 0, 0)  # input, cached, cache write, output, reasoning tokens

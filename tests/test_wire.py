@@ -95,6 +95,55 @@ def test_v1_bytes_written_before_the_pricing_engine_still_decode(name: str) -> N
     assert {**first, "audio_seconds": b"\x00"} == {**EVENT, **V2_DEFAULTS}
 
 
+# tests/golden/*.v2.bin: written by the v2 schemas (schemas/history/), whose tokens had no default,
+# so a whisper and a TTS event carry explicit zero tokens. No usage_source field before v3.
+WHISPER_V2 = {
+    **EVENT,
+    **V2_DEFAULTS,
+    "event_id": "7a0c3d52-9e41-4b8f-a6d2-3c5e1f0b9d47",
+    "project": "voice",
+    "team": None,
+    "service": "voice-api",
+    "model": "whisper-1",
+    "input_tokens": 0,
+    "cached_input_tokens": 0,
+    "output_tokens": 0,
+    "reasoning_tokens": 0,
+    "tags": {},
+    "audio_seconds": b"\x05d\xeb\xa0",  # 90.500000 s
+}
+TTS_V2 = {**WHISPER_V2, "event_id": "7a0c3d52-9e41-4b8f-a6d2-3c5e1f0b9d48", "model": "tts-1"}
+TTS_V2.update(audio_seconds=b"\x00", characters=1000)
+ZERO_TOKENS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("UsageEvent", WHISPER_V2), ("UsageBatch", {"events": [WHISPER_V2, TTS_V2]})],
+)
+def test_v2_bytes_with_explicit_zero_tokens_decode_like_a_v4_record_without_them(
+    name: str, expected: dict[str, object]
+) -> None:
+    codec = default_codec()
+    old = (GOLDEN / f"{name}.v2.bin").read_bytes()
+    assert old[2:10] != codec.fingerprint(name)  # an older writer schema, resolved into the current
+    assert codec.decode(old) == (name, expected)
+    events = [expected] if name == "UsageEvent" else expected["events"]
+    without = [{k: v for k, v in e.items() if k not in ZERO_TOKENS} for e in events]  # type: ignore[attr-defined]
+    record = without[0] if name == "UsageEvent" else {"events": without}
+    assert codec.decode(codec.encode(name, record)) == (name, expected)
+
+
+def test_a_meter_left_out_is_written_as_its_zero_default_with_an_unchanged_fingerprint() -> None:
+    """v4 gave input_tokens and output_tokens a default: defaults are not in the Parsing Canonical
+    Form, so the fingerprint (and every byte) stays that of v3; a v3 writer needs no history file."""
+    codec = default_codec()
+    bare = {k: v for k, v in EVENT_V2.items() if k not in ("input_tokens", "output_tokens", "audio_seconds")}
+    zeros = {**bare, "input_tokens": 0, "output_tokens": 0, "audio_seconds": b"\x00"}
+    assert codec.encode("UsageEvent", bare) == codec.encode("UsageEvent", zeros)
+    assert codec.fingerprint("UsageEvent") == (GOLDEN / "UsageEvent.bin").read_bytes()[2:10]
+
+
 def test_header_is_magic_plus_spec_fingerprint_of_canonical_form() -> None:
     codec = default_codec()
     data = (GOLDEN / "UsageEvent.v1.bin").read_bytes()

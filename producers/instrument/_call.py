@@ -37,6 +37,7 @@ from producers.instrument._usage import (
     openai_usage,
     service_tier_of,
 )
+from spendstream.usage import METERS
 
 __all__ = ["Attribution", "CallMeter", "CallPlan", "estimate_tokens", "request_text_chars"]
 
@@ -254,6 +255,8 @@ class CallMeter:
             try:
                 meters = self._normalise(doc["usage"])
             except IncompleteUsage:
+                return []
+            if not any(meters.get(m) for m in METERS):  # usage of zero: nothing billable
                 return []
             return [self._event(meters, tags={"http_status": str(self.status)})]
         return []
