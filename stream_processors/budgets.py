@@ -5,12 +5,8 @@ counts against every scope it matches. Windows are decided by event time: calend
 `weekly` (ISO weeks, Monday) and `monthly` in the budget's IANA time zone (a Berlin day is not a
 UTC day; DST days have 23 or 25 hours), and `rolling:<n>m|h|d` over minute buckets.
 
-The state of one scope is a plain dict (stored as one value in the worker's `scopes` table, so a
-single changelog record updates spend, dedup offsets and the last signal together):
-
-    {"w": {window id: pico-USD}, "late": {window id: pico-USD}, "m": {minute: pico-USD},
-     "applied": {usage.raw partition: offset}, "sig": [state, reason, level, window], "seq": n,
-     "kid": id of the key that signed the last signal (absent or "": unsigned)}
+The state of one scope is a `BudgetState` (stored as one JSON value in the worker's `scopes`
+table, so a single changelog record updates spend, dedup offsets and the last signal together).
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -37,6 +33,7 @@ __all__ = [
     "MAX_REASON_CHARS",
     "MAX_ROLLING_MINUTES",
     "MAX_RUNAWAY_MULTIPLIER",
+    "BudgetState",
     "Decision",
     "Limit",
     "Spec",
@@ -46,6 +43,7 @@ __all__ = [
     "decide",
     "deltas_problem",
     "load_specs",
+    "load_state",
     "make_limit",
     "new_state",
     "parse_scope",
@@ -373,8 +371,47 @@ def load_specs(path: Path | None) -> list[Spec]:
 # -- applying spend ---------------------------------------------------------------------------
 
 
-def new_state() -> dict[str, Any]:
-    return {"w": {}, "late": {}, "m": {}, "applied": {}, "sig": ["ok", "within_budget", 0, ""], "seq": 0}
+class BudgetState(TypedDict):
+    window_spend: dict[str, int]  # calendar window id -> pico-USD
+    late_spend: dict[str, int]  # window id -> pico-USD that arrived after the window's grace
+    minute_spend: dict[str, int]  # epoch minute -> pico-USD (rolling windows, runaway, forecast)
+    applied_offsets: dict[str, int]  # usage.raw partition -> last offset applied (exactly once)
+    last_signal: list[Any]  # [state, reason, level, window] of the last ControlSignal
+    sequence: int  # of the last ControlSignal
+    signed_by: str  # key id that signed the last signal ("" unsigned)
+
+
+# The keys of states written before BudgetState had full names (read from older changelogs).
+_SHORT_KEYS = {
+    "w": "window_spend",
+    "late": "late_spend",
+    "m": "minute_spend",
+    "applied": "applied_offsets",
+    "sig": "last_signal",
+    "seq": "sequence",
+    "kid": "signed_by",
+}
+
+
+def new_state() -> BudgetState:
+    return {
+        "window_spend": {},
+        "late_spend": {},
+        "minute_spend": {},
+        "applied_offsets": {},
+        "last_signal": ["ok", "within_budget", 0, ""],
+        "sequence": 0,
+        "signed_by": "",
+    }
+
+
+def load_state(stored: Mapping[str, Any] | None) -> BudgetState:
+    """A scope's state as stored in the `scopes` table (None: a new scope), also from older
+    changelogs, whose records used short keys."""
+    state = new_state()
+    for key, value in (stored or {}).items():
+        state[_SHORT_KEYS.get(key, key)] = value  # type: ignore[literal-required]
+    return state
 
 
 LONG_MAX = 2**63 - 1
@@ -428,7 +465,7 @@ def fresh_deltas(
 
 
 def apply_deltas(
-    state: dict[str, Any], deltas: Iterable[tuple[int, int]], spec: Spec | None, now_us: int, grace_us: int
+    state: BudgetState, deltas: Iterable[tuple[int, int]], spec: Spec | None, now_us: int, grace_us: int
 ) -> int:
     """Add (minute, pico-USD) deltas to a scope's state; returns pico-USD that arrived past the grace.
 
@@ -442,7 +479,7 @@ def apply_deltas(
     keep_minutes = max([lim.rolling_minutes or 0 for lim in limits] + [RUNAWAY_MINUTES + BASELINE_MINUTES])
     now_min = now_us // MINUTE_US
     late_total = 0
-    w, late, m = state["w"], state["late"], state["m"]
+    w, late, m = state["window_spend"], state["late_spend"], state["minute_spend"]
     for minute, pico in deltas:
         if not pico:
             continue
@@ -455,8 +492,8 @@ def apply_deltas(
                 late_total += pico
             else:
                 w[win.id] = w.get(win.id, 0) + pico
-    for minute in [k for k in m if int(k) <= now_min - keep_minutes]:
-        del m[minute]
+    for old in [k for k in m if int(k) <= now_min - keep_minutes]:
+        del m[old]
     horizon = now_us - 40 * 86_400_000_000  # keep 40 days of closed windows for `budget list`
     for table in (w, late):
         for wid in [k for k in table if _window_end_of(k) < horizon]:
@@ -508,12 +545,12 @@ def _minutes_sum(m: Mapping[str, int], first: int, last: int) -> int:
     return sum(v for k, v in m.items() if first <= int(k) <= last)
 
 
-def decide(state: Mapping[str, Any], spec: Spec | None, now_us: int) -> Decision:
+def decide(state: BudgetState, spec: Spec | None, now_us: int) -> Decision:
     """The scope's state now: the most severe of manual block, runaway, limits, warns and forecasts."""
     if spec is None:
         return Decision("ok", "within_budget")
     now_min = now_us // MINUTE_US
-    m = state["m"]
+    m = state["minute_spend"]
     found: list[Decision] = [Decision("ok", "within_budget")]
     if spec.manual_block:
         found.append(Decision("blocked", "manual"))
@@ -544,7 +581,7 @@ def decide(state: Mapping[str, Any], spec: Spec | None, now_us: int) -> Decision
         if lim.rolling_minutes is not None:
             spend = _minutes_sum(m, win.start_us // MINUTE_US, now_min)
         else:
-            spend = state["w"].get(win.id, 0)
+            spend = state["window_spend"].get(win.id, 0)
         if spend >= lim.limit_pico:
             hard = lim.mode == "hard"
             found.append(

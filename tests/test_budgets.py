@@ -117,9 +117,9 @@ def test_exactly_one_blocked_decision_change_when_spend_reaches_the_limit(
         apply_deltas(state, [(now // MINUTE_US, d)], s, now, 0)
         total += d
         decision = decide(state, s, now)
-        if decision.key != state["sig"]:
+        if decision.key != state["last_signal"]:
             changes.append(decision.state)
-            state["sig"] = decision.key
+            state["last_signal"] = decision.key
     assert changes == (["blocked"] if total >= limit else [])
 
 
@@ -179,11 +179,11 @@ def test_late_events_inside_grace_count_outside_are_flagged() -> None:
     yesterday = minute(datetime(2026, 6, 1, 23, 50, tzinfo=UTC))
     state = new_state()
     assert apply_deltas(state, [(yesterday, 7 * USD)], s, now, 3600 * 10**6) == 0  # within 1 h grace
-    assert state["w"]["day:2026-06-01@UTC"] == 7 * USD
+    assert state["window_spend"]["day:2026-06-01@UTC"] == 7 * USD
     much_later = now + 2 * 3600 * 10**6
     assert apply_deltas(state, [(yesterday, 3 * USD)], s, much_later, 3600 * 10**6) == 3 * USD
-    assert state["w"]["day:2026-06-01@UTC"] == 7 * USD
-    assert state["late"]["day:2026-06-01@UTC"] == 3 * USD
+    assert state["window_spend"]["day:2026-06-01@UTC"] == 7 * USD
+    assert state["late_spend"]["day:2026-06-01@UTC"] == 3 * USD
 
 
 def test_runaway_against_the_scopes_own_baseline_and_a_ceiling() -> None:

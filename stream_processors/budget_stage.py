@@ -1,0 +1,251 @@
+"""The budget stage: `spend.deltas` and `budgets` in; `spend.control` signals and dead letters out.
+
+Pure logic (no Kafka): `app.py`'s budget agent feeds it each message and sends what it returns.
+The two tables it keeps are any mappings; in the worker they are Faust tables, co-partitioned
+with both input topics by scope, so every scope has exactly one writer:
+
+    scopes: scope -> BudgetState (spend per window and minute, applied source offsets, last signal)
+    specs:  scope -> the BudgetSpec record in force (signature verified)
+
+Guarantees (docs/budgets.md): a scope applies each usage.raw message once (its deltas name their
+source offset); exactly one ControlSignal per change of (state, reason, level, window), numbered
+per scope, signed when the worker has a key; a record that is unsigned, forged, replayed or
+invalid changes nothing and is dead-lettered with the reason; a failure on one scope (a bug)
+costs that scope's deltas of that message only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from spendstream.signing import Signer, Verifier, encode_control
+from spendstream.wire import Codec
+from stream_processors.budgets import (
+    LONG_MAX,
+    MINUTE_US,
+    BudgetState,
+    Decision,
+    Spec,
+    apply_deltas,
+    decide,
+    deltas_problem,
+    fresh_deltas,
+    load_state,
+)
+from stream_processors.feeds import budget_rejection
+from stream_processors.meter import DeadLetter
+
+__all__ = ["BudgetResult", "BudgetStage"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BudgetResult:
+    signals: list[tuple[bytes, bytes]] = field(default_factory=list)  # (scope, ControlSignal message)
+    dead: list[DeadLetter] = field(default_factory=list)
+    metrics: Counter[str] = field(default_factory=Counter)
+
+
+class BudgetStage:
+    def __init__(
+        self,
+        codec: Codec,
+        scopes: MutableMapping[str, Any],
+        specs: MutableMapping[str, Any],
+        *,
+        grace_us: int,
+        signer: Signer | None,
+        verifier: Verifier,
+    ) -> None:
+        self.codec = codec
+        self.scopes = scopes
+        self.specs = specs
+        self.grace_us = grace_us
+        self.signer = signer
+        self.verifier = verifier
+        self.key_id = signer.key_id if signer else ""
+        self.attention: dict[str, int] = {}  # scopes not ok -> partition: ticks re-decide them
+        self._parsed: dict[tuple[str, int], Spec] = {}
+
+    def spec_of(self, scope: str) -> Spec | None:
+        record = self.specs.get(scope)
+        if record is None or record.get("removed"):
+            return None
+        cache_key = (scope, int(record.get("updated_at", 0)))
+        spec = self._parsed.get(cache_key)
+        if spec is None:
+            spec = self._parsed[cache_key] = Spec.from_record(record)
+        return spec
+
+    def on_budget(self, key: bytes | None, value: bytes | None, partition: int, now_us: int) -> BudgetResult:
+        """A `budgets` record: validated and verified, it replaces the scope's spec and re-decides."""
+        result = BudgetResult()
+        scope = (key or b"").decode("utf-8", "replace")
+        try:
+            record = self.codec.decode(value)[1] if value else None
+            if record is not None:
+                Spec.from_record(record)  # validate before it decides anything
+        except Exception as exc:
+            result.dead.append(DeadLetter("invalid_budget", str(exc), value or b""))
+            return result
+        kept = self.specs.get(scope)
+        why = budget_rejection(self.verifier, key, value, record, kept and kept["updated_at"])
+        if why is not None:  # unsigned, forged, a tombstone or a replay: changes nothing
+            result.metrics[f"control_rejected|{why}"] += 1
+            detail = f"{why} budget for {scope!r} ignored: only specs signed with a key in SPENDSTREAM_VERIFY_KEYS count"
+            result.dead.append(DeadLetter(f"budget_{why}", detail, value or b""))
+            return result
+        if record is None:
+            self.specs.pop(scope, None)
+        else:  # kept, removed too: its updated_at is the scope's replay horizon
+            self.specs[scope] = {k: v for k, v in record.items() if k != "signature"}
+        state = load_state(self.scopes.get(scope))
+        self._decide(scope, state, partition, now_us, result)
+        self.scopes[scope] = state
+        return result
+
+    def on_deltas(self, value: bytes | None, partition: int, now_us: int) -> BudgetResult:
+        """A `spend.deltas` message: each scope applies the deltas of source messages it has not
+        applied yet, then re-decides; the state is written only when something changed."""
+        result = BudgetResult()
+        try:
+            name, batch = self.codec.decode(value or b"")
+            problem = deltas_problem(name, batch, now_us)
+        except Exception as exc:
+            name, problem = "undecodable", str(exc)
+        if problem is not None:
+            reason = "undecodable" if name == "undecodable" else "invalid_delta"
+            result.dead.append(DeadLetter(reason, problem, value or b""))
+            return result
+        grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for d in batch["deltas"]:
+            grouped[d["scope"]].append(d)
+        for scope, deltas in grouped.items():
+            state = load_state(self.scopes.get(scope))
+            try:
+                fresh, duplicates = fresh_deltas(state["applied_offsets"], deltas)
+                if duplicates:
+                    result.metrics["deltas|duplicate"] += duplicates  # re-delivered after a restart
+                late = apply_deltas(state, fresh, self.spec_of(scope), now_us, self.grace_us)
+                if late:
+                    result.metrics["late_pico_usd|beyond_grace"] += late
+                signalled = self._decide(scope, state, partition, now_us, result)
+            except Exception as exc:  # a bug costs this scope's deltas of this message, never the stage
+                log.exception("budget stage: %s failed", scope)
+                result.dead.append(DeadLetter("processing_error", f"{scope}: {exc!r}"[:1000], value or b""))
+                continue
+            if signalled or fresh:
+                self.scopes[scope] = state  # a tick that changes nothing writes no changelog
+        return result
+
+    def ticks(self, now_us: int) -> dict[int, list[dict[str, Any]]]:
+        """Zero deltas for every scope that is not ok, per owning partition: fed back through
+        spend.deltas, they re-decide it, so a new window or a cooled-down rate unblocks it."""
+        by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for scope, partition in list(self.attention.items()):
+            by_partition[partition].append(
+                {
+                    "scope": scope,
+                    "minute": now_us // MINUTE_US,
+                    "pico_usd": 0,
+                    "events": 0,
+                    "source_partition": -1,
+                    "source_offset": -1,
+                }
+            )
+        return by_partition
+
+    def rows(self, specs: Mapping[str, Spec], now_us: int) -> list[dict[str, Any]]:
+        """Every budget in `specs` with its current window, spend and state (what `budget list`
+        shows), for the scopes this worker owns; money as exact decimal strings."""
+        rows = []
+        for scope, spec in sorted(specs.items()):
+            state = load_state(self.scopes.get(scope))
+            signal = {"state": state["last_signal"][0], "reason": state["last_signal"][1]}
+            for lim in spec.limits:
+                win = lim.current(now_us)
+                if lim.rolling_minutes is None:
+                    spend = state["window_spend"].get(win.id, 0)
+                else:
+                    first = win.start_us // MINUTE_US
+                    spend = sum(v for k, v in state["minute_spend"].items() if int(k) >= first)
+                rows.append(
+                    {
+                        "scope": scope,
+                        "window": win.id,
+                        "window_end": win.end_us,
+                        "mode": lim.mode,
+                        "spend_usd": str(Decimal(spend).scaleb(-12)),
+                        "limit_usd": str(Decimal(lim.limit_pico).scaleb(-12)),
+                        "percent": round(spend * 100 / lim.limit_pico, 1),
+                        **signal,
+                        "late_usd": str(Decimal(sum(state["late_spend"].values())).scaleb(-12)),
+                    }
+                )
+            if not spec.limits:
+                rows.append(
+                    {
+                        "scope": scope,
+                        "window": "",
+                        "window_end": 0,
+                        "mode": "",
+                        "spend_usd": "",
+                        "limit_usd": "",
+                        "percent": 0,
+                        **signal,
+                        "late_usd": "0",
+                    }
+                )
+        return rows
+
+    def _decide(
+        self, scope: str, state: BudgetState, partition: int, now_us: int, result: BudgetResult
+    ) -> bool:
+        """One ControlSignal per change of (state, reason, level, window), and once more, re-signed,
+        when the worker's signing key changed since the scope's last signal (so after a rotation
+        Guards can drop the old key)."""
+        decision: Decision = decide(state, self.spec_of(scope), now_us)
+        if decision.state == "ok":
+            self.attention.pop(scope, None)
+        else:
+            self.attention[scope] = partition
+        if decision.key == state["last_signal"] and (
+            state["sequence"] == 0 or state["signed_by"] == self.key_id
+        ):
+            return False
+        state["last_signal"], state["signed_by"] = decision.key, self.key_id
+        state["sequence"] += 1
+        signal = {
+            "scope": scope,
+            "state": decision.state,
+            "reason": decision.reason,
+            "window": decision.window.id,
+            "window_start": decision.window.start_us,
+            "window_end": decision.window.end_us,
+            "spend_pico_usd": min(decision.spend_pico, LONG_MAX),  # an Avro long; $9.2M+ saturates
+            "limit_pico_usd": decision.limit_pico,
+            "decided_at": now_us,
+            "sequence": state["sequence"],
+            "level": decision.level,
+            "mode": decision.mode,
+            "projected_at": decision.projected_at_us,
+        }
+        key = scope.encode()
+        result.signals.append((key, encode_control(self.codec, "ControlSignal", key, signal, self.signer)))
+        result.metrics[f"signals|{decision.state}"] += 1
+        log.info(
+            "signal %s %s (%s %s): spend %d of %d pico-USD",
+            scope,
+            decision.state,
+            decision.reason,
+            decision.window.id,
+            decision.spend_pico,
+            decision.limit_pico,
+        )
+        return True

@@ -1,0 +1,134 @@
+"""The worker's HTTP views: /health, /budgets, /metrics (Prometheus text), and /sql, /reprice,
+/flush forwarded to the history process, which owns ClickHouse (stream_processors/history.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import faust
+import httpx
+from faust.web import Request, Response, View
+
+from spendstream.gc_pauses import GcPauses
+from stream_processors.history import HistoryProcess
+
+__all__ = ["HistoryClient", "add_views", "prometheus_text"]
+
+# metrics key prefix ("events|priced" -> prefix "events") -> (Prometheus counter, its label)
+COUNTERS = {
+    "events": ("spendstream_events_total", "pricing_status"),
+    "dead_letters": ("spendstream_dead_letters_total", "reason"),
+    "signals": ("spendstream_signals_total", "state"),
+    "deltas": ("spendstream_spend_deltas_total", "kind"),
+    "late_pico_usd": ("spendstream_late_spend_pico_usd_total", "kind"),
+    "rebalance": ("spendstream_rebalance_rereads_total", "kind"),
+    "unbudgeted": ("spendstream_unbudgeted_events_total", "reason"),
+    "control_rejected": ("spendstream_control_rejected_total", "reason"),
+}
+
+
+class HistoryClient:
+    """Requests to the history process on loopback, with the token of its current start."""
+
+    def __init__(self, history: HistoryProcess) -> None:
+        self.history = history
+        self._http = httpx.AsyncClient(timeout=None)
+
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, within_s: float | None = None
+    ) -> tuple[int, Any]:
+        """(status, JSON); 503 with the reason if it does not answer (401 without the token)."""
+        history = self.history
+        try:
+            answer = await self._http.request(
+                method, history.url + path, content=body, headers=history.headers, timeout=within_s
+            )
+        except httpx.TransportError as exc:
+            return 503, {"error": f"the history process (ClickHouse) does not answer: {exc!r}"}
+        try:
+            return answer.status_code, answer.json()
+        except ValueError:
+            return 502, {"error": f"the history process answered {answer.status_code}: {answer.text[:300]}"}
+
+
+def prometheus_text(metrics: Counter[str], gc_seconds: list[float], sink_rows: Any, price_cards: int) -> str:
+    lines = []
+    for prefix, (metric, label) in COUNTERS.items():
+        lines.append(f"# TYPE {metric} counter")
+        lines += [
+            f'{metric}{{{label}="{k.split("|", 1)[1]}"}} {v}'
+            for k, v in sorted(metrics.items())
+            if k.startswith(f"{prefix}|")
+        ]
+    lines += [
+        "# TYPE spendstream_gc_pause_seconds_total counter",
+        *(
+            f'spendstream_gc_pause_seconds_total{{generation="{g}"}} {secs:.6f}'
+            for g, secs in enumerate(gc_seconds)
+        ),
+        "# TYPE spendstream_sink_rows_written_total counter",
+        f"spendstream_sink_rows_written_total {sink_rows}",
+        "# TYPE spendstream_price_cards gauge",
+        f"spendstream_price_cards {price_cards}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def add_views(
+    app: faust.App,
+    history: HistoryClient,
+    *,
+    status: Callable[[], dict[str, Any]],
+    budgets: Callable[[], list[dict[str, Any]]],
+    metrics: Counter[str],
+    gc_pauses: GcPauses,
+    price_cards: Callable[[], int],
+) -> None:
+    """`status()`: the worker's own part of /health; `budgets()`: the rows of /budgets."""
+
+    @app.page("/health")
+    class Health(View):
+        async def get(self, request: Request) -> Response:
+            code, body = await history.request("GET", "/health", within_s=5)
+            return self.json(
+                {
+                    "status": "ok" if code == 200 else "degraded",
+                    "sink_rows_written": body.get("sink_rows_written"),
+                    "history_pid": body.get("pid"),
+                    **status(),
+                    **({"history": body["error"]} if code != 200 else {}),
+                }
+            )
+
+    @app.page("/budgets")
+    class Budgets(View):
+        """Every budget with its current window, spend and state (scopes owned by this worker)."""
+
+        async def get(self, request: Request) -> Response:
+            return self.json({"budgets": budgets()})
+
+    def forwarded(path: str) -> type[View]:
+        class Forward(View):
+            """Answered by the history process, which owns ClickHouse."""
+
+            async def post(self, request: Request) -> Response:
+                code, body = await history.request("POST", path, await request.read())
+                return self.json(body, status=code)
+
+        return Forward
+
+    for path in ("/sql", "/reprice", "/flush"):
+        app.page(path)(forwarded(path))
+
+    @app.page("/metrics")
+    class Metrics(View):
+        """Prometheus text format."""
+
+        async def get(self, request: Request) -> Response:
+            _, health = await history.request("GET", "/health", within_s=5)
+            text = prometheus_text(
+                metrics, gc_pauses.seconds, health.get("sink_rows_written", "NaN"), price_cards()
+            )
+            return self.text(text, content_type="text/plain; version=0.0.4")

@@ -1,0 +1,127 @@
+"""The budget stage on real Avro bytes, with plain dicts for its tables: specs, crossings, exactly
+once per source message, forged records, old changelog records, and the rows `budget list` shows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from spendstream.signing import Signer, Verifier, encode_control
+from spendstream.wire import default_codec
+from stream_processors.budget_stage import BudgetStage
+from stream_processors.budgets import MINUTE_US, Spec, make_limit
+
+CODEC = default_codec()
+NOW = int(datetime(2026, 12, 1, 12, 0, tzinfo=UTC).timestamp()) * 1_000_000
+USD = 10**12
+
+
+def stage(signer: Signer | None = None, verifier: Verifier | None = None) -> BudgetStage:
+    scopes: dict[str, Any] = {}
+    specs: dict[str, Any] = {}
+    return BudgetStage(
+        CODEC, scopes, specs, grace_us=3600 * 10**6, signer=signer, verifier=verifier or Verifier()
+    )
+
+
+def spec_message(scope: str, usd: str, signer: Signer | None = None, at: int = NOW) -> bytes:
+    record = Spec(scope, (make_limit(scope, "daily", usd),)).to_record(at)
+    return encode_control(CODEC, "BudgetSpec", scope.encode(), record, signer)
+
+
+def deltas(scope: str, usd: int, offset: int, partition: int = 0) -> bytes:
+    delta = {
+        "scope": scope,
+        "minute": NOW // MINUTE_US,
+        "pico_usd": usd * USD,
+        "events": 1,
+        "source_partition": partition,
+        "source_offset": offset,
+    }
+    return CODEC.encode("SpendDeltaBatch", {"deltas": [delta]})
+
+
+def test_a_crossing_signals_once_and_a_redelivered_message_counts_once() -> None:
+    s = stage()
+    assert s.on_budget(b"project:a", spec_message("project:a", "10"), 0, NOW).signals == []  # ok, as before
+    first = s.on_deltas(deltas("project:a", 6, offset=1), 0, NOW)
+    [(_, warn)] = first.signals
+    warned = CODEC.decode(warn)[1]
+    assert (warned["state"], warned["level"], warned["sequence"]) == ("warn", 50, 1)
+    crossed = s.on_deltas(deltas("project:a", 5, offset=2), 0, NOW)
+    [(key, blocked)] = crossed.signals
+    signal = CODEC.decode(blocked)[1]
+    assert (key, signal["state"], signal["reason"], signal["sequence"]) == (
+        b"project:a",
+        "blocked",
+        "budget_exceeded",
+        2,
+    )
+    assert signal["spend_pico_usd"] == 11 * USD
+    again = s.on_deltas(deltas("project:a", 5, offset=2), 0, NOW)  # re-delivered after a restart
+    assert (again.signals, again.metrics["deltas|duplicate"]) == ([], 1)
+    assert s.scopes["project:a"]["window_spend"]["day:2026-12-01@UTC"] == 11 * USD
+    ticks = s.ticks(NOW)
+    assert [d["scope"] for d in ticks[0]] == ["project:a"]  # not ok: re-decided every tick
+    tick = CODEC.encode("SpendDeltaBatch", {"deltas": ticks[0]})
+    assert s.on_deltas(tick, 0, NOW).signals == []  # nothing changed: no signal, no write
+    [row] = s.rows({"project:a": s.spec_of("project:a")}, NOW)  # type: ignore[dict-item]
+    assert (row["spend_usd"], row["limit_usd"], row["state"], row["percent"]) == (
+        "11.000000000000",
+        "10.000000000000",
+        "blocked",
+        110.0,
+    )
+
+
+def test_forged_and_invalid_records_change_nothing_and_say_why() -> None:
+    operator = Signer(Ed25519PrivateKey.generate())
+    s = stage(signer=operator, verifier=Verifier([operator.public_key]))
+    assert s.on_budget(b"project:a", spec_message("project:a", "10", operator), 0, NOW).dead == []
+    forged = s.on_budget(b"project:a", spec_message("project:a", "1000"), 0, NOW + 1)  # unsigned
+    assert [d.reason for d in forged.dead] == ["budget_unsigned"]
+    assert forged.metrics == {"control_rejected|unsigned": 1}
+    assert s.spec_of("project:a").limits[0].limit_pico == 10 * USD  # type: ignore[union-attr]
+    bad = s.on_deltas(
+        CODEC.encode(
+            "SpendDeltaBatch",
+            {
+                "deltas": [
+                    {
+                        "scope": "project:a",
+                        "minute": 1,
+                        "pico_usd": -5,
+                        "events": 1,
+                        "source_partition": 0,
+                        "source_offset": 3,
+                    }
+                ]
+            },
+        ),
+        0,
+        NOW,
+    )
+    assert [d.reason for d in bad.dead] == ["invalid_delta"]
+    assert [d.reason for d in s.on_deltas(b"\x00junk", 0, NOW).dead] == ["undecodable"]
+    crossed = s.on_deltas(deltas("project:a", 11, offset=4), 0, NOW)
+    [(_, signed)] = crossed.signals
+    assert CODEC.decode(signed)[1]["key_id"] == operator.key_id  # the worker signs its signals
+
+
+def test_a_state_from_an_older_changelog_with_short_keys_carries_on() -> None:
+    s = stage()
+    s.on_budget(b"project:a", spec_message("project:a", "10"), 0, NOW)
+    day = "day:2026-12-01@UTC"
+    s.scopes["project:a"] = {
+        "w": {day: 9 * USD},
+        "late": {},
+        "m": {},
+        "applied": {"0": 7},
+        "sig": ["warn", "threshold", 80, day],
+        "seq": 4,
+    }
+    assert s.on_deltas(deltas("project:a", 1, offset=7), 0, NOW).signals == []  # offset 7 was applied
+    [(_, blocked)] = s.on_deltas(deltas("project:a", 1, offset=8), 0, NOW).signals
+    assert (CODEC.decode(blocked)[1]["sequence"], s.scopes["project:a"]["window_spend"][day]) == (5, 10 * USD)
