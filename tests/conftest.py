@@ -110,6 +110,19 @@ def start_worker(bootstrap: str, state_dir: Path, budgets: str, **extra: str) ->
     return _spawn(env, port, Topics(prefix), state_dir / "worker.log")
 
 
+def module_worker(name: str, budgets: str, fixture: str = "worker", **extra: str) -> Any:
+    """A module-scoped fixture (named `fixture`): one worker (fresh topics, fresh embedded
+    ClickHouse) for the tests of a module, stopped after them. `worker = module_worker("guard", BUDGETS)`."""
+
+    @pytest.fixture(scope="module", name=fixture)
+    def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+        w = start_worker(kafka, tmp_path_factory.mktemp(name), budgets, **extra)
+        yield w
+        w.stop()
+
+    return worker
+
+
 def restart_worker(worker: Worker, *, kill: bool = False) -> Worker:
     """Stop `worker` (SIGTERM, or SIGKILL with kill=True) and start it again on the same topics,
     state and port: what an operator's restart or a crash does. Returns `worker`, now the new process."""

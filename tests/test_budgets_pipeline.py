@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from producers import SyncEmitter, SyncGuard
 from spendstream.errors import BudgetExceeded
 from spendstream.wire import default_codec
-from tests.conftest import REPO, Worker, start_worker
+from tests.conftest import REPO, Worker, module_worker, start_worker
 from tests.test_pipeline import read_all
 
 pytestmark = pytest.mark.integration
@@ -85,17 +84,12 @@ def budgets(worker: Worker) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["scope"], r["window"].split(":")[0]): r for r in rows}
 
 
-@pytest.fixture(scope="module")
-def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = start_worker(
-        kafka,
-        tmp_path_factory.mktemp("budgets"),
-        "budgets: {}\n",
-        SPENDSTREAM_LATE_GRACE_SECONDS=str(2 * 86_400),
-        SPENDSTREAM_DEDUPE_HORIZON_SECONDS=str(8 * 86_400),  # the late events below still move budgets
-    )
-    yield w
-    w.stop()
+worker = module_worker(
+    "budgets",
+    "budgets: {}\n",
+    SPENDSTREAM_LATE_GRACE_SECONDS=str(2 * 86_400),
+    SPENDSTREAM_DEDUPE_HORIZON_SECONDS=str(8 * 86_400),  # the late events below still move budgets
+)
 
 
 def test_budget_set_list_cross_and_raise_unblocks(kafka: str, worker: Worker) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 
 from producers import Guard, ScopeState, SyncEmitter, SyncGuard
 from spendstream.errors import BudgetExceeded
-from tests.conftest import Worker, start_worker
+from tests.conftest import Worker, module_worker
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +21,7 @@ budgets:
 """
 
 
-@pytest.fixture(scope="module")
-def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = start_worker(kafka, tmp_path_factory.mktemp("guard"), BUDGETS)
-    yield w
-    w.stop()
+worker = module_worker("guard", BUDGETS)
 
 
 def spend(kafka: str, worker: Worker, project: str, usd_per_event: str, n: int) -> None:

@@ -4,7 +4,6 @@ ClickHouse, streams included, and a cut stream is priced on its flagged estimate
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from producers import SyncEmitter
 from producers.instrument import MeteringTransport
-from tests.conftest import Worker, start_worker
+from tests.conftest import Worker, module_worker
 from tests.providers.replay import ReplayServer
 
 pytestmark = [
@@ -25,11 +24,7 @@ pytestmark = [
 CLAUDE = "claude-sonnet-4-5-20250929"
 
 
-@pytest.fixture(scope="module")
-def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = start_worker(kafka, tmp_path_factory.mktemp("instrument"), "budgets: {}\n")
-    yield w
-    w.stop()
+worker = module_worker("instrument", "budgets: {}\n")
 
 
 def test_instrumented_calls_are_priced_in_clickhouse(kafka: str, worker: Worker) -> None:

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 
 from spendstream.wire import MAGIC, default_codec
 from stream_processors.pricing import Catalogue, pico_to_usd
-from tests.conftest import REPO, Worker, start_worker
+from tests.conftest import REPO, Worker, module_worker
 from tests.test_budgets_pipeline import budgets
 from tests.test_pipeline import read_all
 
@@ -65,13 +64,7 @@ def example_jar() -> Path:
     return cache / JAR
 
 
-@pytest.fixture(scope="module")
-def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = start_worker(
-        kafka, tmp_path_factory.mktemp("java"), f'budgets:\n  project:{PROJECT}: {{monthly: "1000"}}\n'
-    )
-    yield w
-    w.stop()
+worker = module_worker("java", f'budgets:\n  project:{PROJECT}: {{monthly: "1000"}}\n')
 
 
 def test_java_events_decode_and_are_priced_stored_and_counted_like_python(kafka: str, worker: Worker) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from producers import build_event
 from spendstream.wire import default_codec
 from stream_processors.feeds import publish
-from tests.conftest import REPO, Worker, start_worker
+from tests.conftest import REPO, Worker, module_worker
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +37,7 @@ def usage_messages(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes | No
     return [(e["project"].encode(), default_codec().encode("UsageEvent", e)) for e in events]
 
 
-@pytest.fixture(scope="module")
-def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = start_worker(kafka, tmp_path_factory.mktemp("pricing"), "budgets: {}\n")
-    yield w
-    w.stop()
+worker = module_worker("pricing", "budgets: {}\n")
 
 
 def test_a_published_price_changes_the_cost_of_later_events_only(kafka: str, worker: Worker) -> None:

@@ -25,7 +25,7 @@ from spendstream.errors import BudgetExceeded
 from spendstream.signing import Signer, Verifier, encode_control, generate_key, public_key_b64
 from spendstream.wire import default_codec
 from stream_processors.feeds import publish
-from tests.conftest import Worker, start_worker
+from tests.conftest import Worker, module_worker, start_worker
 from tests.test_budgets_pipeline import budgets, cli
 from tests.test_pipeline import read_all
 
@@ -257,11 +257,7 @@ def test_worker_ignores_unsigned_forged_replayed_budgets_and_tombstones(
     assert scope not in cli(worker, "budget", "list").stdout
 
 
-@pytest.fixture(scope="module")
-def open_worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = start_worker(kafka, tmp_path_factory.mktemp("open"), 'budgets:\n  project:old: {daily: "5"}\n')
-    yield w
-    w.stop()
+open_worker = module_worker("open", 'budgets:\n  project:old: {daily: "5"}\n', fixture="open_worker")
 
 
 def test_without_keys_everything_works_as_before_with_one_warning(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from producers import build_event
 from spendstream.wire import default_codec
 from stream_processors.feeds import publish
-from tests.conftest import Worker, restart_worker, start_worker
+from tests.conftest import Worker, module_worker, restart_worker
 
 pytestmark = pytest.mark.integration
 
@@ -66,12 +65,8 @@ def wait_until(what: str, check: Any, timeout: float = 90) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def worker(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    budgets = 'budgets:\n  project:dup1: {daily: "100000"}\n  project:poison: {daily: "100000"}\n'
-    w = start_worker(kafka, tmp_path_factory.mktemp("trust"), budgets)
-    yield w
-    w.stop()
+TRUST_BUDGETS = 'budgets:\n  project:dup1: {daily: "100000"}\n  project:poison: {daily: "100000"}\n'
+worker = module_worker("trust", TRUST_BUDGETS)
 
 
 def test_every_event_resent_1_to_3_times_moves_budgets_once(kafka: str, worker: Worker) -> None:
