@@ -7,11 +7,13 @@ kill switch on `spend.control`.
 from producers._emitter import Emitter, EmitterStats, SyncEmitter, build_event
 from producers._guard import Guard, ScopeState, SyncGuard
 from producers._meter_call import meter_call, metered
+from spendstream.kafka_auth import KafkaAuth
 
 __all__ = [
     "Emitter",
     "EmitterStats",
     "Guard",
+    "KafkaAuth",
     "ScopeState",
     "SyncEmitter",
     "SyncGuard",

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ KAFKA_VERSION = "3.9.1"
 _READY_LINE = "Kafka Server started"
 _INSTALL_HINT = "install OpenJDK 17+ and Maven 3.8+, e.g. apt-get install openjdk-17-jre-headless maven"
 _DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies"
+_SCRAM_TEXT = re.compile(r"[A-Za-z0-9._-]+")
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,17 @@ class LocalKafka:
     port: int = 9092
     controller_port: int = 9093
     heap: str = "512m"
+    # (name, password) pairs: non-empty, the client listener is SASL_PLAINTEXT with SCRAM-SHA-256
+    # and these are its users (created when the data dir is formatted; the first is the broker's own).
+    scram_users: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, password in self.scram_users:
+            if not (_SCRAM_TEXT.fullmatch(name) and _SCRAM_TEXT.fullmatch(password)):
+                raise KafkaLocalError(
+                    "SCRAM user names and passwords of the local broker may hold only letters, "
+                    "digits, '.', '_' and '-' (they are written into its config and format command)"
+                )
 
     @property
     def bootstrap(self) -> str:
@@ -234,11 +247,19 @@ class LocalKafka:
         shutil.copyfile(src / "log4j.properties", self.home / "log4j.properties")
         template = string.Template((src / "server.properties.template").read_text())
         props = self.home / "server.properties"
-        props.write_text(
-            template.substitute(
-                port=self.port, controller_port=self.controller_port, log_dirs=self.home / "data"
-            )
+        text = template.substitute(
+            port=self.port, controller_port=self.controller_port, log_dirs=self.home / "data"
         )
+        if self.scram_users:
+            broker_user, broker_password = self.scram_users[0]
+            sasl = string.Template((src / "sasl.properties.template").read_text())
+            text += sasl.substitute(
+                port=self.port,
+                controller_port=self.controller_port,
+                broker_user=broker_user,
+                broker_password=broker_password,
+            )
+        props.write_text(text)
         return props
 
     def _format(self, props: Path, progress: Callable[[str], None]) -> bool:
@@ -248,6 +269,8 @@ class LocalKafka:
         progress(f"formatting {self.home / 'data'} (cluster id {cluster_id})")
         cmd = [*self._java("128m"), "kafka.tools.StorageTool", "format"]
         cmd += ["-t", cluster_id, "-c", str(props), "--ignore-formatted"]
+        for name, password in self.scram_users:
+            cmd += ["--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"]
         out = subprocess.run(cmd, cwd=self.home, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise KafkaLocalError(
