@@ -142,9 +142,8 @@ def test_tls_context_verifies_the_broker_with_the_ca_and_presents_the_client_cer
     assert isinstance(context, ssl.SSLContext)
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname
-    assert [dict(x[0] for x in c["subject"]) for c in context.get_ca_certs()] == [
-        {"commonName": "spendstream test CA"}
-    ]
+    subjects = [str(c["subject"]) for c in context.get_ca_certs()]
+    assert subjects == ["((('commonName', 'spendstream test CA'),),)"]
     assert "key-pw-42" not in repr(auth)
     wrong = KafkaAuth(
         "SSL", ssl_cafile=ca, ssl_certfile=certfile, ssl_keyfile=keyfile, ssl_key_password="nope"
