@@ -3,8 +3,9 @@
 Kafka is packaged neither in Debian nor on PyPI, so `LocalKafka.fetch` copies the broker's jars
 (the pom in `deploy/kafka/`) into `home/lib` with Maven, and `LocalKafka.start` formats
 `home/data` once and launches `java ... kafka.Kafka server.properties` as a detached process
-(its own session), so the broker outlives the command that started it. Everything lives in
-`home`:
+(its own session), so the broker outlives the command that started it. With `scram_users`, its
+client listener is SASL_PLAINTEXT/SCRAM-SHA-256 (`deploy/kafka/sasl.properties.template`), for
+tests of Kafka security. Everything lives in `home`:
 
     home/lib/          jars (+ `.complete`, the fingerprint of the pom they came from)
     home/data/         KRaft log dir (`meta.properties` holds the cluster id)
