@@ -493,7 +493,7 @@ class Emitter:
     async def _why(self, exc: Exception) -> str:
         """What to log for a failed connection: a refused login or security protocol in words
         (aiokafka says only "Unable to bootstrap"), else the exception."""
-        return await self._kafka_auth.refusal(self._bootstrap) or str(exc)
+        return str(await self._kafka_auth.refusal(self._bootstrap) or exc)
 
     def _mark_disconnected(self, reason: str) -> None:
         if self._disconnected_since is not None:

@@ -23,10 +23,22 @@ from aiokafka.protocol.metadata import MetadataRequest
 
 from spendstream.errors import ConfigError
 
-__all__ = ["PLAINTEXT", "KafkaAuth", "SaslMechanism", "SecurityProtocol"]
+__all__ = ["PLAINTEXT", "KafkaAuth", "Refusal", "SaslMechanism", "SecurityProtocol"]
 
 SecurityProtocol = Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a broker refused a connection: `reason` names the setting to check; `final` when the
+    broker said so explicitly (a retry with the same settings cannot succeed)."""
+
+    reason: str
+    final: bool
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass(frozen=True)
@@ -133,9 +145,10 @@ class KafkaAuth:
                 "(check the PEM files and SPENDSTREAM_KAFKA_SSL_KEY_PASSWORD)"
             ) from None
 
-    async def refusal(self, bootstrap: str, timeout: float = 5.0) -> str | None:  # noqa: ASYNC109
+    async def refusal(self, bootstrap: str, timeout: float = 5.0) -> Refusal | None:  # noqa: ASYNC109
         """Why the first broker of `bootstrap` refuses these settings, in words for a log line or
-        an error (None: it accepts them, or cannot be reached at all).
+        an error (None: it accepts them, or cannot be reached at all). `final`: the broker said so
+        (a login or TLS refusal), rather than only hanging up, which a restarting broker does too.
 
         aiokafka reports a refused login only as "Unable to bootstrap": this opens one connection
         itself to find the real cause (wrong password, mechanism not offered, TLS failure, or a
@@ -150,25 +163,31 @@ class KafkaAuth:
                 finally:
                     conn.close()
         except (SaslAuthenticationFailed, AuthenticationFailedError):
-            return (
+            return Refusal(
                 f"the broker at {bootstrap} refused the {self.sasl_mechanism} login of user "
                 f"{self.sasl_username!r}: check SPENDSTREAM_KAFKA_SASL_USERNAME, "
-                "SPENDSTREAM_KAFKA_SASL_PASSWORD and SPENDSTREAM_KAFKA_SASL_MECHANISM"
+                "SPENDSTREAM_KAFKA_SASL_PASSWORD and SPENDSTREAM_KAFKA_SASL_MECHANISM",
+                final=True,
             )
         except UnsupportedSaslMechanismError:
-            return (
+            return Refusal(
                 f"the broker at {bootstrap} does not offer SASL mechanism {self.sasl_mechanism} "
-                "(SPENDSTREAM_KAFKA_SASL_MECHANISM)"
+                "(SPENDSTREAM_KAFKA_SASL_MECHANISM)",
+                final=True,
             )
         except ssl.SSLError as exc:
-            return f"TLS with the broker at {bootstrap} failed: {exc} (SPENDSTREAM_KAFKA_SSL_CAFILE?)"
+            return Refusal(
+                f"TLS with the broker at {bootstrap} failed: {exc} (SPENDSTREAM_KAFKA_SSL_CAFILE?)",
+                final=True,
+            )
         except (ConnectionRefusedError, TimeoutError):
             return None  # nobody listens, or too slow to tell: not a matter of security settings
         except (OSError, RuntimeError):  # aiokafka's errors are RuntimeErrors
-            return (
+            return Refusal(
                 f"the broker at {bootstrap} closed or ignored a {self.security_protocol} connection: "
                 "its listener probably expects another security protocol "
-                "(SPENDSTREAM_KAFKA_SECURITY_PROTOCOL; managed Kafka usually needs SASL_SSL)"
+                "(SPENDSTREAM_KAFKA_SECURITY_PROTOCOL; managed Kafka usually needs SASL_SSL)",
+                final=False,
             )
         return None
 

@@ -71,8 +71,8 @@ async def wait_for_broker(
             return
         except (KafkaError, OSError, TimeoutError):
             refusal = await kafka_auth.refusal(bootstrap)
-            if refusal is not None:
-                raise ConfigError(refusal) from None
+            if refusal is not None and (refusal.final or time.monotonic() >= deadline):
+                raise ConfigError(refusal.reason) from None
             if time.monotonic() >= deadline:
                 raise ConfigError(
                     f"no Kafka broker at {bootstrap}: run `spendstream kafka start` "
