@@ -3,9 +3,9 @@
 Kafka is packaged neither in Debian nor on PyPI, so `LocalKafka.fetch` copies the broker's jars
 (the pom in `deploy/kafka/`) into `home/lib` with Maven, and `LocalKafka.start` formats
 `home/data` once and launches `java ... kafka.Kafka server.properties` as a detached process
-(its own session), so the broker outlives the command that started it. With `scram_users`, its
-client listener is SASL_PLAINTEXT/SCRAM-SHA-256 (`deploy/kafka/sasl.properties.template`), for
-tests of Kafka security. Everything lives in `home`:
+(its own session), so the broker outlives the command that started it. For tests of Kafka
+security, `scram_users` makes its client listener SASL/SCRAM-SHA-256 and `tls` makes it TLS
+(SASL_PLAINTEXT, SSL or SASL_SSL; `deploy/kafka/*.properties.template`). Everything lives in `home`:
 
     home/lib/          jars (+ `.complete`, the fingerprint of the pom they came from)
     home/data/         KRaft log dir (`meta.properties` holds the cluster id)
@@ -87,6 +87,14 @@ class LocalKafka:
     # (name, password) pairs: non-empty, the client listener is SASL_PLAINTEXT with SCRAM-SHA-256
     # and these are its users (created when the data dir is formatted; the first is the broker's own).
     scram_users: tuple[tuple[str, str], ...] = ()
+    # (keystore, ca): non-None, the client listener is TLS; keystore = the broker's PEM key and
+    # certificate chain (valid for IP 127.0.0.1), ca = the PEM CA that signed it.
+    tls: tuple[Path, Path] | None = None
+
+    @property
+    def security_protocol(self) -> str:
+        """What clients must speak: PLAINTEXT, SASL_PLAINTEXT, SSL or SASL_SSL."""
+        return ("SASL_" if self.scram_users else "") + ("SSL" if self.tls is not None else "PLAINTEXT")
 
     def __post_init__(self) -> None:
         for name, password in self.scram_users:
@@ -251,15 +259,20 @@ class LocalKafka:
         text = template.substitute(
             port=self.port, controller_port=self.controller_port, log_dirs=self.home / "data"
         )
-        if self.scram_users:
-            broker_user, broker_password = self.scram_users[0]
-            sasl = string.Template((src / "sasl.properties.template").read_text())
-            text += sasl.substitute(
-                port=self.port,
-                controller_port=self.controller_port,
-                broker_user=broker_user,
-                broker_password=broker_password,
-            )
+        protocol = self.security_protocol
+        if protocol != "PLAINTEXT":
+            parts = [("security", {"protocol": protocol})]
+            if self.scram_users:
+                user, password = self.scram_users[0]
+                values = {"listener": protocol.lower(), "broker_user": user, "broker_password": password}
+                parts.append(("sasl", values))
+            if self.tls is not None:
+                parts.append(
+                    ("tls", {"keystore": str(self.tls[0].resolve()), "ca": str(self.tls[1].resolve())})
+                )
+            for name, values in parts:
+                part = string.Template((src / f"{name}.properties.template").read_text())
+                text += part.substitute(port=self.port, controller_port=self.controller_port, **values)
         props.write_text(text)
         return props
 

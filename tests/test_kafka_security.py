@@ -1,15 +1,17 @@
-"""Kafka security: settings and their checks, the TLS context, Faust's credentials, and the whole
+"""Kafka security: settings and their checks, the TLS context, Faust's credentials, the whole
 pipeline (emitter -> worker -> ClickHouse, CLI block -> guard) against a real broker whose only
-client listener is SASL_PLAINTEXT with SCRAM-SHA-256."""
+client listener is SASL_PLAINTEXT with SCRAM-SHA-256, and an emitter over SASL_SSL."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,8 +28,8 @@ from pydantic import ValidationError
 from producers import KafkaAuth, SyncEmitter, SyncGuard
 from spendstream.errors import BudgetExceeded, ConfigError, DeliveryTimeout
 from spendstream.kafka_local import LocalKafka
-from spendstream.settings import Settings
-from spendstream.topics import wait_for_broker
+from spendstream.settings import Settings, Topics
+from spendstream.topics import ensure_topics, wait_for_broker
 from stream_processors.app import faust_credentials
 from tests.conftest import REPO, TEST_KAFKA_PORT, Worker, start_worker
 
@@ -90,7 +92,8 @@ def test_settings_build_the_auth_and_never_show_the_password(tmp_path: Path) -> 
 
 
 def _pem_files(tmp_path: Path, key_password: bytes | None) -> tuple[Path, Path, Path]:
-    """A CA, and a client certificate it signed with its (optionally encrypted) key."""
+    """A CA, and a certificate for IP 127.0.0.1 it signed, with its (optionally encrypted) key:
+    a client certificate, or (unencrypted) the local broker's."""
     now = datetime.now(UTC)
 
     def cert(
@@ -105,6 +108,9 @@ def _pem_files(tmp_path: Path, key_password: bytes | None) -> tuple[Path, Path, 
             .not_valid_before(now - timedelta(minutes=1))
             .not_valid_after(now + timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=subject == issuer, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+            )
             .sign(signer, hashes.SHA256())
         )
         return built.public_bytes(serialization.Encoding.PEM)
@@ -296,3 +302,44 @@ def test_pipeline_over_sasl_scram(
     assert "**********" in config
     for text in (config, cli_output, worker.log.read_text(), caplog.text):
         assert PASSWORD not in text
+
+
+@pytest.mark.integration
+def test_emitter_and_admin_over_sasl_ssl(tmp_path: Path) -> None:
+    """A broker whose only client listener is SASL_SSL (our CA, SCRAM): the emitter delivers every
+    event with the CA file; without it (system CAs) the TLS failure is named."""
+    ca, certfile, keyfile = _pem_files(tmp_path, None)
+    keystore = tmp_path / "broker-keystore.pem"
+    keystore.write_bytes(keyfile.read_bytes() + certfile.read_bytes())
+    broker = LocalKafka(
+        REPO / ".spendstream" / "test" / "kafka-sasl-ssl",
+        port=TEST_KAFKA_PORT + 202,
+        controller_port=TEST_KAFKA_PORT + 203,
+        heap="256m",
+        scram_users=(("spendstream-broker", "broker-s3cret"), (USER, PASSWORD)),
+        tls=(keystore, ca),
+    )
+    assert broker.security_protocol == "SASL_SSL"
+    broker.wipe()
+    broker.start(timeout=180)
+    try:
+        auth = KafkaAuth("SASL_SSL", "SCRAM-SHA-256", USER, PASSWORD, ssl_cafile=ca)
+        asyncio.run(wait_for_broker(broker.bootstrap, timeout=30, kafka_auth=auth))
+        topics = Topics(f"t{uuid.uuid4().hex[:8]}.")
+        asyncio.run(ensure_topics(broker.bootstrap, topics, 2, kafka_auth=auth))
+        with SyncEmitter(
+            bootstrap_servers=broker.bootstrap, service="tls", topic=topics.usage_raw, kafka_auth=auth
+        ) as em:
+            for _ in range(300):
+                em.emit(
+                    project="tls", provider="openai", model="gpt-4o-mini", input_tokens=10, output_tokens=5
+                )
+            em.flush(timeout=30)
+            assert em.stats()["sent"] == 300  # acknowledged by the broker (acks=all)
+        no_ca = KafkaAuth("SASL_SSL", "SCRAM-SHA-256", USER, PASSWORD)
+        with pytest.raises(
+            ConfigError, match=r"TLS with the broker at .* failed: .*CERTIFICATE_VERIFY_FAILED"
+        ):
+            asyncio.run(wait_for_broker(broker.bootstrap, timeout=30, kafka_auth=no_ca))
+    finally:
+        broker.stop()
