@@ -21,6 +21,7 @@ from spendstream.errors import (
     SpendstreamError,
     UnknownModel,
 )
+from spendstream.kafka_auth import KafkaAuth
 
 __all__ = [
     "BudgetExceeded",
@@ -34,6 +35,7 @@ __all__ = [
     "Guard",
     "IncompleteUsage",
     "InvalidUsage",
+    "KafkaAuth",
     "KafkaLocalError",
     "QueryError",
     "ScopeState",

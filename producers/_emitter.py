@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaProducer
 
 from producers._spool import Segment, Spool, read_segment
 from spendstream.errors import BufferFull, DecodeError, DeliveryTimeout, EmitterClosed, InvalidUsage
+from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
 
 if TYPE_CHECKING:
     from producers.instrument._protocols import GuardLike
@@ -307,7 +308,9 @@ class Emitter:
     events beyond it go to files there (at most `spool_max_bytes`), and what close() cannot deliver
     is kept there for the next emitter started on the same directory, which sends it first. When
     memory and spool are full, `emit()` waits up to `block_timeout` s and raises BufferFull;
-    `emit_nowait()` raises at once. The module docstring states the delivery guarantee.
+    `emit_nowait()` raises at once. `kafka_auth` (SASL/TLS, see spendstream.kafka_auth) is used
+    for every connection; wrong credentials are logged as `Kafka unreachable (...)` and the
+    events are kept, as for any other broker failure. The module docstring states the delivery guarantee.
     """
 
     def __init__(
@@ -324,6 +327,7 @@ class Emitter:
         spool_max_bytes: int = 1 << 30,
         codec: Codec | None = None,
         guard: GuardLike | None = None,
+        kafka_auth: KafkaAuth = PLAINTEXT,
     ) -> None:
         if not service:
             raise InvalidUsage("service must name the emitting service, e.g. 'checkout-api'")
@@ -332,6 +336,7 @@ class Emitter:
         self.guard = guard
         self.block_timeout = block_timeout
         self._bootstrap = bootstrap_servers
+        self._kafka_auth = kafka_auth
         self._batch_events = batch_events
         self._linger = linger_ms / 1000
         self._codec = codec or default_codec()
@@ -369,7 +374,7 @@ class Emitter:
         try:
             await self._connect_once()
         except Exception as exc:  # any failure to connect means: not connected yet
-            self._mark_disconnected(f"cannot connect at start: {exc}")
+            self._mark_disconnected(f"cannot connect at start: {await self._why(exc)}")
         self._sender = asyncio.create_task(self._send_loop(), name="spendstream-emitter")
 
     async def __aenter__(self) -> Self:
@@ -451,6 +456,7 @@ class Emitter:
             max_request_size=8 << 20,
             request_timeout_ms=_REQUEST_TIMEOUT_MS,
             client_id=f"spendstream-emitter-{self.service}",
+            **self._kafka_auth.client_kwargs(),
         )
 
     async def _connect_once(self) -> None:
@@ -478,7 +484,8 @@ class Emitter:
                 await self._connect_once()
                 break
             except Exception as exc:  # unreachable, or any other start failure: retry
-                self._mark_disconnected(f"cannot connect: {exc}")
+                if self._disconnected_since is None:  # logged once per outage
+                    self._mark_disconnected(f"cannot connect: {await self._why(exc)}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_SECONDS[1])
         resend = list(self._unacked)
@@ -488,6 +495,11 @@ class Emitter:
                 await self._send(number, batch)
         self._resent_batches += len(resend)
         self._mark_connected()
+
+    async def _why(self, exc: Exception) -> str:
+        """What to log for a failed connection: a refused login or security protocol in words
+        (aiokafka says only "Unable to bootstrap"), else the exception."""
+        return str(await self._kafka_auth.refusal(self._bootstrap) or exc)
 
     def _mark_disconnected(self, reason: str) -> None:
         if self._disconnected_since is not None:

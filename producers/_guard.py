@@ -34,6 +34,7 @@ from typing import Any, Self
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from spendstream.errors import BudgetExceeded, DecodeError
+from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
 from spendstream.signing import REPLAYED, Verifier, warn_unauthenticated
 from spendstream.topics import partitions_of
 from spendstream.usage import scopes_for_event
@@ -86,16 +87,18 @@ class Guard:
         ready_timeout: float = 30.0,
         on_signal: Callable[[ScopeState], object] | None = None,
         verify_keys: Sequence[str] = (),
+        kafka_auth: KafkaAuth = PLAINTEXT,
     ) -> None:
         """`on_signal`, if given, is called with every newer signal as the Guard applies it (in
         the Guard's event loop; SyncGuard: its thread), e.g. to alert or to drain a queue. An
         exception it raises is logged and does not stop the Guard. `verify_keys`: the base64
         Ed25519 public keys whose signed signals are obeyed (SPENDSTREAM_VERIFY_KEYS); none: every
-        signal is obeyed."""
+        signal is obeyed. `kafka_auth`: SASL/TLS for the connection (spendstream.kafka_auth)."""
         self.topic = topic
         self.on_signal = on_signal
         self.fail_open = fail_open
         self._bootstrap = bootstrap_servers
+        self._kafka_auth = kafka_auth
         self._ready_timeout = ready_timeout
         self._states: dict[str, ScopeState] = {}
         self._model_globs: dict[str, list[str]] = {}  # project -> globs of its model-filter scopes
@@ -204,7 +207,8 @@ class Guard:
         while True:
             try:
                 partitions = [
-                    TopicPartition(self.topic, p) for p in await partitions_of(self._bootstrap, self.topic)
+                    TopicPartition(self.topic, p)
+                    for p in await partitions_of(self._bootstrap, self.topic, self._kafka_auth)
                 ]
                 self._consumer = AIOKafkaConsumer(
                     bootstrap_servers=self._bootstrap,
@@ -212,6 +216,7 @@ class Guard:
                     enable_auto_commit=False,
                     client_id=f"spendstream-guard-{uuid.uuid4().hex[:8]}",
                     fetch_max_wait_ms=20,
+                    **self._kafka_auth.client_kwargs(),
                 )
                 await self._consumer.start()
                 self._consumer.assign(partitions)
@@ -232,7 +237,8 @@ class Guard:
                 raise
             except Exception as exc:  # the broker went away: report unhealthy, retry
                 self._healthy = False
-                log.error("Guard lost %s (%s); retrying in 1 s", self.topic, exc)
+                why = await self._kafka_auth.refusal(self._bootstrap) or exc
+                log.error("Guard lost %s (%s); retrying in 1 s", self.topic, why)
                 await asyncio.sleep(1)
             finally:
                 if self._consumer is not None:

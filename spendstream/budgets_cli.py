@@ -44,8 +44,12 @@ def _console() -> Any:
 def _ready(settings: Settings) -> None:
     from spendstream.topics import ensure_topics, wait_for_broker
 
-    asyncio.run(wait_for_broker(settings.bootstrap, timeout=10))
-    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, settings.partitions))
+    asyncio.run(wait_for_broker(settings.bootstrap, timeout=10, kafka_auth=settings.kafka_auth))
+    asyncio.run(
+        ensure_topics(
+            settings.bootstrap, settings.topics, settings.partitions, kafka_auth=settings.kafka_auth
+        )
+    )
 
 
 def current_specs(settings: Settings) -> dict[str, Spec]:
@@ -56,7 +60,11 @@ def current_specs(settings: Settings) -> dict[str, Spec]:
     def admit(key: bytes, value: bytes | None, record: dict[str, Any] | None, kept: Any) -> bool:
         return budget_rejection(verifier, key, value, record, kept["updated_at"] if kept else None) is None
 
-    records = asyncio.run(read_compacted(settings.bootstrap, settings.topics.budgets, default_codec(), admit))
+    records = asyncio.run(
+        read_compacted(
+            settings.bootstrap, settings.topics.budgets, default_codec(), admit, settings.kafka_auth
+        )
+    )
     specs = {}
     for key, record in records.items():
         if record is None or record["removed"]:

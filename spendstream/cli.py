@@ -206,7 +206,11 @@ def watch(
     async def run() -> None:
         seen = 0
         async for signal in tail_control(
-            settings.bootstrap, settings.topics.spend_control, from_beginning, settings.verifier()
+            settings.bootstrap,
+            settings.topics.spend_control,
+            from_beginning,
+            settings.verifier(),
+            settings.kafka_auth,
         ):
             if format == "json":
                 print(json.dumps(signal_json(signal)), flush=True)

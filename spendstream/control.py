@@ -11,6 +11,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 
 from spendstream.errors import DecodeError
+from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
 from spendstream.signing import REPLAYED, Verifier
 from spendstream.wire import default_codec
 from stream_processors.budgets import utc_from_micros
@@ -23,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 async def tail_control(
-    bootstrap: str, topic: str, from_beginning: bool = True, verifier: Verifier | None = None
+    bootstrap: str,
+    topic: str,
+    from_beginning: bool = True,
+    verifier: Verifier | None = None,
+    kafka_auth: KafkaAuth = PLAINTEXT,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield every ControlSignal on `topic` (no consumer group: nothing is committed).
 
@@ -37,6 +42,7 @@ async def tail_control(
         group_id=None,
         auto_offset_reset="earliest" if from_beginning else "latest",
         client_id=f"spendstream-watch-{uuid.uuid4().hex[:8]}",
+        **kafka_auth.client_kwargs(),
     )
     await consumer.start()
     try:

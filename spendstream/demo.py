@@ -140,7 +140,10 @@ async def _workload(settings: Settings, console: Console, *, run: str, max_event
 
     async def watch() -> None:
         async for s in tail_control(
-            settings.bootstrap, settings.topics.spend_control, verifier=settings.verifier()
+            settings.bootstrap,
+            settings.topics.spend_control,
+            verifier=settings.verifier(),
+            kafka_auth=settings.kafka_auth,
         ):
             if s["state"] == "blocked":
                 blocked.update(s)
@@ -164,7 +167,10 @@ async def _workload(settings: Settings, console: Console, *, run: str, max_event
     watcher = asyncio.create_task(watch())
     started = time.monotonic()
     async with Emitter(
-        bootstrap_servers=settings.bootstrap, service="demo-workload", topic=settings.topics.usage_raw
+        bootstrap_servers=settings.bootstrap,
+        service="demo-workload",
+        topic=settings.topics.usage_raw,
+        kafka_auth=settings.kafka_auth,
     ) as emitter:
         unknown_id = await _emit_unknown_model(settings)
         with Live(view(0), console=console, refresh_per_second=8) as live:
@@ -226,6 +232,7 @@ async def _emit_unknown_model(settings: Settings) -> str:
         settings.bootstrap,
         settings.topics.usage_raw,
         [(b"checkout", default_codec().encode("UsageEvent", event))],
+        settings.kafka_auth,
     )
     return str(event["event_id"])
 

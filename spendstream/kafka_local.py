@@ -3,8 +3,9 @@
 Kafka is packaged neither in Debian nor on PyPI, so `LocalKafka.fetch` copies the broker's jars
 (the pom in `deploy/kafka/`) into `home/lib` with Maven, and `LocalKafka.start` formats
 `home/data` once and launches `java ... kafka.Kafka server.properties` as a detached process
-(its own session), so the broker outlives the command that started it. Everything lives in
-`home`:
+(its own session), so the broker outlives the command that started it. For tests of Kafka
+security, `scram_users` makes its client listener SASL/SCRAM-SHA-256 and `tls` makes it TLS
+(SASL_PLAINTEXT, SSL or SASL_SSL; `deploy/kafka/*.properties.template`). Everything lives in `home`:
 
     home/lib/          jars (+ `.complete`, the fingerprint of the pom they came from)
     home/data/         KRaft log dir (`meta.properties` holds the cluster id)
@@ -19,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +42,7 @@ KAFKA_VERSION = "3.9.1"
 _READY_LINE = "Kafka Server started"
 _INSTALL_HINT = "install OpenJDK 17+ and Maven 3.8+, e.g. apt-get install openjdk-17-jre-headless maven"
 _DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies"
+_SCRAM_TEXT = re.compile(r"[A-Za-z0-9._-]+")
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,25 @@ class LocalKafka:
     port: int = 9092
     controller_port: int = 9093
     heap: str = "512m"
+    # (name, password) pairs: non-empty, the client listener is SASL_PLAINTEXT with SCRAM-SHA-256
+    # and these are its users (created when the data dir is formatted; the first is the broker's own).
+    scram_users: tuple[tuple[str, str], ...] = ()
+    # (keystore, ca): non-None, the client listener is TLS; keystore = the broker's PEM key and
+    # certificate chain (valid for IP 127.0.0.1), ca = the PEM CA that signed it.
+    tls: tuple[Path, Path] | None = None
+
+    @property
+    def security_protocol(self) -> str:
+        """What clients must speak: PLAINTEXT, SASL_PLAINTEXT, SSL or SASL_SSL."""
+        return ("SASL_" if self.scram_users else "") + ("SSL" if self.tls is not None else "PLAINTEXT")
+
+    def __post_init__(self) -> None:
+        for name, password in self.scram_users:
+            if not (_SCRAM_TEXT.fullmatch(name) and _SCRAM_TEXT.fullmatch(password)):
+                raise KafkaLocalError(
+                    "SCRAM user names and passwords of the local broker may hold only letters, "
+                    "digits, '.', '_' and '-' (they are written into its config and format command)"
+                )
 
     @property
     def bootstrap(self) -> str:
@@ -234,11 +256,24 @@ class LocalKafka:
         shutil.copyfile(src / "log4j.properties", self.home / "log4j.properties")
         template = string.Template((src / "server.properties.template").read_text())
         props = self.home / "server.properties"
-        props.write_text(
-            template.substitute(
-                port=self.port, controller_port=self.controller_port, log_dirs=self.home / "data"
-            )
+        text = template.substitute(
+            port=self.port, controller_port=self.controller_port, log_dirs=self.home / "data"
         )
+        protocol = self.security_protocol
+        if protocol != "PLAINTEXT":
+            parts = [("security", {"protocol": protocol})]
+            if self.scram_users:
+                user, password = self.scram_users[0]
+                values = {"listener": protocol.lower(), "broker_user": user, "broker_password": password}
+                parts.append(("sasl", values))
+            if self.tls is not None:
+                parts.append(
+                    ("tls", {"keystore": str(self.tls[0].resolve()), "ca": str(self.tls[1].resolve())})
+                )
+            for name, values in parts:
+                part = string.Template((src / f"{name}.properties.template").read_text())
+                text += part.substitute(port=self.port, controller_port=self.controller_port, **values)
+        props.write_text(text)
         return props
 
     def _format(self, props: Path, progress: Callable[[str], None]) -> bool:
@@ -248,6 +283,8 @@ class LocalKafka:
         progress(f"formatting {self.home / 'data'} (cluster id {cluster_id})")
         cmd = [*self._java("128m"), "kafka.tools.StorageTool", "format"]
         cmd += ["-t", cluster_id, "-c", str(props), "--ignore-formatted"]
+        for name, password in self.scram_users:
+            cmd += ["--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"]
         out = subprocess.run(cmd, cwd=self.home, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise KafkaLocalError(

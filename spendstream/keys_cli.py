@@ -128,7 +128,9 @@ def register(app: typer.Typer) -> None:
             return why is None
 
         latest = asyncio.run(
-            read_compacted(settings.bootstrap, settings.topics.budgets, default_codec(), admit)
+            read_compacted(
+                settings.bootstrap, settings.topics.budgets, default_codec(), admit, settings.kafka_auth
+            )
         )
         records = [r for r in latest.values() if r is not None]
         specs = [Spec.from_record(r) for r in records if not r["removed"]]

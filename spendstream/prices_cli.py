@@ -55,7 +55,13 @@ def _catalogue(settings: Settings, *, online: bool, fallback: str = "none") -> t
         try:
             records = asyncio.run(
                 asyncio.wait_for(
-                    read_compacted(settings.bootstrap, settings.topics.prices, default_codec()), 20
+                    read_compacted(
+                        settings.bootstrap,
+                        settings.topics.prices,
+                        default_codec(),
+                        kafka_auth=settings.kafka_auth,
+                    ),
+                    20,
                 )
             )
             published = cards_of(records)
@@ -295,8 +301,12 @@ def _broker_up(settings: Settings) -> bool:
 def _publish(settings: Settings, cards: list[PriceCard]) -> None:
     from spendstream.topics import ensure_topics, wait_for_broker
 
-    asyncio.run(wait_for_broker(settings.bootstrap, timeout=10))
-    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, settings.partitions))
+    asyncio.run(wait_for_broker(settings.bootstrap, timeout=10, kafka_auth=settings.kafka_auth))
+    asyncio.run(
+        ensure_topics(
+            settings.bootstrap, settings.topics, settings.partitions, kafka_auth=settings.kafka_auth
+        )
+    )
     cat, _ = _catalogue(settings, online=True)
     for card in cards:  # overlaps and bad prices fail here, before anything is published
         cat.add(card)
@@ -304,7 +314,7 @@ def _publish(settings: Settings, cards: list[PriceCard]) -> None:
     records: list[tuple[bytes, bytes | None]] = [
         (card.id.encode(), codec.encode("PriceCard", card.to_record())) for card in cards
     ]
-    asyncio.run(publish(settings.bootstrap, settings.topics.prices, records))
+    asyncio.run(publish(settings.bootstrap, settings.topics.prices, records, settings.kafka_auth))
     for card in cards:
         _console().print(f"published {card.id} to {settings.topics.prices}")
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spendstream.errors import ConfigError
+from spendstream.kafka_auth import KafkaAuth, SaslMechanism, SecurityProtocol
 from spendstream.signing import Signer, Verifier
 from spendstream.topics import DEDUPE_HORIZON_S, Topics
 
@@ -32,6 +33,32 @@ class Settings(BaseSettings):
     bootstrap_servers: str | None = Field(
         default=None,
         description="External Kafka (host:port,...). Unset: spendstream runs its own local broker.",
+    )
+    kafka_security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="How every Kafka client connects: PLAINTEXT, SASL_PLAINTEXT, SASL_SSL or SSL. "
+        "Anything but PLAINTEXT needs SPENDSTREAM_BOOTSTRAP_SERVERS (the local broker is plaintext).",
+    )
+    kafka_sasl_mechanism: SaslMechanism | None = Field(
+        default=None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols only)."
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL username (or API key).")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password (or API secret); masked in `spendstream config`."
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that signed the broker's certificate (SSL, SASL_SSL). "
+        "Unset: the system's CAs.",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="PEM client certificate, for brokers that require mutual TLS."
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        default=None, description="PEM private key of the client certificate."
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None, description="Password of an encrypted SPENDSTREAM_KAFKA_SSL_KEYFILE; masked."
     )
     kafka_port: int = Field(default=9092, description="Port of the local broker (127.0.0.1).")
     kafka_controller_port: int = Field(default=9093, description="KRaft controller port (local).")
@@ -140,6 +167,33 @@ class Settings(BaseSettings):
             raise ValueError("must start with chdb://, http:// or https://")
         return v
 
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        try:
+            auth = self.kafka_auth
+        except ConfigError as exc:  # the message never contains a secret
+            raise ValueError(str(exc)) from None
+        if auth.security_protocol != "PLAINTEXT" and self.local_kafka:
+            raise ValueError(
+                f"SPENDSTREAM_KAFKA_SECURITY_PROTOCOL={auth.security_protocol} needs "
+                "SPENDSTREAM_BOOTSTRAP_SERVERS: the local broker spendstream starts is plaintext"
+            )
+        return self
+
+    @property
+    def kafka_auth(self) -> KafkaAuth:
+        """The security every Kafka client of this process uses (ConfigError if inconsistent)."""
+        return KafkaAuth(
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=_reveal(self.kafka_sasl_password),
+            ssl_cafile=self.kafka_ssl_cafile,
+            ssl_certfile=self.kafka_ssl_certfile,
+            ssl_keyfile=self.kafka_ssl_keyfile,
+            ssl_key_password=_reveal(self.kafka_ssl_key_password),
+        )
+
     @property
     def query_limits(self) -> QueryLimits:
         from spendstream.store import QueryLimits  # clickhouse-connect only where queries run
@@ -171,3 +225,7 @@ class Settings(BaseSettings):
     @property
     def worker_dir(self) -> Path:
         return self.state_dir.expanduser().resolve() / "worker"
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None

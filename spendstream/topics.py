@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from spendstream.errors import ConfigError
+from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
 
 __all__ = [
     "DEDUPE_HORIZON_S",
@@ -80,17 +81,27 @@ def topic_configs(topics: Topics, dedupe_horizon_s: int = DEDUPE_HORIZON_S) -> d
     }
 
 
-async def wait_for_broker(bootstrap: str, timeout: float) -> None:  # noqa: ASYNC109 (retries)
-    """Return once a broker at `bootstrap` answers a metadata request; ConfigError after timeout."""
+async def wait_for_broker(
+    bootstrap: str,
+    timeout: float,  # noqa: ASYNC109 (retries)
+    kafka_auth: KafkaAuth = PLAINTEXT,
+) -> None:
+    """Return once a broker at `bootstrap` answers a metadata request; ConfigError after timeout,
+    or at once when the broker refuses `kafka_auth` (wrong password, mechanism, protocol)."""
     deadline = time.monotonic() + timeout
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=5000, **kafka_auth.client_kwargs()
+        )
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.5)):
                 await admin.start()
                 await admin.describe_cluster()
             return
         except (KafkaError, OSError, TimeoutError):
+            refusal = await kafka_auth.refusal(bootstrap)
+            if refusal is not None and (refusal.final or time.monotonic() >= deadline):
+                raise ConfigError(refusal.reason) from None
             if time.monotonic() >= deadline:
                 raise ConfigError(
                     f"no Kafka broker at {bootstrap}: run `spendstream kafka start` "
@@ -107,13 +118,14 @@ async def ensure_topics(
     partitions: int,
     replication_factor: int = 1,
     dedupe_horizon_s: int = DEDUPE_HORIZON_S,
+    kafka_auth: KafkaAuth = PLAINTEXT,
 ) -> list[str]:
     """Create whichever of `topics.all()` is missing; return the names created.
 
     Existing topics are left as they are, but one with a partition count other than
     `partitions` is an error: Faust's tables require equal counts across topics.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_auth.client_kwargs())
     try:
         await admin.start()
         existing = set(await admin.list_topics())
@@ -156,9 +168,9 @@ async def _check_partitions(admin: AIOKafkaAdminClient, names: list[str], partit
             )
 
 
-async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+async def partitions_of(bootstrap: str, topic: str, kafka_auth: KafkaAuth = PLAINTEXT) -> list[int]:
     """The partition ids of `topic`; ConfigError if it does not exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_auth.client_kwargs())
     try:
         await admin.start()
         described: list[dict[str, Any]] = await admin.describe_topics([topic])

@@ -42,7 +42,7 @@ def prepare(settings: Settings, say: Callable[[str], None]) -> str:
         # cluster id and so a fresh worker dir (a stale one fails with ConsistencyError).
         cluster = kafka.cluster_id() or "unknown"
     else:
-        asyncio.run(wait_for_broker(settings.bootstrap, timeout=30))
+        asyncio.run(wait_for_broker(settings.bootstrap, timeout=30, kafka_auth=settings.kafka_auth))
         cluster = "external-" + hashlib.sha256(settings.bootstrap.encode()).hexdigest()[:12]
     created = asyncio.run(
         ensure_topics(
@@ -50,6 +50,7 @@ def prepare(settings: Settings, say: Callable[[str], None]) -> str:
             settings.topics,
             settings.partitions,
             dedupe_horizon_s=settings.dedupe_horizon_seconds,
+            kafka_auth=settings.kafka_auth,
         )
     )
     say(f"topics: {', '.join(settings.topics.all())}" + (f" (created {len(created)})" if created else ""))
@@ -83,6 +84,7 @@ async def publish_specs(settings: Settings, specs: list[Spec], removed: tuple[st
             (scope.encode(), encode_control(codec, "BudgetSpec", scope.encode(), r, signer))
             for scope, r in records
         ],
+        settings.kafka_auth,
     )
 
 

@@ -29,6 +29,7 @@ import faust
 
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.gc_pauses import GcPauses
+from spendstream.kafka_auth import KafkaAuth
 from spendstream.settings import Settings
 from spendstream.signing import warn_unauthenticated
 from spendstream.wire import Codec, default_codec
@@ -48,7 +49,7 @@ from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
 from stream_processors.web import HistoryClient, add_views
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "faust_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def create_app(
     app = faust.App(
         settings.worker_id,
         broker=f"kafka://{settings.bootstrap}",
+        broker_credentials=faust_credentials(settings.kafka_auth),
         datadir=datadir,
         store="memory://",
         topic_partitions=n,
@@ -167,7 +169,13 @@ def create_app(
         metrics[f"dead_letters|{reason}"] += 1
         await dlq_topic.send(key=key, value=codec.encode("DeadLetter", letter))
 
-    feed_args = {"bootstrap": settings.bootstrap, "codec": codec, "loop": app.loop, "beacon": app.beacon}
+    feed_args = {
+        "bootstrap": settings.bootstrap,
+        "kafka_auth": settings.kafka_auth,
+        "codec": codec,
+        "loop": app.loop,
+        "beacon": app.beacon,
+    }
     price_feed = PriceFeed(
         topic=topics.prices,
         catalogue=cat,
@@ -195,7 +203,13 @@ def create_app(
         if next_offset.get(partition) != offset:
             stage.seen[partition] = SeenIds(stage.dedupe_horizon_us)
             await reload_seen(
-                settings.bootstrap, topics.usage_seen, partition, offset, stage.seen[partition], codec
+                settings.bootstrap,
+                topics.usage_seen,
+                partition,
+                offset,
+                stage.seen[partition],
+                codec,
+                settings.kafka_auth,
             )
         next_offset[partition] = offset + 1
 
@@ -327,3 +341,17 @@ def create_app(
         price_cards=lambda: len(cat),
     )
     return app
+
+
+def faust_credentials(auth: KafkaAuth) -> faust.auth.Credentials | None:
+    """The worker's Kafka security in Faust's terms (its consumers, producer and topic creation
+    all use it); None for PLAINTEXT. SCRAM passes through: Faust hands the mechanism to aiokafka."""
+    context = auth.ssl_context() if auth.tls else None
+    if auth.sasl:
+        return faust.SASLCredentials(
+            username=auth.sasl_username,
+            password=auth.sasl_password,
+            mechanism=auth.sasl_mechanism,
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context is not None else None

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
 from spendstream.wire import Codec
 
 __all__ = ["SeenIds", "event_key", "reload_seen"]
@@ -133,7 +134,13 @@ def _merge(a: Ids, b: Ids) -> Ids:
 
 
 async def reload_seen(
-    bootstrap: str, topic: str, partition: int, before_offset: int, seen: SeenIds, codec: Codec
+    bootstrap: str,
+    topic: str,
+    partition: int,
+    before_offset: int,
+    seen: SeenIds,
+    codec: Codec,
+    kafka_auth: KafkaAuth = PLAINTEXT,
 ) -> int:
     """Fill `seen` from usage.seen: the ids counted from usage.raw `partition` within the horizon,
     from messages before `before_offset` (those after it will be read, and counted, again).
@@ -141,7 +148,11 @@ async def reload_seen(
     started = time.monotonic()
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+        **kafka_auth.client_kwargs(),
     )
     await consumer.start()
     loaded = 0

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from mode import Service
 
 from spendstream.errors import ConfigError, DecodeError
+from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
 from spendstream.signing import REPLAYED, Verifier
 from spendstream.topics import partitions_of
 from spendstream.wire import Codec
@@ -43,10 +44,18 @@ class _Feed(Service):
     reject_reason = ""
 
     def __init__(
-        self, *, bootstrap: str, topic: str, codec: Codec, dead_letter: DeadLetterFn, **kwargs: Any
+        self,
+        *,
+        bootstrap: str,
+        topic: str,
+        codec: Codec,
+        dead_letter: DeadLetterFn,
+        kafka_auth: KafkaAuth = PLAINTEXT,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._bootstrap = bootstrap
+        self._kafka_auth = kafka_auth
         self.topic = topic
         self._codec = codec
         self._dead_letter = dead_letter
@@ -65,9 +74,13 @@ class _Feed(Service):
         return None
 
     async def on_start(self) -> None:
-        partitions = await partitions_of(self._bootstrap, self.topic)
+        partitions = await partitions_of(self._bootstrap, self.topic, self._kafka_auth)
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50
+            bootstrap_servers=self._bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+            **self._kafka_auth.client_kwargs(),
         )
         await self._consumer.start()
         self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
@@ -186,9 +199,16 @@ class BudgetFeed(_Feed):
         return f"budget {scope} {'removed' if scope not in self.specs else 'set'}"
 
 
-async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]) -> None:
+async def publish(
+    bootstrap: str,
+    topic: str,
+    records: Sequence[tuple[bytes | None, bytes | None]],
+    kafka_auth: KafkaAuth = PLAINTEXT,
+) -> None:
     """Publish (key, value) records and wait until Kafka has them all."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", **kafka_auth.client_kwargs()
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key) for key, value in records]
@@ -201,17 +221,19 @@ Admit = Callable[[bytes, bytes | None, dict[str, Any] | None, dict[str, Any] | N
 
 
 async def read_compacted(
-    bootstrap: str, topic: str, codec: Codec, admit: Admit | None = None
+    bootstrap: str, topic: str, codec: Codec, admit: Admit | None = None, kafka_auth: KafkaAuth = PLAINTEXT
 ) -> dict[bytes, dict[str, Any] | None]:
     """The latest record per key on `topic` (read to its current end); {} if the topic is missing.
 
     `admit(key, value, record, kept)`, if given, decides whether a record replaces `kept`, the
     latest admitted one of its key (None if none yet): e.g. only verified budgets."""
     try:
-        partitions = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+        partitions = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic, kafka_auth)]
     except ConfigError:
         return {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **kafka_auth.client_kwargs()
+    )
     await consumer.start()
     latest: dict[bytes, dict[str, Any] | None] = {}
     try:

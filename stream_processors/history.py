@@ -153,6 +153,7 @@ async def _serve(settings: Settings, parent_pid: int, conn: Connection, token: s
     catalogue = Catalogue.load(fallback=settings.unpriced_fallback)
     sink = Sink(
         bootstrap=settings.bootstrap,
+        kafka_auth=settings.kafka_auth,
         topics=settings.topics,
         group_id=f"{settings.worker_id}-sink",
         store=store,
@@ -164,6 +165,7 @@ async def _serve(settings: Settings, parent_pid: int, conn: Connection, token: s
         topic=settings.topics.prices,
         catalogue=catalogue,
         bootstrap=settings.bootstrap,
+        kafka_auth=settings.kafka_auth,
         codec=codec,
         dead_letter=_dead_lettered_by_the_worker,
     )

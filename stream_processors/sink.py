@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from mode import Service
 
 from spendstream.errors import DecodeError
+from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
 from spendstream.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
 from spendstream.topics import Topics
 from spendstream.usage import priced_problem
@@ -95,6 +96,7 @@ class Sink(Service):
         codec: Codec,
         max_rows: int,
         max_seconds: float,
+        kafka_auth: KafkaAuth = PLAINTEXT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -110,6 +112,7 @@ class Sink(Service):
             "auto_offset_reset": "earliest",
             "max_partition_fetch_bytes": 8 << 20,
             "fetch_max_bytes": 64 << 20,
+            **kafka_auth.client_kwargs(),
         }
         self._consumer: AIOKafkaConsumer | None = None
         self._usage: list[tuple[Any, ...]] = []
