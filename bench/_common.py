@@ -27,9 +27,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from spendstream.gc_pauses import GcPauses
-from spendstream.kafka_local import KAFKA_VERSION, LocalKafka
+from spendstream.cli.kafka_local import KAFKA_VERSION, LocalKafka
 from spendstream.topics import Topics, ensure_topics
+from stream_processors.gc_pauses import GcPauses
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_HOME = REPO / ".spendstream" / "bench"

@@ -64,7 +64,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from producers import build_event
-from spendstream.kafka_local import LocalKafka
+from spendstream.cli.kafka_local import LocalKafka
 from spendstream.topics import Topics
 from spendstream.wire import default_codec
 from stream_processors.meter import MeterStage

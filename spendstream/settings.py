@@ -7,7 +7,6 @@ Library code never reads the environment: the CLI builds one `Settings` and pass
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,9 +15,6 @@ from spendstream.errors import ConfigError
 from spendstream.kafka_auth import KafkaAuth, SaslMechanism, SecurityProtocol
 from spendstream.signing import Signer, Verifier
 from spendstream.topics import DEDUPE_HORIZON_S, Topics
-
-if TYPE_CHECKING:
-    from spendstream.store import QueryLimits
 
 __all__ = ["Settings"]
 
@@ -193,12 +189,6 @@ class Settings(BaseSettings):
             ssl_keyfile=self.kafka_ssl_keyfile,
             ssl_key_password=_reveal(self.kafka_ssl_key_password),
         )
-
-    @property
-    def query_limits(self) -> QueryLimits:
-        from spendstream.store import QueryLimits  # clickhouse-connect only where queries run
-
-        return QueryLimits(self.query_timeout_seconds, self.query_max_rows, self.query_max_memory_bytes)
 
     @property
     def topics(self) -> Topics:

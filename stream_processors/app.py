@@ -28,7 +28,6 @@ from typing import Any
 import faust
 
 from spendstream.errors import ConfigError, SpendstreamError
-from spendstream.gc_pauses import GcPauses
 from spendstream.kafka_auth import KafkaAuth
 from spendstream.settings import Settings
 from spendstream.signing import warn_unauthenticated
@@ -44,6 +43,7 @@ from stream_processors.faust_fixes import (
     short_fetch_wait,
 )
 from stream_processors.feeds import BudgetFeed, PriceFeed
+from stream_processors.gc_pauses import GcPauses
 from stream_processors.history import HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue

@@ -11,7 +11,7 @@ reprice`, the demo and the tests are unchanged).
 The private port (127.0.0.1, random) answers only requests that carry the token the worker drew
 for this start (`Authorization: Bearer <token>`, handed over with the spawn, never on a command
 line or in the environment): other local users and processes get 401. Users' SQL runs read-only
-under ClickHouse's limits (spendstream/store.py), in a thread and a session of its own: a long
+under ClickHouse's limits (stream_processors/store.py), in a thread and a session of its own: a long
 query is stopped at `SPENDSTREAM_QUERY_TIMEOUT_SECONDS` and never holds back the sink.
 
 `HistoryProcess` (in the worker) starts it, waits until the schema is migrated and the sink
@@ -45,12 +45,12 @@ from aiohttp import web
 
 from spendstream.errors import QueryError, SpendstreamError
 from spendstream.settings import Settings
-from spendstream.store import ClickHouseStore
 from spendstream.wire import default_codec
 from stream_processors.feeds import PriceFeed
 from stream_processors.pricing import Catalogue
 from stream_processors.repricer import reprice
 from stream_processors.sink import Sink
+from stream_processors.store import ClickHouseStore, QueryLimits
 
 __all__ = ["HistoryProcess"]
 
@@ -133,7 +133,7 @@ async def _open_store(settings: Settings) -> tuple[ClickHouseStore, list[str]]:
     deadline = time.monotonic() + _OPEN_RETRY
     while True:
         try:
-            store = ClickHouseStore(settings.dsn, settings.clickhouse_database, settings.query_limits)
+            store = ClickHouseStore(settings.dsn, settings.clickhouse_database, QueryLimits.of(settings))
             return store, store.migrate()
         except Exception as exc:
             # A previous history process of a killed worker may still be flushing and closing.

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from spendstream.store import ClickHouseStore
 from spendstream.usage import COUNT_FIELDS
 from stream_processors.pricing import Catalogue, pico_to_usd, usd_to_pico
+from stream_processors.store import ClickHouseStore
 
 __all__ = ["RepriceReport", "reprice"]
 

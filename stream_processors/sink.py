@@ -21,11 +21,11 @@ from mode import Service
 
 from spendstream.errors import DecodeError
 from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
-from spendstream.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
 from spendstream.topics import Topics
 from spendstream.usage import priced_problem
 from spendstream.wire import Codec
 from stream_processors.pricing import audio_micros, pico_to_usd
+from stream_processors.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
 
 __all__ = ["Sink"]
 

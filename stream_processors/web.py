@@ -11,7 +11,7 @@ import faust
 import httpx
 from faust.web import Request, Response, View
 
-from spendstream.gc_pauses import GcPauses
+from stream_processors.gc_pauses import GcPauses
 from stream_processors.history import HistoryProcess
 
 __all__ = ["HistoryClient", "add_views", "prometheus_text"]

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from spendstream.kafka_local import LocalKafka
+from spendstream.cli.kafka_local import LocalKafka
 from spendstream.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent

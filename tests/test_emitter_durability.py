@@ -27,8 +27,8 @@ import pytest
 
 from producers import Emitter, EmitterStats, SyncEmitter, build_event
 from producers._spool import Spool, read_segment
+from spendstream.cli.kafka_local import LocalKafka
 from spendstream.errors import BufferFull, DeliveryTimeout
-from spendstream.kafka_local import LocalKafka
 from spendstream.topics import Topics, ensure_topics
 from spendstream.wire import default_codec
 from stream_processors.pricing import Catalogue

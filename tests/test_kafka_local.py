@@ -14,8 +14,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from spendstream.cli.kafka_local import KAFKA_VERSION, LocalKafka
 from spendstream.errors import ConfigError, KafkaLocalError
-from spendstream.kafka_local import KAFKA_VERSION, LocalKafka
 from spendstream.topics import DLQ_RETENTION_MS, Topics, ensure_topics, wait_for_broker
 
 pytestmark = pytest.mark.integration

@@ -26,8 +26,8 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from pydantic import ValidationError
 
 from producers import KafkaAuth, SyncEmitter, SyncGuard
+from spendstream.cli.kafka_local import LocalKafka
 from spendstream.errors import BudgetExceeded, ConfigError, DeliveryTimeout
-from spendstream.kafka_local import LocalKafka
 from spendstream.settings import Settings
 from spendstream.topics import Topics, ensure_topics, wait_for_broker
 from stream_processors.app import faust_credentials

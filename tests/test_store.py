@@ -15,8 +15,8 @@ import pytest
 
 from producers import build_event
 from spendstream.errors import QueryError
-from spendstream.store import USAGE_COLUMNS, ClickHouseStore, QueryLimits
 from stream_processors.sink import usage_row
+from stream_processors.store import USAGE_COLUMNS, ClickHouseStore, QueryLimits
 
 # chDB admits one engine (one path) per process: every test here shares this one.
 _PATH = Path(__file__).resolve().parent.parent / ".spendstream" / "test-chdb"

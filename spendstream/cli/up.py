@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import faust
 
-from spendstream.kafka_local import LocalKafka
+from spendstream.cli.kafka_local import LocalKafka
 from spendstream.settings import Settings
 from spendstream.topics import ensure_topics, wait_for_broker
 from stream_processors.budgets import Spec, load_specs

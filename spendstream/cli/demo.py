@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from producers import Emitter
-from spendstream.control import format_signal, tail_control
+from spendstream.cli.watch import format_signal, tail_control
 from spendstream.errors import BufferFull, SpendstreamError
 from spendstream.settings import Settings
 from stream_processors.feeds import publish
@@ -241,8 +241,8 @@ async def _report(
     settings: Settings, console: Console, run: str, spend: Counter[str], unknown_id: str
 ) -> None:
     """Read spend back from ClickHouse (through the worker, which owns embedded chDB)."""
-    from spendstream.cli import render
-    from spendstream.store import QueryResult
+    from spendstream.cli.console import render
+    from stream_processors.store import QueryResult
 
     base = f"http://127.0.0.1:{settings.web_port}"
     per_project = (

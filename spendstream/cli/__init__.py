@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
 import json
 import logging
 import sys
@@ -15,21 +13,19 @@ from typing import Annotated, Any
 import httpx
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from spendstream import budgets_cli, keys_cli, prices_cli
+from spendstream.cli import budgets, keys, prices
+from spendstream.cli.console import console, err, render, say
 from spendstream.errors import QueryError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.signing import warn_unauthenticated
-from spendstream.store import ClickHouseStore, QueryResult
+from stream_processors.store import ClickHouseStore, QueryLimits, QueryResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft, 127.0.0.1).")
 app.add_typer(kafka_app, name="kafka")
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 log = logging.getLogger(__name__)
 _CONTROL_COMMANDS = {"budget", "block", "unblock", "watch", "demo"}  # `up`: the worker warns itself
 
@@ -71,21 +67,17 @@ def main_callback(
         warn_unauthenticated(log, "the CLI")
 
 
-def _say(message: str) -> None:
-    err.print(f"[dim]›[/dim] {message}")
-
-
 @kafka_app.command("start")
 def kafka_start(ctx: typer.Context) -> None:
     """Fetch Kafka from Maven Central (first time only), format KRaft storage, start, wait until ready."""
-    from spendstream.worker import local_kafka
+    from spendstream.cli.up import local_kafka
 
     settings = _settings(ctx)
     if not settings.local_kafka:
-        _say(f"SPENDSTREAM_BOOTSTRAP_SERVERS={settings.bootstrap_servers}: nothing local to start")
+        say(f"SPENDSTREAM_BOOTSTRAP_SERVERS={settings.bootstrap_servers}: nothing local to start")
         return
     kafka = local_kafka(settings)
-    result = kafka.start(progress=_say)
+    result = kafka.start(progress=say)
     if result.already_running:
         console.print(f"Kafka already running at {result.bootstrap} (pid {result.pid})")
     else:
@@ -95,7 +87,7 @@ def kafka_start(ctx: typer.Context) -> None:
 @kafka_app.command("stop")
 def kafka_stop(ctx: typer.Context) -> None:
     """Stop the local broker cleanly (SIGTERM, then SIGKILL after 30 s)."""
-    from spendstream.worker import local_kafka
+    from spendstream.cli.up import local_kafka
 
     stopped = local_kafka(_settings(ctx)).stop()
     console.print("Kafka stopped" if stopped else "Kafka was not running")
@@ -104,7 +96,7 @@ def kafka_stop(ctx: typer.Context) -> None:
 @kafka_app.command("status")
 def kafka_status(ctx: typer.Context) -> None:
     """Is the local broker running? Exit code 1 if not."""
-    from spendstream.worker import local_kafka
+    from spendstream.cli.up import local_kafka
 
     status = local_kafka(_settings(ctx)).status()
     if status.running:
@@ -123,9 +115,9 @@ def up(
     log_level: Annotated[str, typer.Option(help="Worker log level.")] = "info",
 ) -> None:
     """Start the broker (unless external), create topics, apply the DDL and run the worker."""
-    from spendstream.worker import run_worker
+    from spendstream.cli.up import run_worker
 
-    run_worker(_settings(ctx), _say, loglevel=log_level)
+    run_worker(_settings(ctx), say, loglevel=log_level)
 
 
 def query(settings: Settings, sql: str) -> QueryResult:
@@ -138,7 +130,7 @@ def query(settings: Settings, sql: str) -> QueryResult:
             timeout=settings.query_timeout_seconds + 30,  # the worker answers by then: ClickHouse stops it
         )
     except httpx.ConnectError:
-        store = ClickHouseStore(settings.dsn, settings.clickhouse_database, settings.query_limits)
+        store = ClickHouseStore(settings.dsn, settings.clickhouse_database, QueryLimits.of(settings))
         try:
             return store.user_query(sql)
         finally:
@@ -152,21 +144,6 @@ def query(settings: Settings, sql: str) -> QueryResult:
     if response.status_code != 200:
         raise QueryError(body.get("error", response.text))
     return QueryResult(body["columns"], body["rows"])
-
-
-def render(result: QueryResult, fmt: str) -> str | Table:
-    if fmt == "json":
-        return json.dumps([dict(zip(result.columns, r, strict=True)) for r in result.rows], default=str)
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(result.columns)
-        writer.writerows(result.rows)
-        return buf.getvalue().rstrip("\n")
-    table = Table(*result.columns, show_lines=False)
-    for row in result.rows:
-        table.add_row(*("NULL" if v is None else str(v) for v in row))
-    return table
 
 
 @app.command()
@@ -199,7 +176,7 @@ def watch(
     ] = "text",
 ) -> None:
     """Tail spend.control, decoded: every budget state change as it happens."""
-    from spendstream.control import format_signal, signal_json, tail_control
+    from spendstream.cli.watch import format_signal, signal_json, tail_control
 
     settings = _settings(ctx)
 
@@ -233,7 +210,7 @@ def demo(
     rate: Annotated[int, typer.Option(help="Target events per second.")] = 5_000,
 ) -> None:
     """Run a synthetic workload (projects, teams, models) until a project crosses its budget."""
-    from spendstream.demo import run_demo
+    from spendstream.cli.demo import run_demo
 
     run_demo(_settings(ctx), console, max_events=max_events, rate=rate)
 
@@ -250,9 +227,9 @@ def config(ctx: typer.Context) -> None:
     console.print(f"bootstrap: {settings.bootstrap}   topics: {', '.join(settings.topics.all())}")
 
 
-prices_cli.register(app)
-budgets_cli.register(app)
-keys_cli.register(app)
+prices.register(app)
+budgets.register(app)
+keys.register(app)
 
 
 def main() -> None:

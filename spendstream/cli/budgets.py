@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from spendstream.cli.console import console, err
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
@@ -33,12 +34,6 @@ from stream_processors.feeds import budget_rejection, read_compacted
 
 _CENT = Decimal("0.01")
 budget_app = typer.Typer(no_args_is_help=True, help="Budgets per scope, managed at run time.")
-
-
-def _console() -> Any:
-    from spendstream.cli import console
-
-    return console
 
 
 def _ready(settings: Settings) -> None:
@@ -77,13 +72,12 @@ def current_specs(settings: Settings) -> dict[str, Spec]:
 
 
 def _warn(message: str) -> None:
-    from spendstream.cli import err
 
     err.print(f"[yellow]warning[/yellow]: {escape(message)}", soft_wrap=True)
 
 
 def _publish(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = ()) -> None:
-    from spendstream.worker import publish_specs
+    from spendstream.cli.up import publish_specs
 
     asyncio.run(publish_specs(settings, specs, removed))
 
@@ -124,7 +118,7 @@ def register(app: typer.Typer) -> None:
         spec = current_specs(settings).get(scope, Spec(scope))
         others = tuple(lim for lim in spec.limits if (lim.window, lim.tz) != (window, tz))
         _publish(settings, [dataclasses.replace(spec, limits=(*others, limit))])
-        _console().print(f"budget {scope}: {window} ({tz}) ${amount} {mode}, warn at {levels}%")
+        console.print(f"budget {scope}: {window} ({tz}) ${amount} {mode}, warn at {levels}%")
 
     @budget_app.command("rm")
     def rm_budget(
@@ -140,13 +134,13 @@ def register(app: typer.Typer) -> None:
             raise SpendstreamError(f"{scope} has no budget (see `spendstream budget list`)")
         if window is None:
             _publish(settings, [], removed=(scope,))  # decided ok at once
-            _console().print(f"removed every budget of {scope}")
+            console.print(f"removed every budget of {scope}")
             return
         kept = tuple(lim for lim in spec.limits if lim.window != window)
         if len(kept) == len(spec.limits):
             raise SpendstreamError(f"{scope} has no {window} budget")
         _publish(settings, [dataclasses.replace(spec, limits=kept)])
-        _console().print(f"removed the {window} budget of {scope}")
+        console.print(f"removed the {window} budget of {scope}")
 
     @budget_app.command("runaway")
     def runaway(
@@ -165,7 +159,7 @@ def register(app: typer.Typer) -> None:
         """Set the runaway rule of a scope (the weekend backlog script)."""
         per_min = runaway_pico_checked(f"runaway {scope}", usd_per_minute) if usd_per_minute else None
         _change(ctx.obj, scope, runaway_multiplier=multiplier, runaway_pico_per_minute=per_min)
-        _console().print(
+        console.print(
             f"runaway rule for {scope}: multiplier {multiplier}, ceiling ${usd_per_minute or '-'}/min"
         )
 
@@ -177,7 +171,7 @@ def register(app: typer.Typer) -> None:
         specs = load_specs(file)
         _ready(ctx.obj)
         _publish(ctx.obj, specs)
-        _console().print(f"imported {len(specs)} scopes from {file}")
+        console.print(f"imported {len(specs)} scopes from {file}")
 
     @budget_app.command("list")
     def list_budgets(ctx: typer.Context) -> None:
@@ -208,7 +202,7 @@ def register(app: typer.Typer) -> None:
                 f"[{colour}]{r['state']}[/{colour}] {r['reason']}",
                 end,
             )
-        _console().print(table)
+        console.print(table)
 
     @app.command()
     def block(
@@ -223,10 +217,10 @@ def register(app: typer.Typer) -> None:
                 f'1 to {MAX_REASON_CHARS} characters, e.g. --reason "incident 4711"'
             )
         _change(ctx.obj, scope, manual_block=True, manual_reason=reason)
-        _console().print(f"[red]blocked[/red] {scope}: {reason}")
+        console.print(f"[red]blocked[/red] {scope}: {reason}")
 
     @app.command()
     def unblock(ctx: typer.Context, scope: Annotated[str, typer.Argument()]) -> None:
         """Lift a manual block (budgets still apply)."""
         _change(ctx.obj, scope, manual_block=False, manual_reason="")
-        _console().print(f"[green]unblocked[/green] {scope}")
+        console.print(f"[green]unblocked[/green] {scope}")

@@ -29,6 +29,7 @@ import clickhouse_connect
 
 from spendstream.contracts import contract_dir
 from spendstream.errors import QueryError
+from spendstream.settings import Settings
 
 __all__ = ["USAGE_COLUMNS", "ClickHouseStore", "QueryLimits", "QueryResult"]
 
@@ -100,6 +101,10 @@ class QueryLimits:
     timeout_seconds: float = 30.0  # max_execution_time: ClickHouse stops the query
     max_rows: int = 100_000  # max_result_rows: more is an error, never a silently cut result
     max_memory_bytes: int = 1 << 30  # max_memory_usage of one query
+
+    @classmethod
+    def of(cls, settings: Settings) -> QueryLimits:
+        return cls(settings.query_timeout_seconds, settings.query_max_rows, settings.query_max_memory_bytes)
 
     def settings(self) -> dict[str, Any]:
         """Applied in this order: `readonly` last, so nothing after it can change any of them."""

@@ -13,17 +13,12 @@ from typing import Annotated, Any
 
 import typer
 
+from spendstream.cli.console import console
 from spendstream.errors import ConfigError
 from spendstream.settings import Settings
 from spendstream.signing import REPLAYED, UNSIGNED, Signer, generate_key, public_key_b64
 
 keys_app = typer.Typer(no_args_is_help=True, help="Keys that sign kill-switch signals and budgets.")
-
-
-def _console() -> Any:
-    from spendstream.cli import console
-
-    return console
 
 
 def _new_key(settings: Settings, out: Path | None, name: str) -> tuple[Path, Signer]:
@@ -35,7 +30,7 @@ def _new_key(settings: Settings, out: Path | None, name: str) -> tuple[Path, Sig
 def _print_setup(path: Path, signer: Signer, verify_keys: list[str]) -> None:
     public = public_key_b64(signer.public_key)
     keys = ",".join(verify_keys)
-    _console().print(
+    console.print(
         f"wrote a new Ed25519 private key to {path} (mode 0600): only the worker and operators get it\n"
         f"key id {signer.key_id}, public key {public}\n\n"
         "On the worker and on operators' machines (the CLI):\n"
@@ -60,7 +55,7 @@ def register(app: typer.Typer) -> None:
         """Make the first signing key; print the public key and the settings to give each process."""
         path, signer = _new_key(ctx.obj, out, "signing-key.pem")
         _print_setup(path, signer, [public_key_b64(signer.public_key)])
-        _console().print(
+        console.print(
             "\nThen sign the budgets already on the topic (the worker ignores unsigned ones once keys "
             "are set):\n  spendstream keys resign --adopt-unsigned",
             soft_wrap=True,
@@ -86,7 +81,7 @@ def register(app: typer.Typer) -> None:
         )
         new = public_key_b64(signer.public_key)
         _print_setup(path, signer, [new, *dict.fromkeys(k for k in old if k != new)])
-        _console().print(
+        console.print(
             "\nRotation (docs/security.md): 1. deploy SPENDSTREAM_VERIFY_KEYS above (new + old) to every "
             "Guard and worker; 2. give the worker and operators the new SPENDSTREAM_SIGNING_KEY and "
             "restart the worker; 3. `spendstream keys resign` (budgets, then the worker re-signs the "
@@ -102,8 +97,8 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Re-publish every current budget signed with SPENDSTREAM_SIGNING_KEY (after a rotation)."""
+        from spendstream.cli.up import publish_specs
         from spendstream.wire import default_codec
-        from spendstream.worker import publish_specs
         from stream_processors.budgets import Spec
         from stream_processors.feeds import read_compacted
 
@@ -136,6 +131,6 @@ def register(app: typer.Typer) -> None:
         specs = [Spec.from_record(r) for r in records if not r["removed"]]
         removed = tuple(r["scope"] for r in records if r["removed"])
         asyncio.run(publish_specs(settings, specs, removed))
-        _console().print(f"re-signed {len(specs)} budgets and {len(removed)} removals")
+        console.print(f"re-signed {len(specs)} budgets and {len(removed)} removals")
         if refused:
-            _console().print(f"[red]left alone[/red] (not verified by the verify keys): {', '.join(refused)}")
+            console.print(f"[red]left alone[/red] (not verified by the verify keys): {', '.join(refused)}")

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from producers import build_event
+from spendstream.cli.console import console, err
 from spendstream.errors import ConfigError, InvalidUsage, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
@@ -41,12 +42,6 @@ _SHORT = {
 prices_app = typer.Typer(no_args_is_help=True, help="The price catalogue: show, set and import price cards.")
 
 
-def _console() -> Any:
-    from spendstream.cli import console
-
-    return console
-
-
 def _catalogue(settings: Settings, *, online: bool, fallback: str = "none") -> tuple[Catalogue, int]:
     """Seed catalogue plus the cards published on the prices topic (if the broker answers)."""
     cat = Catalogue.load(fallback=fallback)
@@ -66,8 +61,6 @@ def _catalogue(settings: Settings, *, online: bool, fallback: str = "none") -> t
             )
             published = cards_of(records)
         except Exception as exc:  # any broker failure: say so and go on with the seed catalogue
-            from spendstream.cli import err
-
             err.print(
                 f"[yellow]warning[/yellow]: prices topic not read ({type(exc).__name__}); seed catalogue only"
             )
@@ -150,7 +143,6 @@ def register(app: typer.Typer) -> None:
         if format == "json":
             print(json.dumps(result))
             return
-        console = _console()
         console.print(
             f"[bold]${result['total_usd']}[/bold]  {event['provider']}/{event['model']} "
             f"({event['service_tier']}, {event['region']})"
@@ -178,8 +170,8 @@ def register(app: typer.Typer) -> None:
             if response.status_code != 200:
                 raise SpendstreamError(report.get("error", response.text))
         except httpx.TransportError:
-            from spendstream.store import ClickHouseStore
             from stream_processors.repricer import reprice as run
+            from stream_processors.store import ClickHouseStore
 
             store = ClickHouseStore(settings.dsn, settings.clickhouse_database)
             try:
@@ -230,10 +222,10 @@ def register(app: typer.Typer) -> None:
                 table.add_row(
                     f"  prompt > {c.long_context_above:,}", "", "", "", *(lc.get(m, "") for m in meters)
                 )
-        _console().print(table)
+        console.print(table)
         for source in sorted({c.source for c in cards}):
-            _console().print(f"source: {source}")
-        _console().print(f"{len(cards)} cards ({published} published at run time in the whole catalogue)")
+            console.print(f"source: {source}")
+        console.print(f"{len(cards)} cards ({published} published at run time in the whole catalogue)")
 
     @prices_app.command("set")
     def set_price(
@@ -293,7 +285,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _broker_up(settings: Settings) -> bool:
-    from spendstream.worker import local_kafka
+    from spendstream.cli.up import local_kafka
 
     return local_kafka(settings).status().running
 
@@ -316,11 +308,10 @@ def _publish(settings: Settings, cards: list[PriceCard]) -> None:
     ]
     asyncio.run(publish(settings.bootstrap, settings.topics.prices, records, settings.kafka_auth))
     for card in cards:
-        _console().print(f"published {card.id} to {settings.topics.prices}")
+        console.print(f"published {card.id} to {settings.topics.prices}")
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    console = _console()
     table = Table(
         "project",
         "model",
