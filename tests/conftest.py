@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +26,31 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_KAFKA_PORT = int(os.environ.get("SPENDSTREAM_TEST_KAFKA_PORT", "19092"))
 
 
-@pytest.fixture(scope="session")
-def kafka() -> Iterator[str]:
-    """A fresh single-node KRaft broker for the whole test session (jars cached in ~/.m2)."""
+@contextmanager
+def own_broker(name: str, port_offset: int, heap: str = "256m", **options: Any) -> Iterator[LocalKafka]:
+    """A fresh single-node KRaft broker in .spendstream/test/<name> (jars cached in ~/.m2) on
+    TEST_KAFKA_PORT + port_offset (+ 1: its controller), stopped on exit. Keep the ports below
+    32768: above, Linux hands them to outgoing connections and a restart can find one taken."""
     broker = LocalKafka(
-        REPO / ".spendstream" / "test" / "kafka",
-        port=TEST_KAFKA_PORT,
-        controller_port=TEST_KAFKA_PORT + 1,
-        heap="512m",
+        REPO / ".spendstream" / "test" / name,
+        port=TEST_KAFKA_PORT + port_offset,
+        controller_port=TEST_KAFKA_PORT + port_offset + 1,
+        heap=heap,
+        **options,
     )
     broker.wipe()
-    broker.start(timeout=180, progress=lambda m: print(f"[kafka] {m}", file=sys.stderr))
-    yield broker.bootstrap
-    broker.stop()
+    broker.start(timeout=180, progress=lambda m: print(f"[{name}] {m}", file=sys.stderr))
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[str]:
+    """The broker of the whole test session."""
+    with own_broker("kafka", 0, heap="512m") as broker:
+        yield broker.bootstrap
 
 
 def free_port() -> int:

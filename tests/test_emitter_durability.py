@@ -32,7 +32,7 @@ from spendstream.errors import BufferFull, DeliveryTimeout
 from spendstream.topics import Topics, ensure_topics
 from spendstream.wire import default_codec
 from stream_processors.pricing import Catalogue
-from tests.conftest import REPO, TEST_KAFKA_PORT, Worker, free_port, start_worker
+from tests.conftest import REPO, Worker, free_port, own_broker, start_worker
 from tests.test_pipeline import read_all
 
 pytestmark = pytest.mark.integration
@@ -48,16 +48,8 @@ CALL: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def broker() -> Iterator[LocalKafka]:
     """A broker these tests may stop and start (jars kept between runs, data wiped)."""
-    own = LocalKafka(
-        REPO / ".spendstream" / "test" / "kafka-outage",
-        port=TEST_KAFKA_PORT + 100,
-        controller_port=TEST_KAFKA_PORT + 101,
-        heap="256m",
-    )
-    own.wipe()
-    own.start(timeout=180)
-    yield own
-    own.stop()
+    with own_broker("kafka-outage", 100) as own:
+        yield own
 
 
 def fresh_topics(bootstrap: str) -> Topics:

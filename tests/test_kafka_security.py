@@ -26,12 +26,11 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from pydantic import ValidationError
 
 from producers import KafkaAuth, SyncEmitter, SyncGuard
-from spendstream.cli.kafka_local import LocalKafka
 from spendstream.errors import BudgetExceeded, ConfigError, DeliveryTimeout
 from spendstream.settings import Settings
 from spendstream.topics import Topics, ensure_topics, wait_for_broker
 from stream_processors.app import faust_credentials
-from tests.conftest import REPO, TEST_KAFKA_PORT, Worker, start_worker
+from tests.conftest import REPO, Worker, own_broker, start_worker
 
 USER, PASSWORD = "alice", "alice-s3cret-Zq9"
 SCRAM = KafkaAuth("SASL_PLAINTEXT", "SCRAM-SHA-256", USER, PASSWORD)
@@ -189,17 +188,10 @@ def test_faust_gets_the_same_connection_settings_as_every_other_client(tmp_path:
 @pytest.fixture(scope="module")
 def sasl_kafka() -> Iterator[str]:
     """A second local broker whose client listener is SASL_PLAINTEXT/SCRAM-SHA-256 only."""
-    broker = LocalKafka(
-        REPO / ".spendstream" / "test" / "kafka-sasl",
-        port=TEST_KAFKA_PORT + 200,
-        controller_port=TEST_KAFKA_PORT + 201,
-        heap="256m",
-        scram_users=(("spendstream-broker", "broker-s3cret"), (USER, PASSWORD)),
-    )
-    broker.wipe()
-    broker.start(timeout=180, progress=lambda m: print(f"[kafka-sasl] {m}", file=sys.stderr))
-    yield broker.bootstrap
-    broker.stop()
+    with own_broker(
+        "kafka-sasl", 200, scram_users=(("spendstream-broker", "broker-s3cret"), (USER, PASSWORD))
+    ) as broker:
+        yield broker.bootstrap
 
 
 @pytest.mark.integration
@@ -311,18 +303,9 @@ def test_emitter_and_admin_over_sasl_ssl(tmp_path: Path) -> None:
     ca, certfile, keyfile = _pem_files(tmp_path, None)
     keystore = tmp_path / "broker-keystore.pem"
     keystore.write_bytes(keyfile.read_bytes() + certfile.read_bytes())
-    broker = LocalKafka(
-        REPO / ".spendstream" / "test" / "kafka-sasl-ssl",
-        port=TEST_KAFKA_PORT + 202,
-        controller_port=TEST_KAFKA_PORT + 203,
-        heap="256m",
-        scram_users=(("spendstream-broker", "broker-s3cret"), (USER, PASSWORD)),
-        tls=(keystore, ca),
-    )
-    assert broker.security_protocol == "SASL_SSL"
-    broker.wipe()
-    broker.start(timeout=180)
-    try:
+    scram = (("spendstream-broker", "broker-s3cret"), (USER, PASSWORD))
+    with own_broker("kafka-sasl-ssl", 202, scram_users=scram, tls=(keystore, ca)) as broker:
+        assert broker.security_protocol == "SASL_SSL"
         auth = KafkaAuth("SASL_SSL", "SCRAM-SHA-256", USER, PASSWORD, ssl_cafile=ca)
         asyncio.run(wait_for_broker(broker.bootstrap, timeout=30, kafka_auth=auth))
         topics = Topics(f"t{uuid.uuid4().hex[:8]}.")
@@ -341,5 +324,3 @@ def test_emitter_and_admin_over_sasl_ssl(tmp_path: Path) -> None:
             ConfigError, match=r"TLS with the broker at .* failed: .*CERTIFICATE_VERIFY_FAILED"
         ):
             asyncio.run(wait_for_broker(broker.bootstrap, timeout=30, kafka_auth=no_ca))
-    finally:
-        broker.stop()
