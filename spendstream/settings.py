@@ -114,6 +114,13 @@ class Settings(BaseSettings):
     query_max_memory_bytes: int = Field(
         default=1 << 30, ge=1 << 20, description="Memory one user's query may use (max_memory_usage)."
     )
+    query_max_concurrent: int = Field(
+        default=3,
+        ge=1,
+        le=32,
+        description="Users' queries running at once, in threads of their own (the sink's inserts never "
+        "wait for one); more are refused with 429 until one finishes.",
+    )
 
     signing_key: SecretStr | None = Field(
         default=None,

@@ -34,6 +34,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
 from decimal import Decimal
 from multiprocessing.connection import Connection
@@ -173,7 +174,7 @@ async def _serve(settings: Settings, parent_pid: int, conn: Connection, token: s
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
-    runner = web.AppRunner(_web(store, sink, prices, token), access_log=None)
+    runner = web.AppRunner(_web(store, sink, prices, token, settings.query_max_concurrent), access_log=None)
     await runner.setup()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -229,7 +230,14 @@ async def _json_object(request: web.Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _web(store: ClickHouseStore, sink: Sink, prices: PriceFeed, token: str) -> web.Application:
+def _web(
+    store: ClickHouseStore, sink: Sink, prices: PriceFeed, token: str, max_queries: int
+) -> web.Application:
+    # Users' queries get threads of their own: the default executor's few threads stay for the
+    # sink's inserts, whatever the users run.
+    queries = ThreadPoolExecutor(max_workers=max_queries, thread_name_prefix="spendstream-user-sql")
+    running = 0
+
     expected = f"Bearer {token}".encode()
 
     @web.middleware
@@ -250,13 +258,25 @@ def _web(store: ClickHouseStore, sink: Sink, prices: PriceFeed, token: str) -> w
         return web.json_response({"pid": os.getpid(), "sink_rows_written": sink.rows_written})
 
     async def sql(request: web.Request) -> web.Response:
+        nonlocal running
         body = await _json_object(request)
         if body is None or not isinstance(body.get("query"), str):
             return web.json_response({"error": _SQL_BODY}, status=400)
+        if running >= max_queries:
+            busy = (
+                f"{running} queries are running, the most at once (SPENDSTREAM_QUERY_MAX_CONCURRENT); "
+                "try again when one has finished"
+            )
+            return web.json_response({"error": busy}, status=429)
+        running += 1
         try:  # a thread and a guarded session of its own: the sink's inserts go on meanwhile
-            result = await asyncio.to_thread(store.user_query, body["query"])
+            result = await asyncio.get_running_loop().run_in_executor(
+                queries, store.user_query, body["query"]
+            )
         except QueryError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        finally:
+            running -= 1
         return web.json_response({"columns": result.columns, "rows": _jsonable(result.rows)})
 
     async def reprice_(request: web.Request) -> web.Response:

@@ -44,7 +44,13 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_sql_is_read_only_bounded_and_never_stalls_the_sink(kafka: str, tmp_path: Path) -> None:
-    w = start_worker(kafka, tmp_path / "w", "budgets: {}\n", SPENDSTREAM_QUERY_TIMEOUT_SECONDS="10")
+    w = start_worker(
+        kafka,
+        tmp_path / "w",
+        "budgets: {}\n",
+        SPENDSTREAM_QUERY_TIMEOUT_SECONDS="10",
+        SPENDSTREAM_QUERY_MAX_CONCURRENT="2",
+    )
     public = f"http://127.0.0.1:{w.port}"
     try:
         # INTO OUTFILE, through the CLI and the HTTP endpoint: refused, and no file anywhere.
@@ -99,6 +105,21 @@ def test_sql_is_read_only_bounded_and_never_stalls_the_sink(kafka: str, tmp_path
         assert query.poll() is None, "the query ended before the sink wrote the 300 events"
         assert written_while_running == 300
         assert w.sql("SELECT count() FROM usage_events WHERE project = 'h'") == [[300]]  # a 2nd query too
+        # Two heavy queries run (the most at once here): a third is refused at once, not queued.
+        second: list[httpx.Response] = []
+        worker2 = threading.Thread(
+            target=lambda: second.append(httpx.post(f"{public}/sql", json={"query": HEAVY}, timeout=60))
+        )
+        worker2.start()
+        time.sleep(1)
+        third = httpx.post(f"{public}/sql", json={"query": "SELECT 1"}, timeout=30)
+        assert third.status_code == 429, third.text
+        assert third.json()["error"].startswith(
+            "2 queries are running, the most at once (SPENDSTREAM_QUERY_MAX_CONCURRENT)"
+        )
+        worker2.join(timeout=60)
+        assert second[0].status_code == 400  # stopped by ClickHouse at its limit
+        assert "max_execution_time" in second[0].json()["error"]
         _, stderr = query.communicate(timeout=60)
         elapsed = time.monotonic() - started
         assert query.returncode == 1
