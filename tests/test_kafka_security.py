@@ -324,3 +324,24 @@ def test_emitter_and_admin_over_sasl_ssl(tmp_path: Path) -> None:
             ConfigError, match=r"TLS with the broker at .* failed: .*CERTIFICATE_VERIFY_FAILED"
         ):
             asyncio.run(wait_for_broker(broker.bootstrap, timeout=30, kafka_auth=no_ca))
+
+
+def test_a_bad_security_setting_is_one_clear_line_from_the_cli() -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "SPENDSTREAM_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+        "SPENDSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "spendstream", "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "config error: settings: SASL_PLAINTEXT needs a SASL mechanism, one of PLAIN, SCRAM-SHA-256, "
+        "SCRAM-SHA-512 (SPENDSTREAM_KAFKA_SASL_MECHANISM)"
+    )

@@ -61,7 +61,8 @@ def main_callback(
     except ValidationError as exc:
         for e in exc.errors():
             name = "SPENDSTREAM_" + str(e["loc"][0]).upper() if e["loc"] else "settings"
-            err.print(f"[red]config error[/red]: {name}: {e['msg']}")
+            message = str(e["msg"]).removeprefix("Value error, ")  # pydantic's prefix for our checks
+            err.print(f"[red]config error[/red]: {name}: {escape(message)}", soft_wrap=True)
         raise typer.Exit(2) from None
     if ctx.invoked_subcommand in _CONTROL_COMMANDS and not ctx.obj.verifier().enforcing:
         warn_unauthenticated(log, "the CLI")
