@@ -90,6 +90,21 @@ class Worker:
                 return found
             time.sleep(0.5)
 
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`spendstream <args>` against this worker (its settings, a wide terminal); with `check`,
+        a non-zero exit fails the test with what the command printed."""
+        out = subprocess.run(
+            [sys.executable, "-m", "spendstream", *args],
+            env={**self.env, "COLUMNS": "250"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+        if check:
+            assert out.returncode == 0, out.stderr + out.stdout
+        return out
+
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -37,16 +37,7 @@ def tokens(usd: str) -> int:
 
 
 def cli(worker: Worker, *args: str) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "spendstream", *args],
-        env={**worker.env, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stderr + out.stdout
-    return out
+    return worker.cli(*args)
 
 
 def emit(kafka: str, worker: Worker, project: str, usd: str, n: int = 1, **kw: Any) -> None:

@@ -230,15 +230,7 @@ def worker(sasl_kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def _spendstream(worker: Worker, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "spendstream", *args],
-        env={**worker.env, "COLUMNS": "250"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stderr + out.stdout
+    out = worker.cli(*args)
     return out.stdout + out.stderr
 
 

@@ -23,14 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def cli(worker: Worker, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spendstream", *args],
-        env=worker.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    return worker.cli(*args, check=False)
 
 
 def usage_messages(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes | None]]:
