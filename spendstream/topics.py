@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
+GATEWAY_RATES_RETENTION_MS = 10 * 60 * 1000  # the gateways' rate-limit counts: minutes matter, not history
 DEDUPE_HORIZON_S = 6 * 3600  # default of SPENDSTREAM_DEDUPE_HORIZON_SECONDS
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -56,6 +57,8 @@ class Topics:
         self.budgets = f"{prefix}budgets"
         self.spend_deltas = f"{prefix}spend.deltas"
         self.usage_seen = f"{prefix}usage.seen"
+        self.gateway_keys = f"{prefix}gateway.keys"
+        self.gateway_rates = f"{prefix}gateway.rates"
 
     def all(self) -> list[str]:
         return [
@@ -67,6 +70,8 @@ class Topics:
             self.budgets,
             self.spend_deltas,
             self.usage_seen,
+            self.gateway_keys,
+            self.gateway_rates,
         ]
 
 
@@ -78,6 +83,8 @@ def topic_configs(topics: Topics, dedupe_horizon_s: int = DEDUPE_HORIZON_S) -> d
         topics.usage_dlq: {"retention.ms": str(DLQ_RETENTION_MS)},
         topics.prices: {"cleanup.policy": "compact"},
         topics.budgets: {"cleanup.policy": "compact"},
+        topics.gateway_keys: {"cleanup.policy": "compact"},
+        topics.gateway_rates: {"retention.ms": str(GATEWAY_RATES_RETENTION_MS)},
     }
 
 

@@ -1,5 +1,6 @@
-"""The import graph: contracts (spendstream/) <- producers/ and stream_processors/ <- entry points
-(spendstream/cli/), one way, with no circle; imports inside functions count too."""
+"""The import graph: contracts (spendstream/) <- producers/ and stream_processors/ <- gateway/ (on
+producers/ only) <- entry points (spendstream/cli/), one way, with no circle; imports inside
+functions count too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("spendstream", "producers", "stream_processors")
+PACKAGES = ("spendstream", "producers", "stream_processors", "gateway")
 
 
 def module_name(path: Path) -> str:
@@ -41,7 +42,8 @@ ALLOWED = {
     "contracts": {"contracts"},
     "producers": {"contracts", "producers"},
     "stream_processors": {"contracts", "stream_processors"},
-    "entry": {"contracts", "producers", "stream_processors", "entry"},
+    "gateway": {"contracts", "producers", "gateway"},
+    "entry": {"contracts", "producers", "stream_processors", "gateway", "entry"},
 }
 
 
