@@ -418,10 +418,13 @@ class Emitter:
 
         `usage`: the meters and fields of `build_event`; every meter defaults to 0, and an event
         with none set raises InvalidUsage naming the meters (unknown usage: usage_source="missing").
+        `service=` names another service the event is for (a gateway or an HTTP ingest emitting on
+        its callers' behalf); default: the emitter's.
         """
         if self._closed:
             raise EmitterClosed("emit() after close()")
-        event = build_event(service=self.service, project=project, provider=provider, model=model, **usage)
+        service = usage.pop("service", None) or self.service
+        event = build_event(service=service, project=project, provider=provider, model=model, **usage)
         buffer = self._buffer
         if not buffer.try_put(event):
             deadline = time.monotonic() + self.block_timeout
@@ -437,7 +440,8 @@ class Emitter:
         """Like emit() but never waits: raises BufferFull when memory and spool are full."""
         if self._closed:
             raise EmitterClosed("emit_nowait() after close()")
-        event = build_event(service=self.service, project=project, provider=provider, model=model, **usage)
+        service = usage.pop("service", None) or self.service
+        event = build_event(service=service, project=project, provider=provider, model=model, **usage)
         if not self._buffer.try_put(event):
             raise self._buffer.refuse()
         if self._buffer.unsent >= self._batch_events and self._wake is not None:

@@ -7,20 +7,38 @@ Library code never reads the environment: the CLI builds one `Settings` and pass
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spendstream.errors import ConfigError
 from spendstream.kafka_auth import KafkaAuth, SaslMechanism, SecurityProtocol
-from spendstream.signing import Signer, Verifier
+from spendstream.signing import Signer, Verifier, public_key_b64
 from spendstream.topics import DEDUPE_HORIZON_S, Topics
 
-__all__ = ["Settings"]
+__all__ = ["PROVIDER_KEY_VARS", "Settings"]
+
+# provider family -> the env var names its SDK reads its key from (the first is the one documented)
+PROVIDER_KEY_VARS: dict[str, tuple[str, ...]] = {
+    "openai": ("OPENAI_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+}
+
+
+def _provider_key(family: str) -> Any:
+    names = PROVIDER_KEY_VARS[family]
+    return Field(
+        default=None,
+        validation_alias=AliasChoices(f"{family}_api_key", *names),
+        description=f"The gateway's master key for {family} ({' or '.join(names)}, as its SDK reads it, or "
+        "SPENDSTREAM_PROVIDER_KEYS_FILE); only ever sent to that provider; masked.",
+    )
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SPENDSTREAM_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="SPENDSTREAM_", extra="forbid", populate_by_name=True)
 
     state_dir: Path = Field(
         default=Path.home() / ".spendstream",
@@ -122,6 +140,35 @@ class Settings(BaseSettings):
         "wait for one); more are refused with 429 until one finishes.",
     )
 
+    gateway_host: str = Field(default="127.0.0.1", description="Address `spendstream gateway` listens on.")
+    gateway_port: int = Field(default=4000, ge=1, le=65535, description="Port of `spendstream gateway`.")
+    openai_api_key: SecretStr | None = _provider_key("openai")
+    anthropic_api_key: SecretStr | None = _provider_key("anthropic")
+    gemini_api_key: SecretStr | None = _provider_key("gemini")
+    provider_keys_file: Path | None = Field(
+        default=None,
+        description="A file of NAME=value lines (OPENAI_API_KEY=..., ANTHROPIC_API_KEY=..., GEMINI_API_KEY=...), "
+        "e.g. a mounted secret, for keys not set in the environment; should be readable by the gateway only.",
+    )
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1", description="Where the gateway sends OpenAI calls."
+    )
+    anthropic_base_url: str = Field(
+        default="https://api.anthropic.com", description="Where the gateway sends Anthropic calls."
+    )
+    gemini_base_url: str = Field(
+        default="https://generativelanguage.googleapis.com",
+        description="Where the gateway sends Gemini calls.",
+    )
+    gateway_upstream_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="Longest wait for a provider's next byte (a long generation streams).",
+    )
+    gateway_max_body_bytes: int = Field(
+        default=64 << 20, ge=1 << 10, description="Largest request body the gateway accepts (audio uploads)."
+    )
+
     signing_key: SecretStr | None = Field(
         default=None,
         description="Ed25519 private key that signs ControlSignals (worker) and BudgetSpecs (CLI): "
@@ -162,6 +209,43 @@ class Settings(BaseSettings):
         signer = self.signer()
         keys = [k for k in self.verify_keys.split(",") if k.strip()]
         return Verifier([*keys, *([signer.public_key] if signer else [])])
+
+    @field_validator("openai_base_url", "anthropic_base_url", "gemini_base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} must start with http:// or https://")
+        return v.rstrip("/")
+
+    def provider_key(self, family: str) -> str | None:
+        """The master key for a provider family: the environment first, then the keys file."""
+        secret: SecretStr | None = getattr(self, f"{family}_api_key")
+        if secret is not None:
+            return secret.get_secret_value()
+        if self.provider_keys_file is None:
+            return None
+        try:
+            lines = self.provider_keys_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read SPENDSTREAM_PROVIDER_KEYS_FILE {self.provider_keys_file}: {exc.strerror}"
+            ) from None
+        found: dict[str, str] = {}
+        for number, line in enumerate(lines, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            name, sep, value = text.partition("=")
+            if not sep or not value.strip():  # never quote the line: it may hold a key
+                raise ConfigError(f"{self.provider_keys_file} line {number}: expected NAME=value")
+            found[name.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+        return next((found[n] for n in PROVIDER_KEY_VARS[family] if n in found), None)
+
+    def verify_key_list(self) -> list[str]:
+        """The base64 public keys whose signed records this process accepts (configured + its own)."""
+        signer = self.signer()
+        own = [public_key_b64(signer.public_key)] if signer else []
+        return [k.strip() for k in self.verify_keys.split(",") if k.strip()] + own
 
     @field_validator("clickhouse_dsn")
     @classmethod

@@ -16,10 +16,10 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from spendstream.cli import budgets, keys, prices
+from spendstream.cli import budgets, gateway, keys, prices
 from spendstream.cli.console import console, err, render, say
 from spendstream.errors import QueryError, SpendstreamError
-from spendstream.settings import Settings
+from spendstream.settings import PROVIDER_KEY_VARS, Settings
 from spendstream.signing import warn_unauthenticated
 from stream_processors.store import ClickHouseStore, QueryLimits, QueryResult
 
@@ -223,7 +223,13 @@ def config(ctx: typer.Context) -> None:
     table = Table("env var", "value", "meaning")
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
-        table.add_row(f"SPENDSTREAM_{name.upper()}", str(value), field.description or "")
+        family = name.removesuffix("_api_key")
+        env = (
+            " / ".join(PROVIDER_KEY_VARS[family])
+            if family in PROVIDER_KEY_VARS
+            else f"SPENDSTREAM_{name.upper()}"
+        )
+        table.add_row(env, str(value), field.description or "")
     console.print(table)
     console.print(f"bootstrap: {settings.bootstrap}   topics: {', '.join(settings.topics.all())}")
 
@@ -231,6 +237,7 @@ def config(ctx: typer.Context) -> None:
 prices.register(app)
 budgets.register(app)
 keys.register(app)
+gateway.register(app)
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """A real HTTP/1.1 server on 127.0.0.1 that answers like OpenAI, Azure OpenAI, Anthropic and Gemini,
 replaying the bodies in this folder (see README.md), including SSE streams.
 
-Test controls, sent as request headers (they are not X-Spendstream-* headers, so they do reach it):
+Test controls, sent as request headers (they are not X-Spendstream-* headers, so they do reach it),
+or as query parameters `replay_cut=N` / `replay_status=S` (which pass through the gateway, whose
+headers do not):
     x-replay-cut: N      send the first N events of a stream, then drop the connection
     x-replay-status: S   answer S with the provider's error body
     x-replay-gzip: 1     gzip the response body (Content-Encoding: gzip)
@@ -72,8 +74,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         body = self._body()
-        path = self.path.split("?")[0]
+        path, _, query = self.path.partition("?")
         headers = {k.lower(): v for k, v in self.headers.items()}
+        for name, _, value in (p.partition("=") for p in query.split("&") if p.startswith("replay_")):
+            headers[name.replace("_", "-", 1).replace("replay-", "x-replay-")] = value
         self.server.recorded.append(Recorded(method, self.path, headers, body))
         status = int(headers.get("x-replay-status", "200"))
         if status >= 400:
@@ -133,7 +137,9 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and path.endswith(":streamGenerateContent"):
             return self._sse(sse_events("gemini_stream.sse"), cut)
         if method == "GET" and path.endswith("/models"):
-            return self._json(b'{"object": "list", "data": []}', gz)
+            models = ("gpt-4o-mini", "gpt-4o", "o3", "text-embedding-3-small")
+            data = [{"id": m, "object": "model", "created": 1715367049, "owned_by": "system"} for m in models]
+            return self._json(json.dumps({"object": "list", "data": data}).encode(), gz)
         return self._error(404, path)
 
     def _error(self, status: int, path: str) -> None:
