@@ -55,6 +55,8 @@ USER spendstream
 # container's own healthcheck and `docker compose exec worker spendstream sql ...`; publishing it
 # to the host needs a bind setting (0.0.0.0) that the app does not have yet.
 EXPOSE 6066
+# The gateway (`spendstream gateway`, SPENDSTREAM_GATEWAY_HOST=0.0.0.0 in docker-compose.yml).
+EXPOSE 4000
 
 ENTRYPOINT ["spendstream"]
 CMD ["up"]
