@@ -114,16 +114,23 @@ class Guard:
 
     # -- the check path: no I/O ---------------------------------------------------------------
     def check(
-        self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
+        self,
+        *,
+        project: str,
+        team: str | None = None,
+        user: str | None = None,
+        model: str | None = None,
+        key: str | None = None,
     ) -> None:
-        """Raise BudgetExceeded if any scope this call counts against is blocked."""
+        """Raise BudgetExceeded if any scope this call counts against is blocked (`key`: the
+        public id of the gateway key the call is made with, scope `key:<id>`)."""
         if not self._healthy:
             self._unavailable(project)
             return
         now = time.time_ns() // 1000
         states = self._states
         globs = self._model_globs.get(project, ()) if model is not None else ()
-        for scope in scopes_for_event(project, team, user, model or "", globs):
+        for scope in scopes_for_event(project, team, user, model or "", globs, key):
             s = states.get(scope)
             if s is not None and s.blocks(now):
                 raise s.error()
@@ -275,9 +282,15 @@ class SyncGuard:
         fut.result()
 
     def check(
-        self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
+        self,
+        *,
+        project: str,
+        team: str | None = None,
+        user: str | None = None,
+        model: str | None = None,
+        key: str | None = None,
     ) -> None:
-        self._guard.check(project=project, team=team, user=user, model=model)
+        self._guard.check(project=project, team=team, user=user, model=model, key=key)
 
     def state(self, scope: str) -> ScopeState | None:
         return self._guard.state(scope)

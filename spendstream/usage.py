@@ -2,7 +2,8 @@
 meter (dead-letter with the reason) and `spendstream price` (refuse with the reason).
 
 Every meter defaults to 0, but an event must say what was used: one whose provider reported the
-usage (`usage_source="reported"`) needs at least one non-zero meter, so a caller that forgot its
+usage (`usage_source="reported"`, or `"cache"`: a response replayed from the gateway's cache, with
+the counts of the call it replays) needs at least one non-zero meter, so a caller that forgot its
 counts is refused instead of stored as a free call. A call whose usage is unknown is sent with
 `usage_source="missing"` (or `"estimated"`): its counts are a lower bound and may all be 0.
 
@@ -22,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "COUNT_FIELDS",
+    "KEY_TAG",
     "MAX_AUDIO_SECONDS",
     "MAX_COUNT",
     "MAX_EVENT_PICO",
@@ -91,7 +93,11 @@ _PRICING_STATUSES = ("priced", "fallback", "unpriced")
 _COUNT_MAX = tuple(MAX_COUNT.items())
 _OPTIONAL_TEXT = ("team", "user", "image_size", "image_quality")
 SERVICE_TIERS = ("standard", "batch", "flex", "priority")
-USAGE_SOURCES = ("reported", "estimated", "missing")
+# cache: served from the gateway's response cache; the counts are those of the call it replays,
+# priced at $0 (what it would have cost is recorded as saved).
+USAGE_SOURCES = ("reported", "estimated", "missing", "cache")
+# The tag naming the internal gateway key a call was made with: its budget scope is `key:<id>`.
+KEY_TAG = "spendstream.key"
 _REQUIRED_TEXT = ("project", "service", "provider", "model")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
@@ -176,7 +182,7 @@ def usage_problem(
         return f"usage_source {source!r} is not one of {', '.join(USAGE_SOURCES)}"
     if (  # the common case stops at the first test: an event with input or output tokens
         not (output or get("input_tokens", 0))
-        and source == "reported"
+        and source in ("reported", "cache")
         and not any(get(m, 0) for m in _OTHER_COUNTS)
         and not (isinstance(audio, bytes) and any(audio))
     ):
@@ -219,14 +225,22 @@ def priced_problem(priced: dict[str, Any], now_us: int | None = None) -> str | N
 
 
 def scopes_for_event(
-    project: str, team: str | None, user: str | None, model: str, model_globs: Iterable[str] = ()
+    project: str,
+    team: str | None,
+    user: str | None,
+    model: str,
+    model_globs: Iterable[str] = (),
+    key: str | None = None,
 ) -> list[str]:
-    """Every budget scope an event (or a call) counts against: org, project, team, user, and the
-    project's model-filter scopes whose glob matches the model."""
+    """Every budget scope an event (or a call) counts against: org, project, team, user, the
+    gateway key (`key:<id>`, from the event's KEY_TAG tag), and the project's model-filter scopes
+    whose glob matches the model."""
     scopes = ["org", f"project:{project}"]
     if team:
         scopes.append(f"team:{team}")
     if user:
         scopes.append(f"user:{user}")
+    if key:
+        scopes.append(f"key:{key}")
     scopes.extend(f"project:{project}/model:{g}" for g in model_globs if fnmatch.fnmatchcase(model, g))
     return scopes

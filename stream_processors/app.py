@@ -139,14 +139,6 @@ def create_app(
     scopes = app.Table("scopes", default=None, key_type=str, partitions=n)  # JSON values
     # scope -> BudgetSpec record, from the budgets topic (co-partitioned with spend.deltas)
     specs = app.Table("specs", default=None, key_type=str, partitions=n)
-    budget_stage = BudgetStage(
-        codec,
-        scopes,
-        specs,
-        grace_us=settings.late_grace_seconds * 1_000_000,
-        signer=signer,
-        verifier=verifier,
-    )
     metrics: Counter[str] = Counter()
     gc_pauses = GcPauses()
 
@@ -187,6 +179,16 @@ def create_app(
         verifier=verifier,
         **feed_args,  # type: ignore[arg-type]
         dead_letter=lambda *a: dead_letter(a[0], a[1], topics.budgets, *a[2:]),
+    )
+    budget_stage = BudgetStage(
+        codec,
+        scopes,
+        specs,
+        grace_us=settings.late_grace_seconds * 1_000_000,
+        signer=signer,
+        verifier=verifier,
+        partitions=n,
+        templates=budget_feed.specs,  # the whole topic: templates whichever partition holds them
     )
     stage = MeterStage(
         cat,
@@ -298,8 +300,9 @@ def create_app(
 
     @app.timer(1.0)
     async def tick() -> None:
-        """Re-decide scopes that are not ok, so a new window or a cooled-down rate unblocks them."""
-        for partition, deltas in budget_stage.ticks(_now_us()).items():
+        """Re-decide scopes that are not ok, so a new window or a cooled-down rate unblocks them,
+        and the members of a template that changed."""
+        for partition, deltas in budget_stage.ticks(_now_us()):
             await deltas_topic.send(
                 key=deltas[0]["scope"].encode(),
                 value=codec.encode("SpendDeltaBatch", {"deltas": deltas}),

@@ -7,6 +7,12 @@ with both input topics by scope, so every scope has exactly one writer:
     scopes: scope -> BudgetState (spend per window and minute, applied source offsets, last signal)
     specs:  scope -> the BudgetSpec record in force (signature verified)
 
+A member scope (`user:alice`, `team:data`, `key:k1`, `project:p`) without a spec of its own is
+decided by its kind's template (`user:*` ...), read from `templates` (the budget feed's view of the
+whole topic, so every worker knows every template whichever partition holds it). A member's own
+spec wins. When a template changes (also: once after a start), every member this worker holds is
+re-decided through a zero delta, so lowering `user:*` blocks the members already above it.
+
 Guarantees (docs/budgets.md): a scope applies each usage.raw message once (its deltas name their
 source offset); exactly one ControlSignal per change of (state, reason, level, window), numbered
 per scope, signed when the worker has a key; a record that is unsigned, forged, replayed or
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -28,6 +34,8 @@ from spendstream.wire import Codec
 from stream_processors.budgets import (
     LONG_MAX,
     MINUTE_US,
+    SEVERITY,
+    TEMPLATES,
     BudgetState,
     Decision,
     Spec,
@@ -36,13 +44,21 @@ from stream_processors.budgets import (
     deltas_problem,
     fresh_deltas,
     load_state,
+    new_state,
+    template_of,
 )
 from stream_processors.feeds import budget_rejection
-from stream_processors.meter import DeadLetter
+from stream_processors.meter import DeadLetter, partition_for
 
 __all__ = ["BudgetResult", "BudgetStage"]
 
 log = logging.getLogger(__name__)
+
+# Zero deltas per spend.deltas message of a tick: a sweep of 100,000 members is cut into messages
+# the budget agent handles in well under a second each, so real spend is not held up behind it.
+MAX_DELTAS_PER_TICK = 10_000
+# Members of a template `budget list` shows, most severe first (the rest are counted).
+MAX_MEMBER_ROWS = 100
 
 
 @dataclass
@@ -62,10 +78,15 @@ class BudgetStage:
         grace_us: int,
         signer: Signer | None,
         verifier: Verifier,
+        partitions: int,
+        templates: Mapping[str, Spec] | None = None,
     ) -> None:
         self.codec = codec
         self.scopes = scopes
         self.specs = specs
+        self.partitions = partitions
+        self.templates = templates if templates is not None else {}  # template scope -> Spec
+        self._templates_seen: dict[str, Spec | None] = {}  # as the last tick saw them
         self.grace_us = grace_us
         self.signer = signer
         self.verifier = verifier
@@ -74,6 +95,10 @@ class BudgetStage:
         self._parsed: dict[tuple[str, int], Spec] = {}
 
     def spec_of(self, scope: str) -> Spec | None:
+        """The scope's own spec, else its kind's template (None: no budget)."""
+        return self.own_spec(scope) or self.templates.get(template_of(scope) or "")
+
+    def own_spec(self, scope: str) -> Spec | None:
         record = self.specs.get(scope)
         if record is None or record.get("removed"):
             return None
@@ -144,64 +169,112 @@ class BudgetStage:
                 self.scopes[scope] = state  # a tick that changes nothing writes no changelog
         return result
 
-    def ticks(self, now_us: int) -> dict[int, list[dict[str, Any]]]:
-        """Zero deltas for every scope that is not ok, per owning partition: fed back through
-        spend.deltas, they re-decide it, so a new window or a cooled-down rate unblocks it."""
+    def ticks(self, now_us: int) -> list[tuple[int, list[dict[str, Any]]]]:
+        """(partition, zero deltas) messages: for every scope that is not ok, and for every member
+        of a template that changed since the last tick. Fed back through spend.deltas, they
+        re-decide the scope, so a new window, a cooled-down rate or a new template takes effect."""
         by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for scope, partition in list(self.attention.items()):
+        minute = now_us // MINUTE_US
+        due = dict(self.attention)
+        for scope in self._members_of_changed_templates():
+            due[scope] = partition_for(scope, self.partitions)
+        for scope, partition in due.items():
             by_partition[partition].append(
                 {
                     "scope": scope,
-                    "minute": now_us // MINUTE_US,
+                    "minute": minute,
                     "pico_usd": 0,
                     "events": 0,
                     "source_partition": -1,
                     "source_offset": -1,
                 }
             )
-        return by_partition
+        return [
+            (partition, deltas[i : i + MAX_DELTAS_PER_TICK])
+            for partition, deltas in by_partition.items()
+            for i in range(0, len(deltas), MAX_DELTAS_PER_TICK)
+        ]
+
+    def _members_of_changed_templates(self) -> Iterator[str]:
+        changed = set()
+        for template in TEMPLATES:
+            spec = self.templates.get(template)
+            if spec != self._templates_seen.get(template):
+                self._templates_seen[template] = spec
+                changed.add(template)
+        if changed:
+            for scope in list(self.scopes.keys()):
+                if template_of(scope) in changed and self.own_spec(scope) is None:
+                    yield scope
+
+    def members(self, template: str) -> Iterator[tuple[str, BudgetState]]:
+        """The member scopes of `template` this worker holds that have no spec of their own."""
+        for scope in list(self.scopes.keys()):
+            if template_of(scope) == template and self.own_spec(scope) is None:
+                yield scope, load_state(self.scopes.get(scope))
 
     def rows(self, specs: Mapping[str, Spec], now_us: int) -> list[dict[str, Any]]:
         """Every budget in `specs` with its current window, spend and state (what `budget list`
-        shows), for the scopes this worker owns; money as exact decimal strings."""
+        shows), for the scopes this worker owns; money as exact decimal strings. A template is one
+        row per window (state `template`, reason: how many members, how many blocked), followed by
+        its members with spend in the window, most severe and highest first, at most MAX_MEMBER_ROWS."""
         rows = []
         for scope, spec in sorted(specs.items()):
-            state = load_state(self.scopes.get(scope))
-            signal = {"state": state["last_signal"][0], "reason": state["last_signal"][1]}
-            for lim in spec.limits:
-                win = lim.current(now_us)
-                if lim.rolling_minutes is None:
-                    spend = state["window_spend"].get(win.id, 0)
-                else:
-                    first = win.start_us // MINUTE_US
-                    spend = sum(v for k, v in state["minute_spend"].items() if int(k) >= first)
-                rows.append(
-                    {
-                        "scope": scope,
-                        "window": win.id,
-                        "window_end": win.end_us,
-                        "mode": lim.mode,
-                        "spend_usd": str(Decimal(spend).scaleb(-12)),
-                        "limit_usd": str(Decimal(lim.limit_pico).scaleb(-12)),
-                        "percent": round(spend * 100 / lim.limit_pico, 1),
-                        **signal,
-                        "late_usd": str(Decimal(sum(state["late_spend"].values())).scaleb(-12)),
-                    }
-                )
-            if not spec.limits:
-                rows.append(
-                    {
-                        "scope": scope,
-                        "window": "",
-                        "window_end": 0,
-                        "mode": "",
-                        "spend_usd": "",
-                        "limit_usd": "",
-                        "percent": 0,
-                        **signal,
-                        "late_usd": "0",
-                    }
-                )
+            if scope not in TEMPLATES:
+                rows += self._scope_rows(scope, spec, load_state(self.scopes.get(scope)), now_us)
+                continue
+            members = [
+                row
+                for member, state in self.members(scope)
+                for row in self._scope_rows(member, spec, state, now_us)
+                if row["spend_usd"] and Decimal(row["spend_usd"])
+            ]
+            blocked = len({r["scope"] for r in members if r["state"] == "blocked"})
+            summary = f"{len({r['scope'] for r in members})} members with spend, {blocked} blocked"
+            for row in self._scope_rows(scope, spec, new_state(), now_us):
+                rows.append({**row, "spend_usd": "", "percent": 0, "state": "template", "reason": summary})
+            members.sort(key=lambda r: (-SEVERITY[r["state"]], -r["percent"], r["scope"]))
+            rows += members[:MAX_MEMBER_ROWS]
+        return rows
+
+    @staticmethod
+    def _scope_rows(scope: str, spec: Spec, state: BudgetState, now_us: int) -> list[dict[str, Any]]:
+        signal = {"state": state["last_signal"][0], "reason": state["last_signal"][1]}
+        rows = []
+        for lim in spec.limits:
+            win = lim.current(now_us)
+            if lim.rolling_minutes is None:
+                spend = state["window_spend"].get(win.id, 0)
+            else:
+                first = win.start_us // MINUTE_US
+                spend = sum(v for k, v in state["minute_spend"].items() if int(k) >= first)
+            rows.append(
+                {
+                    "scope": scope,
+                    "window": win.id,
+                    "window_end": win.end_us,
+                    "mode": lim.mode,
+                    "spend_usd": str(Decimal(spend).scaleb(-12)),
+                    "limit_usd": str(Decimal(lim.limit_pico).scaleb(-12)),
+                    "percent": round(spend * 100 / lim.limit_pico, 1),
+                    **signal,
+                    "late_usd": str(Decimal(sum(state["late_spend"].values())).scaleb(-12)),
+                }
+            )
+        if not spec.limits:
+            rows.append(
+                {
+                    "scope": scope,
+                    "window": "",
+                    "window_end": 0,
+                    "mode": "",
+                    "spend_usd": "",
+                    "limit_usd": "",
+                    "percent": 0,
+                    **signal,
+                    "late_usd": "0",
+                }
+            )
         return rows
 
     def _decide(

@@ -1,7 +1,8 @@
 """Budgets, windows and the decision rule, as pure functions (no Kafka, no Faust).
 
-Scopes: `org`, `team:<id>`, `project:<id>`, `user:<id>`, and `project:<id>/model:<glob>`. An event
-counts against every scope it matches. Windows are decided by event time: calendar `daily`,
+Scopes: `org`, `team:<id>`, `project:<id>`, `user:<id>`, `key:<id>` (a gateway key) and
+`project:<id>/model:<glob>`. An event counts against every scope it matches. A template (`user:*`,
+`team:*`, `key:*`, `project:*`) is the budget of every member of its kind without one of its own. Windows are decided by event time: calendar `daily`,
 `weekly` (ISO weeks, Monday) and `monthly` in the budget's IANA time zone (a Berlin day is not a
 UTC day; DST days have 23 or 25 hours), and `rolling:<n>m|h|d` over minute buckets.
 
@@ -33,6 +34,9 @@ __all__ = [
     "MAX_REASON_CHARS",
     "MAX_ROLLING_MINUTES",
     "MAX_RUNAWAY_MULTIPLIER",
+    "SEVERITY",
+    "TEMPLATES",
+    "TEMPLATE_KINDS",
     "BudgetState",
     "Decision",
     "Limit",
@@ -49,6 +53,7 @@ __all__ = [
     "parse_scope",
     "runaway_pico_checked",
     "scopes_for_event",
+    "template_of",
     "usd_to_pico_checked",
     "utc_from_micros",
 ]
@@ -56,7 +61,10 @@ __all__ = [
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 MINUTE_US = 60_000_000
-_SCOPE = re.compile(r"^(org|team:[^/\s]+|project:[^/\s]+|user:[^/\s]+|project:[^/\s]+/model:\S+)$")
+_SCOPE = re.compile(r"^(org|(team|project|user|key):[^/\s]+|project:[^/\s]+/model:\S+)$")
+# A template: every member of the kind gets the spec as its own budget, unless it has one.
+TEMPLATE_KINDS = ("user", "team", "key", "project")
+TEMPLATES = tuple(f"{kind}:*" for kind in TEMPLATE_KINDS)
 _ROLLING = re.compile(r"^rolling:(\d{1,6})(m|h|d)$")
 _UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
 RUNAWAY_MINUTES = 5  # the recent rate is the spend of the last 5 minutes ...
@@ -68,7 +76,7 @@ MAX_LIMIT_USD = Decimal(9_000_000)
 MAX_ROLLING_MINUTES = 31 * 1440  # a rolling window keeps one bucket per minute per scope
 MAX_RUNAWAY_MULTIPLIER = 1_000
 MAX_REASON_CHARS = 500  # a manual block's reason, shown to every caller refused
-_SEVERITY = {"ok": 0, "warn": 1, "blocked": 2}
+SEVERITY = {"ok": 0, "warn": 1, "blocked": 2}
 _REASON_RANK = {
     "manual": 5,
     "runaway": 4,
@@ -91,9 +99,24 @@ def _micros(dt: datetime) -> int:
 def parse_scope(scope: str) -> str:
     if not _SCOPE.match(scope):
         raise ConfigError(
-            f"scope {scope!r} must be org, team:<id>, project:<id>, user:<id> or project:<id>/model:<glob>"
+            f"scope {scope!r} must be org, team:<id>, project:<id>, user:<id>, key:<id>, "
+            "project:<id>/model:<glob>, or a template: user:*, team:*, key:*, project:*"
+        )
+    if "*" in scope.partition("/model:")[0] and scope not in TEMPLATES:
+        raise ConfigError(
+            f"scope {scope!r}: '*' stands alone, as a template giving every member its own budget: "
+            f"{', '.join(TEMPLATES)} (a model filter takes globs: project:<id>/model:gpt-4o*)"
         )
     return scope
+
+
+def template_of(scope: str) -> str | None:
+    """The template a member scope falls back to (`user:alice` -> `user:*`), None for org, model
+    filters and templates themselves."""
+    kind, sep, member = scope.partition(":")
+    if not sep or member == "*" or "/model:" in member or kind not in TEMPLATE_KINDS:
+        return None
+    return f"{kind}:*"
 
 
 def _zone(tz: str) -> ZoneInfo:
@@ -538,7 +561,7 @@ class Decision:
         return [self.state, self.reason, self.level, self.window.id]
 
     def _rank(self) -> tuple[int, int, int]:
-        return (_SEVERITY[self.state], _REASON_RANK[self.reason], self.level)
+        return (SEVERITY[self.state], _REASON_RANK[self.reason], self.level)
 
 
 def _minutes_sum(m: Mapping[str, int], first: int, last: int) -> int:

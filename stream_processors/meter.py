@@ -8,6 +8,7 @@ per project and one `SpendDeltaBatch` per owning partition, however many message
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from aiokafka.partitioner import murmur2
 
 from spendstream.errors import DecodeError
 from spendstream.topics import DEDUPE_HORIZON_S
-from spendstream.usage import MAX_EVENT_PICO, usage_problem
+from spendstream.usage import KEY_TAG, MAX_EVENT_PICO, usage_problem
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
 from stream_processors.dedupe import SeenIds, event_key
@@ -78,8 +79,9 @@ class MeterStage:
         self.catalogue = catalogue
         self.codec = codec
         self.model_globs = model_globs if model_globs is not None else {}  # project -> model-filter budgets
-        # Scopes with a budget: org and project spend is always kept; team and user spend only for
-        # budgeted scopes (fanning out to every user of every message would cost more than pricing).
+        # Scopes with a budget: org and project spend is always kept; team, user and key spend only
+        # for budgeted scopes, or for every member of a kind with a template (`user:*`, `team:*`,
+        # `key:*`): fanning out to every user of every message unasked would cost more than pricing.
         self.budgeted = budgeted
         self.dedupe_horizon_us = dedupe_horizon_us
         self.seen: dict[int, SeenIds] = {}  # usage.raw partition -> the event ids it counted
@@ -172,6 +174,9 @@ class MeterStage:
 
     def _price_one(self, event: dict[str, Any], dedupe_key: int, now_us: int, result: MeterResult) -> None:
         priced = self.catalogue.price(event)
+        saved = 0
+        if event.get("usage_source") == "cache":  # replayed from the gateway's cache: free, and what it saved
+            saved, priced = priced.cost_pico or 0, dataclasses.replace(priced, cost_pico=0, itemised={})
         if priced.cost_pico is not None and priced.cost_pico > MAX_EVENT_PICO:
             result.dead.append(
                 DeadLetter(
@@ -186,10 +191,13 @@ class MeterStage:
         scopes: list[str] = []
         if priced.cost_pico and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
             globs = self.model_globs.get(project, ())
+            budgeted = self.budgeted
             team, user = event["team"], event["user"]
-            team = team if team and f"team:{team}" in self.budgeted else None
-            user = user if user and f"user:{user}" in self.budgeted else None
-            scopes = scopes_for_event(project, team, user, event["model"], globs)
+            key = event["tags"].get(KEY_TAG)
+            team = team if team and ("team:*" in budgeted or f"team:{team}" in budgeted) else None
+            user = user if user and ("user:*" in budgeted or f"user:{user}" in budgeted) else None
+            key = key if key and ("key:*" in budgeted or f"key:{key}" in budgeted) else None
+            scopes = scopes_for_event(project, team, user, event["model"], globs, key)
             minute = event["event_time"] // MINUTE_US
             if len(result.spend) + len(scopes) > MAX_DELTAS_PER_MESSAGE and any(
                 (s, minute) not in result.spend for s in scopes
@@ -216,6 +224,7 @@ class MeterStage:
                 "card_version": card.version if card else "",
                 "itemised": priced.itemised,
                 "unpriced_reason": priced.reason,
+                "saved_pico_usd": saved,
             }
         )
         if dedupe_key < 0:

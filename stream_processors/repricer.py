@@ -4,7 +4,8 @@
 with the current catalogue at the event's own time, and writes the results to `usage_repriced`
 under a new pricing version. `usage_events` is never modified: the price charged when the event
 streamed through stays on record. Events that were unpriced or charged at a fallback get their
-real price once a card exists. The report gives the delta per project and model.
+real price once a card exists. Calls served from the gateway's cache cost nothing at any price and
+are left out. The report gives the delta per project and model.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def reprice(
     )
     if model:
         where += f" AND e.model = {_quote(model)}"
+    where += " AND e.usage_source != 'cache'"  # a cache hit costs nothing at any price
     meters = ", ".join(f"e.{c}" for c in _METER_COLUMNS)
     sql = (
         f"SELECT toString(e.event_id), toUnixTimestamp64Micro(e.event_time), e.project, e.provider, e.model, "

@@ -69,6 +69,7 @@ def usage_row(priced: dict[str, Any]) -> tuple[Any, ...]:
         {meter: pico_to_usd(v) for meter, v in priced["itemised"].items()},
         priced["unpriced_reason"],
         u["usage_source"],
+        pico_to_usd(priced["saved_pico_usd"]),
     )
 
 

@@ -69,6 +69,7 @@ USAGE_COLUMNS = (
     "itemised",
     "unpriced_reason",
     "usage_source",
+    "saved_usd",
 )
 DEAD_LETTER_COLUMNS = (
     "failed_at",

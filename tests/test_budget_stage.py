@@ -12,17 +12,27 @@ from spendstream.signing import Signer, Verifier, encode_control
 from spendstream.wire import default_codec
 from stream_processors.budget_stage import BudgetStage
 from stream_processors.budgets import MINUTE_US, Spec, make_limit
+from stream_processors.meter import partition_for
 
 CODEC = default_codec()
 NOW = int(datetime(2026, 12, 1, 12, 0, tzinfo=UTC).timestamp()) * 1_000_000
 USD = 10**12
 
 
-def stage(signer: Signer | None = None, verifier: Verifier | None = None) -> BudgetStage:
+def stage(
+    signer: Signer | None = None, verifier: Verifier | None = None, templates: dict[str, Spec] | None = None
+) -> BudgetStage:
     scopes: dict[str, Any] = {}
     specs: dict[str, Any] = {}
     return BudgetStage(
-        CODEC, scopes, specs, grace_us=3600 * 10**6, signer=signer, verifier=verifier or Verifier()
+        CODEC,
+        scopes,
+        specs,
+        grace_us=3600 * 10**6,
+        signer=signer,
+        verifier=verifier or Verifier(),
+        partitions=8,
+        templates=templates,
     )
 
 
@@ -63,9 +73,9 @@ def test_a_crossing_signals_once_and_a_redelivered_message_counts_once() -> None
     again = s.on_deltas(deltas("project:a", 5, offset=2), 0, NOW)  # re-delivered after a restart
     assert (again.signals, again.metrics["deltas|duplicate"]) == ([], 1)
     assert s.scopes["project:a"]["window_spend"]["day:2026-12-01@UTC"] == 11 * USD
-    ticks = s.ticks(NOW)
-    assert [d["scope"] for d in ticks[0]] == ["project:a"]  # not ok: re-decided every tick
-    tick = CODEC.encode("SpendDeltaBatch", {"deltas": ticks[0]})
+    [(_, tick_deltas)] = s.ticks(NOW)
+    assert [d["scope"] for d in tick_deltas] == ["project:a"]  # not ok: re-decided every tick
+    tick = CODEC.encode("SpendDeltaBatch", {"deltas": tick_deltas})
     assert s.on_deltas(tick, 0, NOW).signals == []  # nothing changed: no signal, no write
     [row] = s.rows({"project:a": s.spec_of("project:a")}, NOW)  # type: ignore[dict-item]
     assert (row["spend_usd"], row["limit_usd"], row["state"], row["percent"]) == (
@@ -125,3 +135,69 @@ def test_a_state_from_an_older_changelog_with_short_keys_carries_on() -> None:
     assert s.on_deltas(deltas("project:a", 1, offset=7), 0, NOW).signals == []  # offset 7 was applied
     [(_, blocked)] = s.on_deltas(deltas("project:a", 1, offset=8), 0, NOW).signals
     assert (CODEC.decode(blocked)[1]["sequence"], s.scopes["project:a"]["window_spend"][day]) == (5, 10 * USD)
+
+
+def member_deltas(spend: dict[str, int], offset: int) -> bytes:
+    """One usage.raw message's deltas: USD per member scope."""
+    return CODEC.encode(
+        "SpendDeltaBatch",
+        {
+            "deltas": [
+                {
+                    "scope": scope,
+                    "minute": NOW // MINUTE_US,
+                    "pico_usd": usd * USD,
+                    "events": 1,
+                    "source_partition": 0,
+                    "source_offset": offset,
+                }
+                for scope, usd in spend.items()
+            ]
+        },
+    )
+
+
+def decoded(result: Any) -> list[tuple[str, str, str, int]]:
+    return [
+        (s["scope"], s["state"], s["reason"], s["limit_pico_usd"])
+        for s in (CODEC.decode(v)[1] for _, v in result.signals)
+    ]
+
+
+def test_a_template_gives_every_member_its_own_budget_and_an_own_spec_wins() -> None:
+    templates = {"user:*": Spec("user:*", (make_limit("user:*", "daily", "10"),))}
+    s = stage(templates=templates)
+    s.on_budget(b"user:carol", spec_message("user:carol", "100"), 0, NOW)  # carol's own budget
+    first = s.on_deltas(member_deltas({"user:alice": 6, "user:bob": 2, "user:carol": 11}, 1), 0, NOW)
+    assert decoded(first) == [("user:alice", "warn", "threshold", 10 * USD)]
+    second = s.on_deltas(member_deltas({"user:alice": 5, "user:bob": 2, "user:carol": 11}, 2), 0, NOW)
+    assert decoded(second) == [("user:alice", "blocked", "budget_exceeded", 10 * USD)]  # bob and carol ok
+    assert set(s.attention) == {"user:alice"}
+    rows = s.rows({"user:*": templates["user:*"], "user:carol": s.spec_of("user:carol")}, NOW)  # type: ignore[dict-item]
+    assert [(r["scope"], r["spend_usd"], r["state"], r["reason"]) for r in rows] == [
+        ("user:*", "", "template", "2 members with spend, 1 blocked"),
+        ("user:alice", "11.000000000000", "blocked", "budget_exceeded"),
+        ("user:bob", "4.000000000000", "ok", "within_budget"),
+        ("user:carol", "22.000000000000", "ok", "within_budget"),
+    ]
+
+
+def test_a_changed_template_re_decides_every_member_through_the_next_tick() -> None:
+    templates = {"team:*": Spec("team:*", (make_limit("team:*", "daily", "10"),))}
+    s = stage(templates=templates)
+    assert s.on_deltas(member_deltas({"team:a": 4, "team:b": 1}, 1), 0, NOW).signals == []
+    first = s.ticks(NOW)  # the first tick after a start sees the template: every member, once
+    assert sorted(d["scope"] for _, deltas in first for d in deltas) == ["team:a", "team:b"]
+    assert s.ticks(NOW) == []  # unchanged: nothing to re-decide
+    templates["team:*"] = Spec("team:*", (make_limit("team:*", "daily", "3"),))  # lowered below team:a
+    swept = s.ticks(NOW)
+    assert {(partition_for(d["scope"], 8), p) for p, deltas in swept for d in deltas} == {
+        (p, p)
+        for p, _ in swept  # each zero delta goes to its scope's own partition
+    }
+    signals = [
+        signal
+        for p, deltas in swept
+        for signal in decoded(s.on_deltas(CODEC.encode("SpendDeltaBatch", {"deltas": deltas}), p, NOW))
+    ]
+    assert signals == [("team:a", "blocked", "budget_exceeded", 3 * USD)]

@@ -24,7 +24,9 @@ from stream_processors.budgets import (
     load_specs,
     make_limit,
     new_state,
+    parse_scope,
     scopes_for_event,
+    template_of,
     utc_from_micros,
 )
 
@@ -356,3 +358,21 @@ def test_fresh_deltas_ticks_move_nothing_and_v1_deltas_count() -> None:
     v1 = {"source_partition": -1, "source_offset": -1, "minute": 1, "pico_usd": 7}  # from a v1 batch
     assert fresh_deltas(applied, [tick, v1]) == ([(1, 7)], 0)
     assert applied == {"0": 5}
+
+
+def test_templates_are_the_only_scopes_with_a_star_and_members_find_theirs() -> None:
+    for template in ("user:*", "team:*", "key:*", "project:*"):
+        assert parse_scope(template) == template
+    for bad in ("user:a*", "team:**", "project:*/model:gpt-4o", "org:*", "*"):
+        with pytest.raises(ConfigError) as refused:
+            parse_scope(bad)
+        assert "\n" not in str(refused.value)
+    assert parse_scope("project:p/model:gpt-4o*") == "project:p/model:gpt-4o*"  # a glob, not a template
+    assert [template_of(s) for s in ("user:ann", "key:k1", "project:p", "team:t")] == [
+        "user:*",
+        "key:*",
+        "project:*",
+        "team:*",
+    ]
+    assert [template_of(s) for s in ("org", "user:*", "project:p/model:gpt-4o*")] == [None, None, None]
+    assert scopes_for_event("x", None, "u", "m", (), key="k1") == ["org", "project:x", "user:u", "key:k1"]

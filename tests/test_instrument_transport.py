@@ -40,7 +40,13 @@ class Recorder:
 
 class BrokenGuard:
     def check(
-        self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
+        self,
+        *,
+        project: str,
+        team: str | None = None,
+        user: str | None = None,
+        model: str | None = None,
+        key: str | None = None,
     ) -> None:
         raise RuntimeError("guard state unreadable")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from producers import build_event
-from spendstream.usage import METERS
+from spendstream.usage import KEY_TAG, METERS
 from spendstream.wire import default_codec
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
@@ -282,3 +283,46 @@ def test_an_old_writers_explicit_zeros_and_a_new_event_without_them_price_and_st
         rows.append(usage_row(CODEC.decode(CODEC.encode("PricedUsage", priced))[1]))
     assert rows[0] == rows[1]
     assert rows[0][8:13] == (0, 0, 0, 0, 0)  # input, cached, cache write, output, reasoning tokens
+
+
+def test_templates_fan_out_to_every_member_and_the_gateway_key_is_a_scope() -> None:
+    """`user:*` / `key:*` track every member; a single `key:k2` budget tracks that key alone."""
+    events = [
+        ev(team="t", user="u1", tags={KEY_TAG: "k1"}),
+        ev(team="t", user="u2", tags={KEY_TAG: "k2"}),
+        ev(team="t", user="u1", tags={KEY_TAG: "k1"}),
+    ]
+    for e in events:
+        e["event_time"] = events[0]["event_time"]
+    message = CODEC.encode("UsageBatch", {"events": events})
+    templated = MeterStage(Catalogue.load(fallback="none"), CODEC, {}, {"user:*", "key:*"})
+    by_scope = {scope: v for (scope, _), v in templated.process(b"a", message, NOW).spend.items()}
+    assert by_scope == {
+        "org": [10_500_000_000, 3],
+        "project:a": [10_500_000_000, 3],
+        "user:u1": [7_000_000_000, 2],
+        "user:u2": [3_500_000_000, 1],
+        "key:k1": [7_000_000_000, 2],
+        "key:k2": [3_500_000_000, 1],
+    }
+    one_key = MeterStage(Catalogue.load(fallback="none"), CODEC, {}, {"key:k2"})
+    assert {s for s, _ in one_key.process(b"a", message, NOW).spend} == {"org", "project:a", "key:k2"}
+
+
+def test_a_cache_hit_costs_nothing_moves_no_budget_and_records_its_list_price_as_saved() -> None:
+    hit, call = ev(usage_source="cache"), ev()
+    result = STAGE.process(b"a", CODEC.encode("UsageBatch", {"events": [hit, call]}), NOW)
+    [cached, paid] = result.priced
+    assert (cached["cost_pico_usd"], cached["saved_pico_usd"], cached["itemised"]) == (0, 3_500_000_000, {})
+    assert (cached["pricing_status"], cached["price_card"]) == ("priced", "openai/gpt-4o@2024-10-02")
+    assert (paid["cost_pico_usd"], paid["saved_pico_usd"]) == (3_500_000_000, 0)
+    assert {scope: v for (scope, _), v in result.spend.items()} == {  # the hit moves no budget
+        "org": [3_500_000_000, 1],
+        "project:a": [3_500_000_000, 1],
+    }
+    unknown = STAGE.process(b"a", CODEC.encode("UsageEvent", ev(usage_source="cache", model="gpt-9")), NOW)
+    assert [(p["cost_pico_usd"], p["saved_pico_usd"], p["pricing_status"]) for p in unknown.priced] == [
+        (0, 0, "unpriced")  # free is known; what it saved is not
+    ]
+    row = usage_row(CODEC.decode(CODEC.encode("PricedUsage", cached))[1])
+    assert row[14:15] + row[-2:] == (Decimal(0), "cache", Decimal("0.0035"))  # cost_usd, source, saved_usd

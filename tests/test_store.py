@@ -52,6 +52,7 @@ def priced(project: str, pico: int | None, event_id: str | None = None) -> dict[
         "card_version": "2024-10-02",
         "itemised": {"input": pico} if pico else {},
         "unpriced_reason": "",
+        "saved_pico_usd": 0,
     }
 
 
@@ -61,6 +62,7 @@ def test_migrations_apply_once(store: ClickHouseStore) -> None:
         "002_dead_letters.sql",
         "003_pricing_engine.sql",
         "004_usage_source.sql",
+        "005_cache_savings.sql",
     ]
     assert store.migrate() == []
     tables = store.query("SHOW TABLES").rows

@@ -205,3 +205,25 @@ def test_truncated_and_padded_bodies_are_decode_errors() -> None:
 def test_crc64_avro_matches_the_spec_test_vector() -> None:
     # Avro's schema-tests: the fingerprint of "null" is 7195948357588979594.
     assert _crc64_avro(b'"null"') == 7195948357588979594
+
+
+def test_a_priced_batch_of_the_v3_schema_decodes_with_nothing_saved(tmp_path: Path) -> None:
+    """PricedUsage v4 added saved_pico_usd (default 0): usage.priced messages a v3 meter wrote
+    before an upgrade are still stored, as events that saved nothing."""
+    (tmp_path / "dev.spendstream.PricedBatch.avsc").write_text(
+        (SCHEMAS / "history" / "dev.spendstream.PricedBatch.v3.avsc").read_text()
+    )
+    priced = {
+        "usage": EVENT_V2,
+        "cost_pico_usd": 3_500_000_000,
+        "price_card": "openai/gpt-4o@2024-10-02",
+        "priced_at": 1_764_201_600_000_001,
+        "pricing_status": "priced",
+        "card_version": "2024-10-02",
+        "itemised": {"input": 2_500_000_000, "output": 1_000_000_000},
+        "unpriced_reason": "",
+    }
+    old = Codec(tmp_path).encode("PricedBatch", {"events": [priced]})
+    codec = default_codec()
+    assert old[2:10] != codec.fingerprint("PricedBatch")
+    assert codec.decode(old) == ("PricedBatch", {"events": [{**priced, "saved_pico_usd": 0}]})

@@ -14,7 +14,7 @@ class GuardLike(Protocol):
     `check` is synchronous and does no network I/O: it reads state the guard keeps up to date in
     the background. It returns None when the call may proceed and raises
     `spendstream.errors.BudgetExceeded` (scope, reason, spend_usd, limit_usd, window_end) when any
-    scope matching the arguments is blocked.
+    scope matching the arguments is blocked (`key`: a gateway key's public id, scope `key:<id>`).
     """
 
     def check(
@@ -24,6 +24,7 @@ class GuardLike(Protocol):
         team: str | None = None,
         user: str | None = None,
         model: str | None = None,
+        key: str | None = None,
     ) -> None: ...
 
 

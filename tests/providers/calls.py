@@ -158,7 +158,13 @@ class BlockedSetGuard:
         self.checks: list[dict[str, Any]] = []
 
     def check(
-        self, *, project: str, team: str | None = None, user: str | None = None, model: str | None = None
+        self,
+        *,
+        project: str,
+        team: str | None = None,
+        user: str | None = None,
+        model: str | None = None,
+        key: str | None = None,
     ) -> None:
         self.checks.append({"project": project, "team": team, "user": user, "model": model})
         for scope in (f"project:{project}", f"team:{team}", f"user:{user}", f"model:{model}"):
