@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spendstream.errors import ConfigError
 from spendstream.kafka_auth import KafkaAuth, SaslMechanism, SecurityProtocol
-from spendstream.signing import Signer, Verifier
+from spendstream.signing import Signer, Verifier, public_key_b64
 from spendstream.topics import DEDUPE_HORIZON_S, Topics
 
 __all__ = ["Settings"]
@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     clickhouse_database: str = Field(default="spendstream")
     budgets_file: Path | None = Field(
         default=None, description="YAML or TOML file of budgets (see docs/configuration.md)."
+    )
+    policy_file: Path | None = Field(
+        default=None,
+        description="YAML or TOML file of the gateway's policy: model tiers (tiers:) and per-project "
+        "tier and cache TTL (projects:); may be the budgets file (docs/keys.md).",
     )
     unpriced_fallback: str = Field(
         default="max",
@@ -157,11 +162,16 @@ class Settings(BaseSettings):
         """The key this process signs control records with, if one is configured."""
         return Signer.load(self.signing_key.get_secret_value()) if self.signing_key else None
 
+    def accepted_keys(self) -> list[str]:
+        """The base64 public keys this process accepts signed records from: SPENDSTREAM_VERIFY_KEYS
+        and the signing key's own (none: unauthenticated). E.g. the gateway's KeyStore(verify_keys=)."""
+        signer = self.signer()
+        keys = [k.strip() for k in self.verify_keys.split(",") if k.strip()]
+        return [*keys, *([public_key_b64(signer.public_key)] if signer else [])]
+
     def verifier(self) -> Verifier:
         """The public keys this process accepts control records from (none: unauthenticated)."""
-        signer = self.signer()
-        keys = [k for k in self.verify_keys.split(",") if k.strip()]
-        return Verifier([*keys, *([signer.public_key] if signer else [])])
+        return Verifier(self.accepted_keys())
 
     @field_validator("clickhouse_dsn")
     @classmethod

@@ -56,7 +56,9 @@ __all__ = [
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 MINUTE_US = 60_000_000
-_SCOPE = re.compile(r"^(org|team:[^/\s]+|project:[^/\s]+|user:[^/\s]+|project:[^/\s]+/model:\S+)$")
+_SCOPE = re.compile(
+    r"^(org|team:[^/\s]+|project:[^/\s]+|user:[^/\s]+|key:[^/\s]+|project:[^/\s]+/model:\S+)$"
+)
 _ROLLING = re.compile(r"^rolling:(\d{1,6})(m|h|d)$")
 _UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
 RUNAWAY_MINUTES = 5  # the recent rate is the spend of the last 5 minutes ...
@@ -91,7 +93,8 @@ def _micros(dt: datetime) -> int:
 def parse_scope(scope: str) -> str:
     if not _SCOPE.match(scope):
         raise ConfigError(
-            f"scope {scope!r} must be org, team:<id>, project:<id>, user:<id> or project:<id>/model:<glob>"
+            f"scope {scope!r} must be org, team:<id>, project:<id>, user:<id>, key:<id> "
+            "or project:<id>/model:<glob>"
         )
     return scope
 
