@@ -124,10 +124,16 @@ def test_refusal_is_revoked_then_expired_by_time() -> None:
     assert key.refusal(NOW + 100) == "expired"
     gone = revoked(key, NOW + 50)
     assert gone.updated_at_us > key.updated_at_us
-    assert [gone.refusal(NOW + 49), gone.refusal(NOW + 50), gone.refusal(NOW + 200)] == [None, "revoked", "revoked"]
+    assert [gone.refusal(NOW + 49), gone.refusal(NOW + 50), gone.refusal(NOW + 200)] == [
+        None,
+        "revoked",
+        "revoked",
+    ]
 
 
-def refused(verifier: Verifier, kafka_key: bytes | None, value: bytes | None, previous: ApiKey | None = None) -> str:
+def refused(
+    verifier: Verifier, kafka_key: bytes | None, value: bytes | None, previous: ApiKey | None = None
+) -> str:
     with pytest.raises(RecordRefused) as caught:
         admit_record(verifier, kafka_key, value, previous)
     return caught.value.reason
@@ -210,13 +216,19 @@ def test_policy_from_the_budgets_file_tiers_by_project_then_key(tmp_path: Path) 
     narrow = key(models=("claude-*",))
     assert policy.allows(narrow, "claude-3-5-haiku-latest")
     by_globs = policy.refusal(narrow, "gpt-4o-mini")
-    assert by_globs is not None and by_globs.allowed == ("claude-*",)
-    assert by_globs.message == f"model 'gpt-4o-mini' is not allowed for key {GOLDEN_KEY.id}: it may use claude-*"
+    assert by_globs is not None
+    assert by_globs.allowed == ("claude-*",)
+    assert (
+        by_globs.message == f"model 'gpt-4o-mini' is not allowed for key {GOLDEN_KEY.id}: it may use claude-*"
+    )
     by_tier = policy.refusal(narrow, "claude-3-opus")
-    assert by_tier is not None and by_tier.tier == "basic"
+    assert by_tier is not None
+    assert by_tier.tier == "basic"
     # a key on a tier the file does not define is refused everything (fail closed)
     undefined = policy.refusal(key(tier="gold"), "gpt-4o-mini")
-    assert undefined is not None and undefined.tier == "gold" and "does not define" in undefined.message
+    assert undefined is not None
+    assert undefined.tier == "gold"
+    assert "does not define" in undefined.message
     assert policy.allowed_models(checkout, ["gpt-4o", "gpt-4o-mini", "o3"]) == ["gpt-4o-mini"]
     # cache: the key's TTL, else the project's, else none
     assert [policy.cache_ttl(key(cache_ttl_s=60)), policy.cache_ttl(checkout)] == [60, 300]
@@ -235,7 +247,10 @@ def test_no_policy_file_allows_every_model() -> None:
         ("tiers: {basic: []}", "a list of 1 to 64 model patterns"),
         ("tiers: {basic: gpt-4o}", "a list of 1 to 64 model patterns"),
         ("tiers: {'bad name': ['*']}", "tier 'bad name' must be 1 to 64 letters"),
-        ("tiers: {basic: ['*']}\nprojects: {checkout: {tier: gold}}", "tier 'gold' is not defined under tiers: (defined: basic)"),
+        (
+            "tiers: {basic: ['*']}\nprojects: {checkout: {tier: gold}}",
+            "tier 'gold' is not defined under tiers: (defined: basic)",
+        ),
         ("projects: {checkout: {tier: basic}}", "tier 'basic' is not defined under tiers: (defined: none)"),
         ("projects: {checkout: {cache_ttl: 1.5}}", "cache_ttl is whole seconds from 1 to 2,592,000"),
         ("projects: {checkout: {ttl: 5}}", "expected {tier: NAME, cache_ttl: SECONDS}"),
