@@ -163,8 +163,8 @@ class KeyStore:
         if not self._verifier.enforcing and not _warned:
             _warned = True
             log.warning(
-                "UNAUTHENTICATED KEYS: the gateway has no verify keys, so any Kafka client that can write "
-                "%s can create a key. Run `spendstream keys generate` and set SPENDSTREAM_SIGNING_KEY / "
+                "UNAUTHENTICATED KEYS: no verify keys are configured, so a key record any Kafka client "
+                "writes on %s is accepted (anyone who can write it can mint a working key). Run `spendstream keys generate` and set SPENDSTREAM_SIGNING_KEY / "
                 "SPENDSTREAM_VERIFY_KEYS; see docs/security.md",
                 self.topic,
             )

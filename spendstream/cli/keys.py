@@ -25,10 +25,13 @@ from rich.table import Table
 from gateway.keys import KeyStore
 from gateway.policy import Policy
 from spendstream.api_keys import ApiKey, encode_key, mint_key, revoked
+from spendstream.cli.budgets import ready_topics
 from spendstream.cli.console import console
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.signing import REPLAYED, UNSIGNED, Signer, generate_key, public_key_b64
+from stream_processors.budgets import Spec, make_limit, utc_from_micros
+from stream_processors.feeds import publish
 
 keys_app = typer.Typer(
     no_args_is_help=True,
@@ -72,8 +75,6 @@ def _check_tier(settings: Settings, tier: str) -> None:
 def _store(settings: Settings) -> KeyStore:
     """Every key on gateway.keys, read to its end, as a gateway with this process's verify keys sees
     them (with verify keys, records not signed by one of them are ignored)."""
-    from spendstream.cli.budgets import ready_topics
-
     ready_topics(settings)
     store = KeyStore(
         bootstrap_servers=settings.bootstrap,
@@ -91,15 +92,11 @@ def _store(settings: Settings) -> KeyStore:
 
 
 def _publish_key(settings: Settings, key: ApiKey) -> None:
-    from stream_processors.feeds import publish
-
     record = encode_key(key, settings.signer())
     asyncio.run(publish(settings.bootstrap, settings.topics.gateway_keys, [record], settings.kafka_auth))
 
 
 def _utc(us: int | None) -> str:
-    from stream_processors.budgets import utc_from_micros
-
     return "-" if us is None else f"{utc_from_micros(us):%Y-%m-%d %H:%M}"
 
 
@@ -201,7 +198,6 @@ def register(app: typer.Typer) -> None:
         """Re-publish every current budget signed with SPENDSTREAM_SIGNING_KEY (after a rotation)."""
         from spendstream.cli.up import publish_specs
         from spendstream.wire import default_codec
-        from stream_processors.budgets import Spec
         from stream_processors.feeds import read_compacted
 
         settings: Settings = ctx.obj
@@ -278,8 +274,7 @@ def register_api_keys() -> None:
         format: Annotated[str, typer.Option("--format", "-f", help="table or json")] = "table",
     ) -> None:
         """Create an internal key and print its secret once (it is stored only as a hash)."""
-        from spendstream.cli.up import publish_specs
-        from stream_processors.budgets import Spec, make_limit
+        from spendstream.cli.up import publish_specs  # imports faust: only when publishing
 
         settings: Settings = ctx.obj
         _check_format(format)
@@ -301,8 +296,6 @@ def register_api_keys() -> None:
         if tier is not None:
             _check_tier(settings, tier)
         spec = Spec(key.scope, (make_limit(key.scope, window or "monthly", budget),)) if budget else None
-        from spendstream.cli.budgets import ready_topics
-
         ready_topics(settings)
         if spec is not None:  # the budget first: a key never exists without the budget it was given
             asyncio.run(publish_specs(settings, [spec]))
