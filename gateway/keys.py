@@ -176,8 +176,9 @@ class KeyStore:
             await self.stop()
             raise ConfigError(
                 f"could not read the keys on {self.topic} within {self._ready_timeout:.0f} s "
-                f"({self._last_error or 'no answer'}): is Kafka at {self._bootstrap} up and the topic "
-                "created (`spendstream up`)?"
+                f"({self._last_error or f'{self.applied + sum(self.rejected.values()):,} records read so far'}): "
+                f"is Kafka at {self._bootstrap} up and the topic created (`spendstream up`)? A topic of "
+                "many keys takes longer to read (about 0.1 ms per key with verify keys, docs/keys.md)"
             ) from None
         log.info(
             "%s read: %d keys, %d records ignored (%.2f s)",

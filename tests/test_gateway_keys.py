@@ -25,6 +25,7 @@ from spendstream.topics import Topics, ensure_topics
 from spendstream.wire import default_codec
 from stream_processors.budgets import Spec
 from stream_processors.feeds import publish, read_compacted
+from tests.conftest import own_broker
 from tests.test_bad_values import cli_env, spendstream
 
 PROPAGATION_LIMIT_S = 1.0
@@ -378,3 +379,34 @@ def test_a_key_store_without_its_topic_gives_a_config_error_in_time(kafka: str) 
     with pytest.raises(ConfigError, match=r"could not read the keys on .* within 2 s .*does not exist"):
         asyncio.run(store.start())
     assert time.monotonic() - t0 < 5
+
+
+def test_through_a_broker_outage_known_keys_keep_working_and_a_revoke_after_it_applies() -> None:
+    """A broker stopped for 5 s under a running KeyStore: the key it knows keeps working, an unknown
+    one stays refused, and a revocation published once the broker is back applies."""
+    signer = Signer(Ed25519PrivateKey.generate())
+    with own_broker("keys-outage", 8) as broker:
+        topics = Topics(f"t{uuid.uuid4().hex[:8]}.")
+        asyncio.run(ensure_topics(broker.bootstrap, topics, 4))
+        deployment = Deployment(broker.bootstrap, topics, {}, signer, [public_key_b64(signer.public_key)])
+        key, secret = mint_key(project="checkout", now_us=time.time_ns() // 1000)
+        _, stranger = mint_key(project="checkout", now_us=time.time_ns() // 1000)
+
+        async def scenario() -> float:
+            await deployment.publish_key(key, signer)
+            store = deployment.store()
+            async with started(store):
+                await asyncio.to_thread(broker.stop)
+                down = [refusal(store, secret), refusal(store, stranger)]
+                await asyncio.sleep(5)
+                down += [refusal(store, secret), refusal(store, stranger)]
+                assert down == [None, "unknown", None, "unknown"]
+                await asyncio.to_thread(broker.start, 180)
+                return await timed(
+                    deployment.publish_key(revoked(key, time.time_ns() // 1000), signer),
+                    lambda: refusal(store, secret) == "revoked",
+                )
+
+        revoke_s = asyncio.run(scenario())
+    print(f"revoke after a 5 s outage: applied {revoke_s * 1000:.0f} ms from the start of its publish")
+    assert revoke_s < PROPAGATION_LIMIT_S
