@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     budgets_file: Path | None = Field(
         default=None, description="YAML or TOML file of budgets (see docs/configuration.md)."
     )
+    policy_file: Path | None = Field(
+        default=None,
+        description="YAML or TOML file of the gateway's policy: model tiers (tiers:) and per-project "
+        "tier and cache TTL (projects:); may be the budgets file (docs/keys.md).",
+    )
     unpriced_fallback: str = Field(
         default="max",
         description="Charge events of models without a price at: max (the provider's most expensive "
@@ -204,11 +209,16 @@ class Settings(BaseSettings):
         """The key this process signs control records with, if one is configured."""
         return Signer.load(self.signing_key.get_secret_value()) if self.signing_key else None
 
+    def accepted_keys(self) -> list[str]:
+        """The base64 public keys this process accepts signed records from: SPENDSTREAM_VERIFY_KEYS
+        and the signing key's own (none: unauthenticated). E.g. the gateway's KeyStore(verify_keys=)."""
+        signer = self.signer()
+        keys = [k.strip() for k in self.verify_keys.split(",") if k.strip()]
+        return [*keys, *([public_key_b64(signer.public_key)] if signer else [])]
+
     def verifier(self) -> Verifier:
         """The public keys this process accepts control records from (none: unauthenticated)."""
-        signer = self.signer()
-        keys = [k for k in self.verify_keys.split(",") if k.strip()]
-        return Verifier([*keys, *([signer.public_key] if signer else [])])
+        return Verifier(self.accepted_keys())
 
     @field_validator("openai_base_url", "anthropic_base_url", "gemini_base_url")
     @classmethod

@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from gateway.policy import Policy
 from spendstream.cli.console import console, err
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings
@@ -36,7 +37,8 @@ _CENT = Decimal("0.01")
 budget_app = typer.Typer(no_args_is_help=True, help="Budgets per scope, managed at run time.")
 
 
-def _ready(settings: Settings) -> None:
+def ready_topics(settings: Settings) -> None:
+    """Wait for the broker and create whichever topic is missing (ConfigError if there is none)."""
     from spendstream.topics import ensure_topics, wait_for_broker
 
     asyncio.run(wait_for_broker(settings.bootstrap, timeout=10, kafka_auth=settings.kafka_auth))
@@ -84,7 +86,7 @@ def _publish(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = (
 
 def _change(settings: Settings, scope: str, **changes: Any) -> Spec:
     parse_scope(scope)
-    _ready(settings)
+    ready_topics(settings)
     spec = current_specs(settings).get(scope, Spec(scope))
     spec = dataclasses.replace(spec, **changes)
     _publish(settings, [spec])
@@ -114,7 +116,7 @@ def register(app: typer.Typer) -> None:
         limit = make_limit(scope, window, amount, tz, levels, mode)
         settings: Settings = ctx.obj
         parse_scope(scope)
-        _ready(settings)
+        ready_topics(settings)
         spec = current_specs(settings).get(scope, Spec(scope))
         others = tuple(lim for lim in spec.limits if (lim.window, lim.tz) != (window, tz))
         _publish(settings, [dataclasses.replace(spec, limits=(*others, limit))])
@@ -128,7 +130,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Remove a scope's budgets (or one window's); a blocked scope unblocks at once."""
         settings: Settings = ctx.obj
-        _ready(settings)
+        ready_topics(settings)
         spec = current_specs(settings).get(parse_scope(scope))
         if spec is None:
             raise SpendstreamError(f"{scope} has no budget (see `spendstream budget list`)")
@@ -167,11 +169,19 @@ def register(app: typer.Typer) -> None:
     def import_budgets(
         ctx: typer.Context, file: Annotated[Path, typer.Argument(help="YAML or TOML budgets file")]
     ) -> None:
-        """Publish every budget of a file (the format of SPENDSTREAM_BUDGETS_FILE)."""
+        """Publish every budget of a file (the format of SPENDSTREAM_BUDGETS_FILE). Its gateway policy
+        (tiers:, projects:) is checked, not published: gateways read it from SPENDSTREAM_POLICY_FILE."""
         specs = load_specs(file)
-        _ready(ctx.obj)
+        policy = Policy.load(file)
+        ready_topics(ctx.obj)
         _publish(ctx.obj, specs)
         console.print(f"imported {len(specs)} scopes from {file}")
+        if policy.tiers or policy.project_tiers or policy.project_cache_ttl:
+            projects = set(policy.project_tiers) | set(policy.project_cache_ttl)
+            console.print(
+                f"checked the gateway policy: {len(policy.tiers)} tiers, {len(projects)} projects "
+                "(gateways read it from SPENDSTREAM_POLICY_FILE)"
+            )
 
     @budget_app.command("list")
     def list_budgets(ctx: typer.Context) -> None:

@@ -1,24 +1,122 @@
-"""`spendstream keys generate|rotate|resign`: the Ed25519 keys that sign the control plane.
+"""`spendstream keys ...`: the gateway's internal API keys, and the Ed25519 keys that sign the
+control plane.
 
-The private key signs ControlSignals (the worker) and BudgetSpecs (operators' CLI); Guards and
-workers verify with the public keys (docs/security.md).
+`keys create|list|revoke` manage internal keys on the compacted `gateway.keys` topic (key = id);
+the secret is printed once by `create` and stored nowhere, only its SHA-256 (docs/keys.md).
+
+`keys generate|rotate|resign`: the private key signs ControlSignals (the worker), BudgetSpecs and
+ApiKeys (operators' CLI); Guards, workers and gateways verify with the public keys
+(docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from rich.table import Table
 
+from gateway.keys import KeyStore
+from gateway.policy import Policy
+from spendstream.api_keys import ApiKey, encode_key, mint_key, revoked
+from spendstream.cli.budgets import ready_topics
 from spendstream.cli.console import console
-from spendstream.errors import ConfigError
+from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.signing import REPLAYED, UNSIGNED, Signer, generate_key, public_key_b64
+from stream_processors.budgets import Spec, make_limit, utc_from_micros
+from stream_processors.feeds import publish
 
-keys_app = typer.Typer(no_args_is_help=True, help="Keys that sign kill-switch signals and budgets.")
+keys_app = typer.Typer(
+    no_args_is_help=True,
+    help="The gateway's API keys (create, list, revoke) and the keys that sign the control plane.",
+)
+_DURATION = re.compile(r"(\d{1,6})([mhd])")
+_DURATION_US = {"m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
+_MAX_EXPIRY_US = 3650 * _DURATION_US["d"]
+_FORMATS = ("table", "json")
+
+
+def _expiry_us(text: str) -> int:
+    """A duration such as 30d, 12h or 90m in microseconds (1 minute to 3650 days)."""
+    m = _DURATION.fullmatch(text.strip())
+    us = int(m.group(1)) * _DURATION_US[m.group(2)] if m else 0
+    if not 0 < us <= _MAX_EXPIRY_US:
+        raise ConfigError(f"--expires takes a duration such as 30d, 12h or 90m (at most 3650d), not {text!r}")
+    return us
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in _FORMATS:
+        raise ConfigError(f"--format must be table or json, not {fmt!r}")
+
+
+def _check_tier(settings: Settings, tier: str) -> None:
+    """An unknown tier would refuse every call with the key: say so now, not at the first call."""
+    if settings.policy_file is None:
+        raise ConfigError(
+            f"--tier {tier} needs the policy file that defines the tiers: set SPENDSTREAM_POLICY_FILE "
+            "(the file the gateways read, docs/keys.md)"
+        )
+    policy = Policy.load(settings.policy_file)
+    if tier not in policy.tiers:
+        raise ConfigError(
+            f"tier {tier!r} is not defined in {settings.policy_file} "
+            f"(defined: {', '.join(sorted(policy.tiers)) or 'none'})"
+        )
+
+
+def _store(settings: Settings) -> KeyStore:
+    """Every key on gateway.keys, read to its end, as a gateway with this process's verify keys sees
+    them (with verify keys, records not signed by one of them are ignored)."""
+    ready_topics(settings)
+    store = KeyStore(
+        bootstrap_servers=settings.bootstrap,
+        topic=settings.topics.gateway_keys,
+        verify_keys=settings.accepted_keys(),
+        kafka_auth=settings.kafka_auth,
+    )
+
+    async def read() -> None:
+        await store.start()
+        await store.stop()
+
+    asyncio.run(read())
+    return store
+
+
+def _publish_key(settings: Settings, key: ApiKey) -> None:
+    record = encode_key(key, settings.signer())
+    asyncio.run(publish(settings.bootstrap, settings.topics.gateway_keys, [record], settings.kafka_auth))
+
+
+def _utc(us: int | None) -> str:
+    return "-" if us is None else f"{utc_from_micros(us):%Y-%m-%d %H:%M}"
+
+
+def _key_json(key: ApiKey) -> dict[str, Any]:
+    """What may be shown of a key: everything but the hash of its secret."""
+    return {
+        "id": key.id,
+        "prefix": key.prefix,
+        "project": key.project,
+        "team": key.team,
+        "user": key.user,
+        "models": list(key.models),
+        "tier": key.tier,
+        "rpm": key.rpm,
+        "tpm": key.tpm,
+        "cache_ttl_s": key.cache_ttl_s,
+        "created_at_us": key.created_at_us,
+        "expires_at_us": key.expires_at_us,
+        "revoked_at_us": key.revoked_at_us,
+    }
 
 
 def _new_key(settings: Settings, out: Path | None, name: str) -> tuple[Path, Signer]:
@@ -44,6 +142,7 @@ def _print_setup(path: Path, signer: Signer, verify_keys: list[str]) -> None:
 
 def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
+    register_api_keys()
 
     @keys_app.command("generate")
     def generate(
@@ -99,7 +198,6 @@ def register(app: typer.Typer) -> None:
         """Re-publish every current budget signed with SPENDSTREAM_SIGNING_KEY (after a rotation)."""
         from spendstream.cli.up import publish_specs
         from spendstream.wire import default_codec
-        from stream_processors.budgets import Spec
         from stream_processors.feeds import read_compacted
 
         settings: Settings = ctx.obj
@@ -134,3 +232,143 @@ def register(app: typer.Typer) -> None:
         console.print(f"re-signed {len(specs)} budgets and {len(removed)} removals")
         if refused:
             console.print(f"[red]left alone[/red] (not verified by the verify keys): {', '.join(refused)}")
+
+
+def _whole(option: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(f"{option} takes a whole number, not {text!r}") from None
+
+
+def register_api_keys() -> None:
+    """`keys create|list|revoke`: the gateway's internal keys."""
+
+    @keys_app.command("create")
+    def create(
+        ctx: typer.Context,
+        project: Annotated[str, typer.Option(help="Project every call with the key is metered under")],
+        team: Annotated[str | None, typer.Option(help="Team to attribute calls to")] = None,
+        user: Annotated[str | None, typer.Option(help="User to attribute calls to")] = None,
+        models: Annotated[
+            str | None,
+            typer.Option(help="Comma-separated model patterns the key may use, e.g. 'gpt-4o-mini*'"),
+        ] = None,
+        tier: Annotated[
+            str | None, typer.Option(help="Model tier (defined in SPENDSTREAM_POLICY_FILE)")
+        ] = None,
+        rpm: Annotated[str | None, typer.Option(help="Requests per minute for this key")] = None,
+        tpm: Annotated[str | None, typer.Option(help="Tokens per minute for this key")] = None,
+        cache_ttl: Annotated[
+            str | None, typer.Option(help="Cache responses of this key's calls (seconds)")
+        ] = None,
+        expires: Annotated[str | None, typer.Option(help="Expire after a duration: 30d, 12h, 90m")] = None,
+        budget: Annotated[
+            str | None, typer.Option(help="Give the key its own budget in USD (scope key:<id>)")
+        ] = None,
+        window: Annotated[
+            str | None, typer.Option(help="Window of --budget: daily, weekly, monthly, rolling:<n>m|h|d")
+        ] = None,
+        format: Annotated[str, typer.Option("--format", "-f", help="table or json")] = "table",
+    ) -> None:
+        """Create an internal key and print its secret once (it is stored only as a hash)."""
+        from spendstream.cli.up import publish_specs  # imports faust: only when publishing
+
+        settings: Settings = ctx.obj
+        _check_format(format)
+        if window is not None and budget is None:
+            raise ConfigError("--window is the window of --budget: give --budget USD too")
+        now = time.time_ns() // 1000
+        key, secret = mint_key(
+            project=project,
+            team=team,
+            user=user,
+            models=[m.strip() for m in (models or "").split(",") if m.strip()],
+            tier=tier,
+            rpm=_whole("--rpm", rpm),
+            tpm=_whole("--tpm", tpm),
+            cache_ttl_s=_whole("--cache-ttl", cache_ttl),
+            expires_at_us=now + _expiry_us(expires) if expires is not None else None,
+            now_us=now,
+        )
+        if tier is not None:
+            _check_tier(settings, tier)
+        spec = Spec(key.scope, (make_limit(key.scope, window or "monthly", budget),)) if budget else None
+        ready_topics(settings)
+        if spec is not None:  # the budget first: a key never exists without the budget it was given
+            asyncio.run(publish_specs(settings, [spec]))
+        _publish_key(settings, key)
+        if format == "json":
+            limit = spec.limits[0] if spec else None
+            print(
+                json.dumps(
+                    {
+                        **_key_json(key),
+                        "key": secret,
+                        "budget": {"scope": key.scope, "usd": budget, "window": limit.window}
+                        if limit
+                        else None,
+                    }
+                )
+            )
+            return
+        console.print(
+            f"created {key.id} for project {escape(key.project)}"
+            + (f", team {escape(key.team)}" if key.team else "")
+            + (f", user {escape(key.user)}" if key.user else "")
+            + (f"; budget {key.scope}: ${budget} {window or 'monthly'}" if spec else ""),
+            soft_wrap=True,
+        )
+        console.print("secret (shown this once; store it now, it cannot be recovered):")
+        print(secret)
+
+    @keys_app.command("list")
+    def list_keys(
+        ctx: typer.Context,
+        format: Annotated[str, typer.Option("--format", "-f", help="table or json")] = "table",
+    ) -> None:
+        """Every internal key (never its secret): attribution, limits, created, expires, revoked."""
+        _check_format(format)
+        store = _store(ctx.obj)
+        keys = store.keys()
+        if format == "json":
+            print(json.dumps([_key_json(k) for k in keys]))
+            return
+        table = Table(
+            "id", "prefix", "project", "team", "user", "models", "tier", "rpm", "tpm", "cache",
+            "created (UTC)", "expires", "revoked",
+        )  # fmt: skip
+        for k in keys:
+            table.add_row(
+                k.id,
+                k.prefix + "...",
+                escape(k.project),
+                escape(k.team or "-"),
+                escape(k.user or "-"),
+                escape(",".join(k.models) or "*"),
+                escape(k.tier or "-"),
+                str(k.rpm or "-"),
+                str(k.tpm or "-"),
+                f"{k.cache_ttl_s}s" if k.cache_ttl_s else "-",
+                _utc(k.created_at_us),
+                _utc(k.expires_at_us),
+                _utc(k.revoked_at_us),
+            )
+        console.print(table)
+
+    @keys_app.command("revoke")
+    def revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+        """Revoke a key on every gateway (within a second); a revoked key never comes back."""
+        settings: Settings = ctx.obj
+        key = _store(settings).get(key_id)
+        if key is None:
+            raise SpendstreamError(
+                f"no key {key_id!r} on {settings.topics.gateway_keys} (see `spendstream keys list`)"
+            )
+        if key.revoked_at_us is not None:
+            console.print(f"{key.id} was already revoked at {_utc(key.revoked_at_us)} UTC")
+            return
+        _publish_key(settings, revoked(key, time.time_ns() // 1000))
+        console.print(f"[red]revoked[/red] {key.id} (project {escape(key.project)})")
