@@ -22,7 +22,9 @@ from tests.conftest import own_broker
 
 def local(window_s: float = 60.0) -> FleetLimiter:
     """A limiter that is never started: one instance on its own (healthy False, per-instance limits)."""
-    return FleetLimiter(bootstrap_servers="127.0.0.1:1", topic="unused", instance_id="solo", window_s=window_s)
+    return FleetLimiter(
+        bootstrap_servers="127.0.0.1:1", topic="unused", instance_id="solo", window_s=window_s
+    )
 
 
 KEY = Rule("key:k1", rpm=3, tpm=None)
@@ -38,7 +40,7 @@ def test_a_request_counts_for_the_window_plus_at_most_one_bucket() -> None:
     [allowed] = limiter.admit([KEY], 0, now=1061.0)
     assert allowed == Verdict(True, "key:k1", "requests", 3, 1, reset_s=61.0, retry_after_s=0.0)
     assert limiter.count("key:k1", "requests", now=1061.0) == 2
-    assert limiter.stats.admitted == 4 and limiter.stats.refused == 2
+    assert (limiter.stats.admitted, limiter.stats.refused) == (4, 2)
 
 
 def test_tokens_a_refusal_counts_nothing_and_corrections_count() -> None:
@@ -53,7 +55,8 @@ def test_tokens_a_refusal_counts_nothing_and_corrections_count() -> None:
     ]
     assert verdicts[1].retry_after_s == 60.0  # the 60 tokens of bucket 500 leave at 561
     # refused: neither scope counted the request nor its tokens
-    assert [limiter.count(s, w, now=501.0) for s, w in [("key:k1", "requests"), ("project:p", "tokens")]] == [1, 60]
+    assert limiter.count("key:k1", "requests", now=501.0) == 1
+    assert limiter.count("project:p", "tokens", now=501.0) == 60
     # the call used 30 tokens, not the estimated 60: taken from its own bucket
     limiter.record_tokens(["key:k1", "project:p"], -30, now=502.0, admitted_at=500.0)
     assert limiter.count("key:k1", "tokens", now=502.0) == 30
@@ -72,7 +75,7 @@ def test_tokens_a_refusal_counts_nothing_and_corrections_count() -> None:
 def test_a_request_larger_than_the_limit_never_fits() -> None:
     limiter = local()
     [requests, tokens] = limiter.admit([Rule("key:k1", rpm=5, tpm=100)], 101, now=10.0)
-    assert requests.allowed and not tokens.allowed
+    assert (requests.allowed, tokens.allowed) == (True, False)
     assert (tokens.limit, tokens.remaining, tokens.retry_after_s) == (100, 100, 60.0)
     assert limiter.count("key:k1", "requests", now=10.0) == 0
 
@@ -104,7 +107,9 @@ def test_one_instance_never_admits_more_than_the_limit_in_any_window(
         assert sum(inside) <= tpm
 
 
-def verdict(what: str, allowed: bool, limit: int, remaining: int, reset_s: float, retry: float = 0.0) -> Verdict:
+def verdict(
+    what: str, allowed: bool, limit: int, remaining: int, reset_s: float, retry: float = 0.0
+) -> Verdict:
     return Verdict(allowed, "key:k", what, limit, remaining, reset_s, retry)  # type: ignore[arg-type]
 
 
@@ -140,7 +145,15 @@ def test_headers_come_from_the_tightest_verdict_of_each_kind() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0ms"), (0.0004, "1ms"), (0.12, "120ms"), (1, "1s"), (59.5, "59.5s"), (360, "6m0s"), (3723.25, "1h2m3.25s")],
+    [
+        (0, "0ms"),
+        (0.0004, "1ms"),
+        (0.12, "120ms"),
+        (1, "1s"),
+        (59.5, "59.5s"),
+        (360, "6m0s"),
+        (3723.25, "1h2m3.25s"),
+    ],
 )
 def test_durations_are_written_the_way_openai_writes_them(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
@@ -222,11 +235,11 @@ def broker() -> Iterator[LocalKafka]:
         yield own
 
 
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def until(condition: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
+            raise AssertionError(f"not within {within} s: {what}")
         await asyncio.sleep(0.1)
 
 
@@ -247,13 +260,17 @@ def test_an_outage_degrades_to_per_instance_limits_and_recovers(broker: LocalKaf
     async def run() -> None:
         a, b = (
             FleetLimiter(
-                bootstrap_servers=broker.bootstrap, topic=topic, instance_id=name, window_s=600, health_timeout_s=1.0
+                bootstrap_servers=broker.bootstrap,
+                topic=topic,
+                instance_id=name,
+                window_s=600,
+                health_timeout_s=1.0,
             )
             for name in ("a", "b")
         )
         await asyncio.gather(a.start(), b.start())
         try:
-            assert a.healthy and b.healthy
+            assert (a.healthy, b.healthy) == (True, True)
             assert sum(a.admit([rule], 0)[0].allowed for _ in range(4)) == 4
             await until(lambda: b.count("key:k", "requests") == 4, 5, "B sees A's 4")
             await asyncio.to_thread(broker.stop)
@@ -262,7 +279,9 @@ def test_an_outage_degrades_to_per_instance_limits_and_recovers(broker: LocalKaf
             assert (take_all(a), take_all(b)) == (6, 6)
             await asyncio.to_thread(broker.start, 180)
             await until(lambda: a.healthy and b.healthy, 60, "both healthy again")
-            await until(lambda: a.count("key:k", "requests") == b.count("key:k", "requests") == 16, 10, "16 on both")
+            await until(
+                lambda: a.count("key:k", "requests") == b.count("key:k", "requests") == 16, 10, "16 on both"
+            )
             assert (take_all(a), take_all(b)) == (0, 0)
             print(f"outage: A and B each admitted 6 alone; after recovery both count 16; {a.stats} {b.stats}")
         finally:
