@@ -8,6 +8,7 @@ import json
 
 import pytest
 import redis.asyncio as redis
+from pydantic import ValidationError
 
 from gateway.cache import (
     CacheDirective,
@@ -19,6 +20,7 @@ from gateway.cache import (
     encode_response,
     parse_directive,
 )
+from spendstream.settings import Settings
 from tests.conftest import RedisServer
 
 CHAT = "/v1/chat/completions"
@@ -236,3 +238,15 @@ def test_redis_killed_mid_test_gives_counted_misses_and_comes_back(redis_server:
             await cache.close()
 
     asyncio.run(run())
+
+
+def test_the_cache_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPENDSTREAM_REDIS_URL", "redis://:s3cret@cache.internal:6379/2")
+    settings = Settings()
+    assert settings.cache_max_bytes == 64 << 20
+    assert settings.redis_url is not None
+    assert "s3cret" not in str(settings.redis_url)  # what `spendstream config` prints
+    assert settings.redis_url.get_secret_value().endswith("@cache.internal:6379/2")
+    monkeypatch.setenv("SPENDSTREAM_REDIS_URL", "http://cache.internal:6379")
+    with pytest.raises(ValidationError, match="must start with redis://"):
+        Settings()
