@@ -144,6 +144,17 @@ class Settings(BaseSettings):
         description="Users' queries running at once, in threads of their own (the sink's inserts never "
         "wait for one); more are refused with 429 until one finishes.",
     )
+    cache_max_bytes: int = Field(
+        default=64 << 20,
+        ge=1 << 20,
+        description="Memory cap of the gateway's in-process response cache (LRU, bytes); an answer "
+        "larger than an eighth of it is not cached.",
+    )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="redis://[:password@]host:6379/0 (rediss:// for TLS): the gateway's response cache "
+        "lives there, shared by every instance, instead of in each process; masked in output.",
+    )
 
     gateway_host: str = Field(default="127.0.0.1", description="Address `spendstream gateway` listens on.")
     gateway_port: int = Field(default=4000, ge=1, le=65535, description="Port of `spendstream gateway`.")
@@ -256,6 +267,13 @@ class Settings(BaseSettings):
         signer = self.signer()
         own = [public_key_b64(signer.public_key)] if signer else []
         return [k.strip() for k in self.verify_keys.split(",") if k.strip()] + own
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
 
     @field_validator("clickhouse_dsn")
     @classmethod
