@@ -353,7 +353,17 @@ def test_bad_key_values_are_refused_in_one_line_and_nothing_is_published(deploym
         assert message in lines[0], (args, lines[0])
         assert out == ""
         refused += 1
-    assert refused == len(BAD_KEY_VALUES) == 18
+    # verify keys but no signing key: an unsigned key (or revocation) would be ignored by gateways
+    unsigned_env = {k: v for k, v in deployment.env.items() if k != "SPENDSTREAM_SIGNING_KEY"}
+    for args in (("keys", "create", "--project", "p"), ("keys", "revoke", "key_doesnotexist")):
+        result = spendstream({**unsigned_env, "SPENDSTREAM_VERIFY_KEYS": deployment.verify_keys[0]}, *args)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            "error: SPENDSTREAM_VERIFY_KEYS is set, so gateways ignore unsigned key records: set "
+            "SPENDSTREAM_SIGNING_KEY to an operator key (docs/security.md)"
+        )
+        refused += 1
+    assert refused == len(BAD_KEY_VALUES) + 2 == 20
     codec = default_codec()
     assert asyncio.run(read_compacted(deployment.kafka, deployment.topics.gateway_keys, codec)) == {}
     assert asyncio.run(read_compacted(deployment.kafka, deployment.topics.budgets, codec)) == {}

@@ -93,8 +93,20 @@ def _store(settings: Settings) -> KeyStore:
     return store
 
 
+def _key_signer(settings: Settings) -> Signer | None:
+    """The signer of key records; ConfigError when gateways would ignore an unsigned one (a revoke
+    that silently does nothing is worse than none)."""
+    signer = settings.signer()
+    if signer is None and settings.verify_keys.strip():
+        raise ConfigError(
+            "SPENDSTREAM_VERIFY_KEYS is set, so gateways ignore unsigned key records: set "
+            "SPENDSTREAM_SIGNING_KEY to an operator key (docs/security.md)"
+        )
+    return signer
+
+
 def _publish_key(settings: Settings, key: ApiKey) -> None:
-    record = encode_key(key, settings.signer())
+    record = encode_key(key, _key_signer(settings))
     asyncio.run(publish(settings.bootstrap, settings.topics.gateway_keys, [record], settings.kafka_auth))
 
 
@@ -315,6 +327,7 @@ def register_api_keys() -> None:
 
         settings: Settings = ctx.obj
         _check_format(format)
+        _key_signer(settings)
         if window is not None and budget is None:
             raise ConfigError("--window is the window of --budget: give --budget USD too")
         now = time.time_ns() // 1000
@@ -399,6 +412,7 @@ def register_api_keys() -> None:
     def revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
         """Revoke a key on every gateway (within a second); a revoked key never comes back."""
         settings: Settings = ctx.obj
+        _key_signer(settings)
         key = _store(settings).get(key_id)
         if key is None:
             raise SpendstreamError(
