@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spendstream.errors import ConfigError, DecodeError
-from spendstream.signing import REPLAYED, Signer, Verifier, encode_control
+from spendstream.signing import REPLAYED, UNSIGNED, Signer, Verifier, encode_control
 from spendstream.usage import MAX_TEXT
 from spendstream.wire import Codec, default_codec
 
@@ -303,10 +303,13 @@ def admit_record(
     value: bytes | None,
     previous: ApiKey | None,
     codec: Codec | None = None,
+    *,
+    adopt_unsigned: bool = False,
 ) -> ApiKey | None:
     """The key a `gateway.keys` record sets (None: an accepted tombstone, which removes the id), or
     RecordRefused with the reason (see the module docstring). `previous` is the id's last accepted
-    key. Every reader (gateway KeyStore, `keys list`, `keys revoke`) decides the same way."""
+    key. Every reader (gateway KeyStore, `keys list`, `keys revoke`) decides the same way;
+    `adopt_unsigned` admits unsigned records too (`keys resign --adopt-unsigned` only)."""
     codec = codec or default_codec()
     record: dict[str, Any] | None = None
     if value:
@@ -317,6 +320,8 @@ def admit_record(
         if name != _SCHEMA:
             raise RecordRefused(WRONG_RECORD, f"{name} on gateway.keys")
     why = verifier.check(kafka_key, value or None, record)
+    if why == UNSIGNED and adopt_unsigned:
+        why = None
     if why is not None:
         raise RecordRefused(why)
     if record is None:

@@ -12,6 +12,7 @@ ApiKeys (operators' CLI); Guards, workers and gateways verify with the public ke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import time
@@ -24,14 +25,15 @@ from rich.table import Table
 
 from gateway.keys import KeyStore
 from gateway.policy import Policy
-from spendstream.api_keys import ApiKey, encode_key, mint_key, revoked
+from spendstream.api_keys import ApiKey, RecordRefused, admit_record, encode_key, mint_key, revoked
 from spendstream.cli.budgets import ready_topics
 from spendstream.cli.console import console
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings
-from spendstream.signing import REPLAYED, UNSIGNED, Signer, generate_key, public_key_b64
+from spendstream.signing import REPLAYED, UNSIGNED, Signer, Verifier, generate_key, public_key_b64
+from spendstream.wire import default_codec
 from stream_processors.budgets import Spec, make_limit, utc_from_micros
-from stream_processors.feeds import publish
+from stream_processors.feeds import publish, read_compacted
 
 keys_app = typer.Typer(
     no_args_is_help=True,
@@ -91,9 +93,49 @@ def _store(settings: Settings) -> KeyStore:
     return store
 
 
+def _key_signer(settings: Settings) -> Signer | None:
+    """The signer of key records; ConfigError when gateways would ignore an unsigned one (a revoke
+    that silently does nothing is worse than none)."""
+    signer = settings.signer()
+    if signer is None and settings.verify_keys.strip():
+        raise ConfigError(
+            "SPENDSTREAM_VERIFY_KEYS is set, so gateways ignore unsigned key records: set "
+            "SPENDSTREAM_SIGNING_KEY to an operator key (docs/security.md)"
+        )
+    return signer
+
+
 def _publish_key(settings: Settings, key: ApiKey) -> None:
-    record = encode_key(key, settings.signer())
+    record = encode_key(key, _key_signer(settings))
     asyncio.run(publish(settings.bootstrap, settings.topics.gateway_keys, [record], settings.kafka_auth))
+
+
+def _current_keys(
+    settings: Settings, verifier: Verifier, adopt_unsigned: bool, refused: list[str]
+) -> list[ApiKey]:
+    """The latest key of each id that verifies (or is unsigned, if adopted), as a gateway would keep
+    it; every record refused is added to `refused`."""
+    latest: dict[str, ApiKey] = {}
+
+    def admit(kafka_key: bytes, value: bytes | None, record: dict[str, Any] | None, kept: Any) -> bool:
+        key_id = kafka_key.decode(errors="replace")
+        try:
+            key = admit_record(verifier, kafka_key, value, latest.get(key_id), adopt_unsigned=adopt_unsigned)
+        except RecordRefused as exc:
+            refused.append(f"{key_id} ({exc.reason})")
+            return False
+        if key is None:
+            latest.pop(key_id, None)
+        else:
+            latest[key_id] = key
+        return True
+
+    asyncio.run(
+        read_compacted(
+            settings.bootstrap, settings.topics.gateway_keys, default_codec(), admit, settings.kafka_auth
+        )
+    )
+    return list(latest.values())
 
 
 def _utc(us: int | None) -> str:
@@ -183,8 +225,8 @@ def register(app: typer.Typer) -> None:
         console.print(
             "\nRotation (docs/security.md): 1. deploy SPENDSTREAM_VERIFY_KEYS above (new + old) to every "
             "Guard and worker; 2. give the worker and operators the new SPENDSTREAM_SIGNING_KEY and "
-            "restart the worker; 3. `spendstream keys resign` (budgets, then the worker re-signs the "
-            "signal of every budgeted scope); 4. drop the old key from SPENDSTREAM_VERIFY_KEYS.",
+            "restart the worker; 3. `spendstream keys resign` (budgets and gateway keys; the worker "
+            "re-signs the signal of every budgeted scope); 4. drop the old key from SPENDSTREAM_VERIFY_KEYS.",
             soft_wrap=True,
         )
 
@@ -192,13 +234,15 @@ def register(app: typer.Typer) -> None:
     def resign(
         ctx: typer.Context,
         adopt_unsigned: Annotated[
-            bool, typer.Option(help="Also sign the unsigned specs (once, when keys are first set up)")
+            bool,
+            typer.Option(
+                help="Also sign the unsigned specs and gateway keys (once, when keys are first set up)"
+            ),
         ] = False,
     ) -> None:
-        """Re-publish every current budget signed with SPENDSTREAM_SIGNING_KEY (after a rotation)."""
+        """Re-publish every current budget and gateway key signed with SPENDSTREAM_SIGNING_KEY (after a
+        rotation)."""
         from spendstream.cli.up import publish_specs
-        from spendstream.wire import default_codec
-        from stream_processors.feeds import read_compacted
 
         settings: Settings = ctx.obj
         if settings.signer() is None:
@@ -230,6 +274,11 @@ def register(app: typer.Typer) -> None:
         removed = tuple(r["scope"] for r in records if r["removed"])
         asyncio.run(publish_specs(settings, specs, removed))
         console.print(f"re-signed {len(specs)} budgets and {len(removed)} removals")
+        keys = _current_keys(settings, verifier, adopt_unsigned, refused)
+        now = time.time_ns() // 1000
+        for key in keys:  # updated_at moves on, so the re-signed record replaces the old one everywhere
+            _publish_key(settings, dataclasses.replace(key, updated_at_us=max(now, key.updated_at_us)))
+        console.print(f"re-signed {len(keys)} gateway keys")
         if refused:
             console.print(f"[red]left alone[/red] (not verified by the verify keys): {', '.join(refused)}")
 
@@ -278,6 +327,7 @@ def register_api_keys() -> None:
 
         settings: Settings = ctx.obj
         _check_format(format)
+        _key_signer(settings)
         if window is not None and budget is None:
             raise ConfigError("--window is the window of --budget: give --budget USD too")
         now = time.time_ns() // 1000
@@ -362,6 +412,7 @@ def register_api_keys() -> None:
     def revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
         """Revoke a key on every gateway (within a second); a revoked key never comes back."""
         settings: Settings = ctx.obj
+        _key_signer(settings)
         key = _store(settings).get(key_id)
         if key is None:
             raise SpendstreamError(
