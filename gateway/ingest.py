@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from spendstream.api_keys import ApiKey
-
 from spendstream.usage import KEY_TAG
 
 __all__ = ["MAX_EVENTS_PER_REQUEST", "IngestError", "events_of", "prepare_event"]

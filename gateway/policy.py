@@ -32,6 +32,8 @@ from spendstream.api_keys import (
     MAX_CACHE_TTL_S,
     MAX_MODEL_GLOB_CHARS,
     MAX_MODEL_GLOBS,
+    MAX_RPM,
+    MAX_TPM,
     ApiKey,
     check_attribution,
     check_tier_name,
@@ -41,7 +43,7 @@ from spendstream.errors import ConfigError
 __all__ = ["MAX_TIERS", "Policy", "TierRefusal"]
 
 MAX_TIERS = 256
-_PROJECT_KEYS = {"tier", "cache_ttl"}
+_PROJECT_KEYS = {"tier", "cache_ttl", "rpm", "tpm"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Policy:
     tiers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _frozen({}))
     project_tiers: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
     project_cache_ttl: Mapping[str, int] = field(default_factory=lambda: _frozen({}))
+    # project -> (requests, tokens) per minute for all its keys together, fleet-wide (None: no limit)
+    project_limits: Mapping[str, tuple[int | None, int | None]] = field(default_factory=lambda: _frozen({}))
 
     @classmethod
     def load(cls, path: Path | None) -> Policy:
@@ -98,7 +102,9 @@ class Policy:
                 f'{source}: tiers must map a tier name to model patterns, e.g. basic: ["gpt-4o-mini*"]'
             )
         if not isinstance(raw_projects, dict):
-            raise ConfigError(f"{source}: projects must map a project to {{tier: NAME, cache_ttl: SECONDS}}")
+            raise ConfigError(
+                f"{source}: projects must map a project to {{tier: NAME, cache_ttl: SECONDS, rpm: N, tpm: N}}"
+            )
         if len(raw_tiers) > MAX_TIERS:
             raise ConfigError(f"{source}: {len(raw_tiers)} tiers: at most {MAX_TIERS}")
         tiers: dict[str, tuple[str, ...]] = {}
@@ -120,6 +126,7 @@ class Policy:
             tiers[name] = tuple(patterns)
         project_tiers: dict[str, str] = {}
         cache_ttl: dict[str, int] = {}
+        project_limits: dict[str, tuple[int | None, int | None]] = {}
         for project, entry in raw_projects.items():
             where = f"{source}: project {str(project)[:40]!r}"
             try:
@@ -127,7 +134,9 @@ class Policy:
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
             if not isinstance(entry, dict) or not entry or set(entry) - _PROJECT_KEYS:
-                raise ConfigError(f"{where}: expected {{tier: NAME, cache_ttl: SECONDS}} (either or both)")
+                raise ConfigError(
+                    f"{where}: expected any of {{tier: NAME, cache_ttl: SECONDS, rpm: N, tpm: N}}"
+                )
             if "tier" in entry:
                 tier = entry["tier"]
                 if tier not in tiers:
@@ -143,7 +152,15 @@ class Policy:
                         f"{where}: cache_ttl is whole seconds from 1 to {MAX_CACHE_TTL_S:,}, got {ttl!r}"
                     )
                 cache_ttl[project] = ttl
-        return cls(_frozen(tiers), _frozen(project_tiers), _frozen(cache_ttl))
+            limits = []
+            for name, top in (("rpm", MAX_RPM), ("tpm", MAX_TPM)):
+                value = entry.get(name)
+                if value is not None and (type(value) is not int or not 1 <= value <= top):
+                    raise ConfigError(f"{where}: {name} is a whole number from 1 to {top:,}, got {value!r}")
+                limits.append(value)
+            if limits != [None, None]:
+                project_limits[project] = (limits[0], limits[1])
+        return cls(_frozen(tiers), _frozen(project_tiers), _frozen(cache_ttl), _frozen(project_limits))
 
     def tier_of(self, key: ApiKey) -> str | None:
         """The tier that applies to `key`: its own, else its project's, else None (no tier)."""

@@ -32,7 +32,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from spendstream.api_keys import ApiKey
 
 from gateway.cache import CachedResponse, ResponseCache, cache_key, parse_directive
 from gateway.errors import Family, error_response
@@ -58,6 +57,7 @@ from producers.instrument._call import (
     request_text_chars,
 )
 from producers.instrument._routes import route_of
+from spendstream.api_keys import ApiKey
 from spendstream.errors import BudgetExceeded, SpendstreamError
 from spendstream.usage import KEY_TAG, METERS
 
@@ -188,9 +188,13 @@ class Gateway:
         return None
 
     def _rules(self, key: ApiKey) -> list[Rule]:
+        """The key's own RPM/TPM and its project's (policy file), each counted fleet-wide."""
         rules = []
         if key.rpm is not None or key.tpm is not None:
             rules.append(Rule(f"key:{key.id}", key.rpm, key.tpm))
+        project = self.policy.project_limits.get(key.project)
+        if project is not None:
+            rules.append(Rule(f"project:{key.project}", *project))
         return rules
 
     def _limit(self, rules: list[Rule], tokens: int, call: Call) -> tuple[web.Response | None, list[Verdict]]:
@@ -248,11 +252,10 @@ class Gateway:
     # ------------------------------------------------------------------ handlers
 
     async def proxy(self, request: web.Request, family: Family) -> web.StreamResponse:
-        call = Call(
-            route=request.path if family != "gemini" else "/v1beta/models:generate",
-            family=family,
-            started=time.perf_counter(),
-        )
+        route = request.path
+        if family == "gemini":  # one label per method, not per model: bounded metric cardinality
+            route = "/v1beta/models/*:" + request.match_info.get("target", "").rpartition(":")[2]
+        call = Call(route=route, family=family, started=time.perf_counter())
         try:
             return await self._proxy(request, family, call)
         finally:
@@ -434,6 +437,9 @@ class Gateway:
         finally:
             call.upstream_s = time.perf_counter() - sent
         events = self._finish(meter, reason, key, verdicts)
+        if reason == "error" and request.transport is not None:
+            request.transport.close()  # cut the client's stream too: its SDK raises, as it would direct
+            return out
         if reason == "eof" and chunks is not None and entry_key is not None and ttl_s:
             await self._store(
                 entry_key, upstream_response.status, out.content_type, b"", tuple(chunks), events, ttl_s

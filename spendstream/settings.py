@@ -262,12 +262,6 @@ class Settings(BaseSettings):
             found[name.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
         return next((found[n] for n in PROVIDER_KEY_VARS[family] if n in found), None)
 
-    def verify_key_list(self) -> list[str]:
-        """The base64 public keys whose signed records this process accepts (configured + its own)."""
-        signer = self.signer()
-        own = [public_key_b64(signer.public_key)] if signer else []
-        return [k.strip() for k in self.verify_keys.split(",") if k.strip()] + own
-
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: SecretStr | None) -> SecretStr | None:

@@ -40,6 +40,7 @@ tiers:
   premium: ["*"]
 projects:
   gw-basic: {tier: basic}
+  gw-prate: {rpm: 3}
 """
 CLAUDE = "claude-sonnet-4-5-20250929"
 MSGS: Any = [{"role": "user", "content": "Say hello"}]
@@ -301,6 +302,19 @@ def test_fleet_wide_rate_limit_across_two_instances(
     assert headers["x-ratelimit-remaining-requests"] == "0"
     assert 1 <= int(headers["retry-after"]) <= 60
 
+    # the project's own limit (policy file: gw-prate 3 RPM) holds across its keys and both instances
+    keys = [create_key(worker, "--project", "gw-prate")[1] for _ in range(2)]
+    served = 0
+    for i in range(8):
+        try:
+            gpt((a, b)[i % 2], keys[i // 2 % 2]).chat.completions.create(model="gpt-4o-mini", messages=MSGS)
+            served += 1
+        except openai.RateLimitError as exc:
+            limited.append(exc.response)
+        time.sleep(0.15)
+    assert served == 3
+    assert {r.headers["x-ratelimit-limit-requests"] for r in limited[6:]} == {"3"}
+
 
 def wait_status(gateway: Gateway, key: str, status: int, timeout: float = 5) -> float:
     """Seconds until a chat call through `gateway` answers `status`."""
@@ -426,6 +440,7 @@ def test_http_ingest_attributes_by_key_and_counts_retries_once(
     worker: Worker, gateways: tuple[Gateway, Gateway]
 ) -> None:
     a, b = gateways
+    worker.cli("budget", "set", "project:gw-ingest", "100", "--window", "daily")
     key_id, key = create_key(worker, "--project", "gw-ingest", "--team", "batch")
     ids = [str(uuid.uuid4()) for _ in range(2)]
     batch = [
@@ -456,9 +471,9 @@ def test_http_ingest_attributes_by_key_and_counts_retries_once(
     )
     assert [r[:3] for r in found] == [[ids[0], "batch", key_id], [ids[1], "batch", key_id]]
     # budgets count the retried events once: 1000 x $0.15 + 100 x $0.60 + 2000 x $0.15 per M
-    listed = worker.cli("budget", "list", "--format", "json")
-    spend = {s["scope"]: s for s in json.loads(listed.stdout)}
-    assert Decimal(spend["project:gw-ingest"]["spend_usd"]) == Decimal("0.00051")
+    budgets = httpx.get(f"http://127.0.0.1:{worker.port}/budgets", timeout=30).json()["budgets"]
+    spend = {r["scope"]: r["spend_usd"] for r in budgets}
+    assert Decimal(spend["project:gw-ingest"]) == Decimal("0.00051")
 
 
 @pytest.mark.skipif(not LEGACY_PYTHON.exists(), reason="scripts/sdk-venvs creates it in ./dev setup")

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from typing import Annotated, get_args
 
 import aiohttp
 import typer
 from aiohttp import web
+
 from gateway.cache import MemoryCache, RedisCache, ResponseCache
+from gateway.errors import Family
 from gateway.keys import KeyStore
 from gateway.limits import FleetLimiter
 from gateway.policy import Policy
-
-from gateway.errors import Family
 from gateway.server import Gateway, build_app
 from gateway.upstream import Upstream
 from producers import Emitter, Guard
@@ -57,7 +59,7 @@ async def serve(
     policy = Policy.load(settings.policy_file)
     upstreams = upstreams_of(settings)
     instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    verify = settings.verify_key_list()
+    verify = settings.accepted_keys()
     emitter = Emitter(
         bootstrap_servers=bootstrap,
         service="gateway",
@@ -137,6 +139,14 @@ def register(app: typer.Typer) -> None:
         """Run the LLM gateway: provider keys in one place, internal keys, tiers, budgets, rate
         limits and cache, wire-compatible with the OpenAI, Anthropic and Gemini SDKs."""
         settings: Settings = ctx.obj
+        access = logging.getLogger("spendstream.gateway.access")  # one line per request, timed
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s.%(msecs)03d access %(message)s", "%Y-%m-%dT%H:%M:%S")
+        )
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
         if settings.local_kafka:
             kafka = local_kafka(settings)
             result = kafka.start(progress=say)
