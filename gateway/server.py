@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -87,6 +87,9 @@ class Call:
     upstream_s: float = 0.0
     cache: str = "off"
     stream: bool = False
+    verdicts: list[Verdict] = field(default_factory=list)  # the rate limits that admitted it
+    admitted_at: float = 0.0  # wall-clock time of the admission (token corrections go to its bucket)
+    estimate: int = 0  # tokens counted at admission, corrected once the usage is known
 
 
 class Gateway:
@@ -200,14 +203,20 @@ class Gateway:
     def _limit(self, rules: list[Rule], tokens: int, call: Call) -> tuple[web.Response | None, list[Verdict]]:
         if self.limiter is None or not rules:
             return None, []
-        verdicts = self.limiter.admit(rules, tokens)
+        call.admitted_at, call.estimate = time.time(), tokens
+        verdicts = self.limiter.admit(rules, tokens, now=call.admitted_at)
         refused = [v for v in verdicts if not v.allowed]
         if not refused:
+            call.verdicts = verdicts
             return None, verdicts
         worst = max(refused, key=lambda v: v.retry_after_s)
         self.metrics.limited[worst.what] += 1
+        too_large = worst.what == "tokens" and tokens > worst.limit
         message = (
-            f"spendstream: rate limit of {worst.limit} {worst.what} per minute for {worst.scope} reached; "
+            f"spendstream: this request (~{tokens} tokens) is larger than {worst.scope}'s limit of "
+            f"{worst.limit} tokens per minute"
+            if too_large
+            else f"spendstream: rate limit of {worst.limit} {worst.what} per minute for {worst.scope} reached; "
             f"retry in {worst.retry_after_s:.1f} s"
         )
         detail = {"scope": worst.scope, "limit": worst.limit, "what": worst.what}
@@ -219,6 +228,7 @@ class Gateway:
             code=worst.what,
             detail=detail,
             headers=rate_headers(verdicts),
+            retry=not too_large,
         )
         return response, verdicts
 
@@ -337,7 +347,7 @@ class Gateway:
         except (aiohttp.ClientError, TimeoutError) as exc:  # sent, no answer: the provider may bill it
             self.metrics.upstream_errors["no_response"] += 1
             meter.start(0, "", None)
-            self._emit(meter.finish("error"), key)
+            self._finish(meter, "error", key, call)
             log.warning(
                 "gateway: %s did not answer (%s); metered as estimated", upstream.family, type(exc).__name__
             )
@@ -355,13 +365,13 @@ class Gateway:
                     data = await upstream_response.read()
                 except (aiohttp.ClientError, TimeoutError):
                     self.metrics.upstream_errors["cut"] += 1
-                    self._finish(meter, "error", key, verdicts)
+                    self._finish(meter, "error", key, call)
                     return self._refuse(
                         call, "upstream_failed", 502, f"the {upstream.family} API response was cut"
                     )
                 call.upstream_s = time.perf_counter() - sent
                 meter.feed(data)
-                events = self._finish(meter, "eof", key, verdicts)
+                events = self._finish(meter, "eof", key, call)
                 if keep and entry_key is not None and ttl_s and len(data) <= _MAX_CACHED_BYTES:
                     await self._store(
                         entry_key, upstream_response.status, content_type, data, None, events, ttl_s
@@ -432,11 +442,11 @@ class Gateway:
             self.metrics.upstream_errors["cut"] += 1
         except (ConnectionResetError, asyncio.CancelledError):
             reason = "closed"  # the client went away: the call is metered as far as it went
-            self._finish(meter, reason, key, verdicts)
+            self._finish(meter, reason, key, call)
             raise
         finally:
             call.upstream_s = time.perf_counter() - sent
-        events = self._finish(meter, reason, key, verdicts)
+        events = self._finish(meter, reason, key, call)
         if reason == "error" and request.transport is not None:
             request.transport.close()  # cut the client's stream too: its SDK raises, as it would direct
             return out
@@ -447,9 +457,7 @@ class Gateway:
         await out.write_eof()
         return out
 
-    def _finish(
-        self, meter: CallMeter, reason: str, key: ApiKey, verdicts: list[Verdict]
-    ) -> list[dict[str, Any]]:
+    def _finish(self, meter: CallMeter, reason: str, key: ApiKey, call: Call) -> list[dict[str, Any]]:
         if meter.finished:
             return []
         try:
@@ -460,10 +468,10 @@ class Gateway:
                 "gateway: metering a %s call of key %s failed: %s", meter.plan.route.kind, key.id, exc
             )
             return []
-        if self.limiter is not None and verdicts:
-            estimate = estimate_tokens(request_text_chars(meter.plan.body))
+        scopes = [v.scope for v in call.verdicts if v.what == "tokens"]
+        if self.limiter is not None and scopes:
             self.limiter.record_tokens(
-                [v.scope for v in verdicts if v.what == "tokens"], self._tokens_of(events) - estimate
+                scopes, self._tokens_of(events) - call.estimate, admitted_at=call.admitted_at
             )
         self._emit(events, key)
         return events
