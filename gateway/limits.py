@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 _FORMAT = 1
 _Kind = Literal["requests", "tokens"]
+_Batch = dict[str, dict[int, list[int]]]  # scope -> bucket -> [requests, tokens]
 _MAX_ENTRIES_PER_MESSAGE = 5_000  # ~250 KB of JSON: well under the broker's 1 MB message limit
 
 
@@ -217,12 +218,12 @@ class FleetLimiter:
         self._bucket_s = window_s / buckets
         self._heartbeat_s = min(health_timeout_s / 4, 0.5)
         self._scopes: dict[str, _Window] = {}
-        self._pending: dict[str, dict[int, list[int]]] = {}  # scope -> bucket -> [requests, tokens]
+        self._pending: _Batch = {}  # counted here, not yet sent
         self._peers: dict[str, _Peer] = {}  # nonce -> peer
         self._seq = 0
-        self._unacked: deque[tuple[int, dict[str, dict[int, list[int]]]]] = (
-            deque()
-        )  # sent, not yet applied by all
+        # sent, not yet applied by every live peer: (seq, sent at, batch)
+        self._unacked: deque[tuple[int, float, _Batch]] = deque()
+        self._producer: AIOKafkaProducer | None = None
         self._acks_to_send = False
         self._last_sent = 0.0
         self._last_read_back = -math.inf  # monotonic time our own newest message was sent, once read back
@@ -412,8 +413,11 @@ class FleetLimiter:
             )
 
     async def stop(self) -> None:
-        """Stop syncing (increments not yet published are dropped: the others count this instance's
-        last sync_interval_s less)."""
+        """Publish what is pending (for at most a second: if the broker is down, the others count
+        this instance's last increments less) and stop syncing."""
+        if self._producer is not None and self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._send(self._producer), 1.0)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -447,6 +451,7 @@ class FleetLimiter:
                     **self._kafka_auth.client_kwargs(),
                 )
                 await producer.start()
+                self._producer = producer
                 await consumer.start()
                 consumer.assign(partitions)
                 await self._seek_to_window(consumer, partitions)
@@ -479,8 +484,10 @@ class FleetLimiter:
                 log.error(
                     "rate limits lost %s (%s); limits hold per instance; retrying in 1 s", self.topic, why
                 )
+                self._sweep()
                 await asyncio.sleep(1)
             finally:
+                self._producer = None
                 if publisher is not None:
                     publisher.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -500,70 +507,65 @@ class FleetLimiter:
             consumer.seek(tp, offset.offset if offset is not None else end[tp])
 
     async def _publish(self, producer: AIOKafkaProducer) -> None:
-        """Every sync_interval_s: send what this instance counted since the last send (at least a
-        heartbeat every health_timeout_s / 4); on success it is confirmed, on failure it is kept."""
+        """Every sync_interval_s: send what this instance counted since the last send and the
+        acknowledgements it owes (at least a heartbeat every health_timeout_s / 4)."""
         while True:
             await asyncio.sleep(self.sync_interval_s)
             self._sweep()
             self._release()
-            if (
-                not self._pending
-                and not self._acks_to_send
-                and time.monotonic() - self._last_sent < self._heartbeat_s
-            ):
-                continue
-            batch, self._pending, self._acks_to_send = self._pending, {}, False
-            entries = [
-                [scope, bucket, counts[0], counts[1]]
-                for scope, by in batch.items()
-                for bucket, counts in by.items()
-            ]
-            try:
-                for start in range(0, max(len(entries), 1), _MAX_ENTRIES_PER_MESSAGE):
-                    self._seq += 1
-                    value = {
-                        "v": _FORMAT,
-                        "i": self.instance_id,
-                        "n": self._nonce,
-                        "s": self._seq,
-                        "t": time.time(),
-                        "m": time.monotonic(),
-                        "a": {nonce: peer.seq for nonce, peer in self._peers.items()},
-                        "e": entries[start : start + _MAX_ENTRIES_PER_MESSAGE],
-                    }
-                    await producer.send_and_wait(
-                        self.topic,
-                        json.dumps(value, separators=(",", ":")).encode(),
-                        key=self._nonce.encode(),
-                    )
-                    self.stats.messages_sent += 1
-            except KafkaError as exc:  # a part already sent is sent again: counted twice, never less
-                self.stats.send_failures += 1
-                self._requeue(batch)
-                log.warning(
-                    "rate limits: could not publish to %s (%s); kept for the next try", self.topic, exc
+            if self._pending or self._acks_to_send or time.monotonic() - self._last_sent >= self._heartbeat_s:
+                await self._send(producer)
+
+    async def _send(self, producer: AIOKafkaProducer) -> None:
+        """Send the pending increments; on failure they are kept for the next try (still
+        unconfirmed); on success they wait in `_unacked` for the peers' acknowledgements."""
+        batch, self._pending, self._acks_to_send = self._pending, {}, False
+        entries = [[scope, bucket, c[0], c[1]] for scope, by in batch.items() for bucket, c in by.items()]
+        try:
+            for start in range(0, max(len(entries), 1), _MAX_ENTRIES_PER_MESSAGE):
+                self._seq += 1
+                value = {
+                    "v": _FORMAT,
+                    "i": self.instance_id,
+                    "n": self._nonce,
+                    "s": self._seq,
+                    "t": time.time(),
+                    "m": time.monotonic(),
+                    "a": {nonce: peer.seq for nonce, peer in self._peers.items()},
+                    "e": entries[start : start + _MAX_ENTRIES_PER_MESSAGE],
+                }
+                await producer.send_and_wait(
+                    self.topic, json.dumps(value, separators=(",", ":")).encode(), key=self._nonce.encode()
                 )
-                continue
-            self._last_sent = time.monotonic()
-            if batch:
-                self._unacked.append((self._seq, batch))
-                self._release()
+                self.stats.messages_sent += 1
+        except KafkaError as exc:  # a part already sent is sent again: counted twice, never less
+            self.stats.send_failures += 1
+            self._requeue(batch)
+            log.warning("rate limits: could not publish to %s (%s); kept for the next try", self.topic, exc)
+            return
+        self._last_sent = time.monotonic()
+        if batch:
+            self._unacked.append((self._seq, time.time(), batch))
+            self._release()
 
     def _release(self) -> None:
         """Confirm the sent batches every live peer has applied (acknowledged in its own messages):
         only then do they stop counting against this instance's share (module docstring, 2.)."""
         live = self._live_peers()
-        while self._unacked and all(p.acked >= self._unacked[0][0] for p in live):
-            _, batch = self._unacked.popleft()
+        outdated = time.time() - self.window_s - self._bucket_s  # sent before: nothing of it counts now
+        while self._unacked and (
+            self._unacked[0][1] < outdated or all(p.acked >= self._unacked[0][0] for p in live)
+        ):
+            _, _, batch = self._unacked.popleft()
             for scope, by in batch.items():
                 window = self._scopes.get(scope)
                 if window is not None:
                     window.unconfirmed_requests -= sum(c[0] for c in by.values())
                     window.unconfirmed_tokens -= sum(c[1] for c in by.values())
 
-    def _requeue(self, batch: dict[str, dict[int, list[int]]]) -> None:
-        """Put a batch that failed back in front of what was counted since (still unconfirmed);
-        buckets that have left the window are dropped."""
+    def _requeue(self, batch: _Batch) -> None:
+        """Merge `batch` (one that failed to send, or the pending ones themselves) into the pending
+        increments, still unconfirmed; buckets that have left the window are dropped."""
         oldest = int(time.time() // self._bucket_s) - self._n_buckets
         for scope, by in batch.items():
             into = self._pending.setdefault(scope, {})
@@ -620,11 +622,13 @@ class FleetLimiter:
         self._release()
 
     def _sweep(self) -> None:
-        """Every window / 6: forget scopes with nothing in the window and peers long gone."""
+        """Every window / 6: forget pending increments, scopes and peers that no longer matter."""
         now = time.monotonic()
         if now - self._last_sweep < self.window_s / 6:
             return
         self._last_sweep = now
+        pending, self._pending = self._pending, {}
+        self._requeue(pending)  # keeps what is still inside the window
         oldest = int(time.time() // self._bucket_s) - self._n_buckets
         for scope in list(self._scopes):
             window = self._scopes[scope]
