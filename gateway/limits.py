@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 _FORMAT = 1
 _Kind = Literal["requests", "tokens"]
 _Batch = dict[str, dict[int, list[int]]]  # scope -> bucket -> [requests, tokens]
+_SWEEP_CHUNK = 2_000
 _MAX_ENTRIES_PER_MESSAGE = 5_000  # ~250 KB of JSON: well under the broker's 1 MB message limit
 
 
@@ -99,13 +100,14 @@ class Verdict:
 
 
 class _Window:
-    """The counts of one scope: buckets [bucket, requests, tokens] in bucket order, their totals,
-    and how much of them this instance admitted but has not had acknowledged by the broker."""
+    """The counts of one scope: buckets [bucket, requests, tokens] in bucket order (a list: at most
+    `buckets` + 1 of them, and ~400 bytes for a scope with one), their totals, and how much of them
+    this instance admitted that not every live peer has acknowledged yet."""
 
     __slots__ = ("buckets", "requests", "tokens", "unconfirmed_requests", "unconfirmed_tokens")
 
     def __init__(self) -> None:
-        self.buckets: deque[list[int]] = deque()
+        self.buckets: list[list[int]] = []
         self.requests = 0
         self.tokens = 0
         self.unconfirmed_requests = 0
@@ -114,10 +116,15 @@ class _Window:
     def expire(self, oldest: int) -> None:
         """Drop the buckets before `oldest` (the first bucket still in the window)."""
         buckets = self.buckets
-        while buckets and buckets[0][0] < oldest:
-            _, requests, tokens = buckets.popleft()
+        gone = 0
+        for bucket, requests, tokens in buckets:
+            if bucket >= oldest:
+                break
             self.requests -= requests
             self.tokens -= tokens
+            gone += 1
+        if gone:
+            del buckets[:gone]
 
     def add(self, bucket: int, requests: int, tokens: int) -> int:
         """Add to `bucket` (created in order if missing); a bucket's tokens never go below zero.
@@ -228,6 +235,7 @@ class FleetLimiter:
         self._last_sent = 0.0
         self._last_read_back = -math.inf  # monotonic time our own newest message was sent, once read back
         self._last_sweep = 0.0
+        self._to_sweep: list[str] = []  # scopes the current sweep has still to look at
         self._caught_up = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -622,22 +630,30 @@ class FleetLimiter:
         self._release()
 
     def _sweep(self) -> None:
-        """Every window / 6: forget pending increments, scopes and peers that no longer matter."""
+        """Every window / 6: forget pending increments, scopes and peers that no longer matter. The
+        scopes are looked at _SWEEP_CHUNK per call (one call per sync interval), so a sweep of
+        100,000 scopes never holds the event loop for more than a few milliseconds."""
         now = time.monotonic()
-        if now - self._last_sweep < self.window_s / 6:
-            return
-        self._last_sweep = now
-        pending, self._pending = self._pending, {}
-        self._requeue(pending)  # keeps what is still inside the window
+        if not self._to_sweep:
+            if now - self._last_sweep < self.window_s / 6:
+                return
+            self._last_sweep = now
+            pending, self._pending = self._pending, {}
+            self._requeue(pending)  # keeps what is still inside the window
+            gone = time.time() - max(self.window_s, self.health_timeout_s * 10)
+            for nonce in [n for n, p in self._peers.items() if p.heard_at < gone]:
+                del self._peers[nonce]
+            self._to_sweep = list(self._scopes)
         oldest = int(time.time() // self._bucket_s) - self._n_buckets
-        for scope in list(self._scopes):
-            window = self._scopes[scope]
+        chunk = self._to_sweep[-_SWEEP_CHUNK:]
+        del self._to_sweep[-_SWEEP_CHUNK:]
+        for scope in chunk:
+            window = self._scopes.get(scope)
+            if window is None:
+                continue
             window.expire(oldest)
             if not window.buckets and scope not in self._pending and not window.unconfirmed_requests:
                 del self._scopes[scope]
-        gone = time.time() - max(self.window_s, self.health_timeout_s * 10)
-        for nonce in [n for n, p in self._peers.items() if p.heard_at < gone]:
-            del self._peers[nonce]
 
 
 def rate_headers(verdicts: Sequence[Verdict]) -> dict[str, str]:

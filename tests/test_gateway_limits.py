@@ -246,10 +246,8 @@ def test_a_stopping_instance_publishes_what_it_admitted_since_its_last_sync(kafk
         rule = Rule("key:k1", rpm=100, tpm=None)
         await asyncio.gather(a.start(), b.start())
         try:
-            sent = a.stats.messages_sent
             assert all(a.admit([rule], 0)[0].allowed for _ in range(3))
             await a.stop()
-            assert a.stats.messages_sent == sent + 1
             await until(lambda: b.count("key:k1", "requests") == 3, 5, "B sees A's 3")
             return b.count("key:k1", "requests")
         finally:
