@@ -27,8 +27,8 @@ Guarantees and their limits, stated where they are made:
    A burst on every instance at once therefore lands at the limit, not at n times it. What remains
    is a race at the tail: instances admitting their one request at the same moment (at most n - 1
    requests, or n - 1 requests' tokens, over), and an instance joining unseen. Measured: 3
-   processes hammering 60 per window: 60-61 in any window (bench/gateway_limits.py,
-   docs/gateway-limits.md).
+   instances hammering 60 per window: 60-62 in any window (tests/test_gateway_limits.py,
+   bench/gateway_limits.py, docs/gateway-limits.md).
 3. Token corrections (`record_tokens`, real minus estimated) are counted fleet-wide too. A negative
    correction is taken from the bucket of the admission (`admitted_at`) or, without it, from the
    oldest buckets first, never below zero: both only ever count a token for longer, not shorter.
