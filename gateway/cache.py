@@ -75,7 +75,13 @@ def cache_key(project: str, route: str, body: bytes) -> str:
     """The hex SHA-256 naming a request's entry: project, route, the explicit stream flag and the
     body canonicalised (a JSON object: sorted keys, no whitespace, `stream` taken out and put in
     the flag, so `"stream": false` and no `stream` are one entry; anything else: the raw bytes).
-    Each part is length-prefixed, so no two different requests can run together into one key."""
+    Each part is length-prefixed, so no two different requests can run together into one key.
+
+    A query string in `route` counts with its parameters sorted, except `key` (Gemini's API key in
+    the URL): a credential is never part of the cache key, as the auth headers are not."""
+    path, _, query = route.partition("?")
+    params = sorted(p for p in query.split("&") if p and p.split("=", 1)[0] != "key")
+    route = f"{path}?{'&'.join(params)}" if params else path
     stream = False
     try:
         parsed = json.loads(body)

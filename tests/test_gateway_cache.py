@@ -54,6 +54,21 @@ def test_a_stream_and_a_plain_call_never_share_an_entry() -> None:
     )
 
 
+def test_a_key_in_the_query_string_is_not_part_of_the_cache_key() -> None:
+    gemini = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+    assert (
+        cache_key("p", f"{gemini}?key=sk-one&alt=sse", BODY)
+        == cache_key("p", f"{gemini}?alt=sse&key=sk-two", BODY)
+        == cache_key("p", f"{gemini}?alt=sse", BODY)
+    )
+    assert cache_key("p", f"{gemini}?alt=sse", BODY) != cache_key("p", gemini, BODY)
+    assert (
+        cache_key("p", f"{gemini}?key=sk-one", BODY)
+        == cache_key("p", f"{gemini}?", BODY)
+        == cache_key("p", gemini, BODY)
+    )
+
+
 def test_the_key_ignores_json_formatting_but_not_content() -> None:
     reordered = b'{"messages":[{"content":"hi","role":"user"}],\n "model":"gpt-4o-mini"}'
     assert cache_key("p", CHAT, reordered) == cache_key("p", CHAT, BODY)

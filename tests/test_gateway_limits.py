@@ -228,6 +228,57 @@ def test_three_instances_hold_a_60_per_window_limit_together(kafka: str) -> None
     assert len(everything) >= 2 * limit  # the windows at 0 s, ~10 s and ~20 s each let in ~60
 
 
+def test_a_stopping_instance_publishes_what_it_admitted_since_its_last_sync(kafka: str) -> None:
+    """A syncs every 2 s: 3 admitted just after a sync and A stopped at once still reach B."""
+    topic = fresh_rates_topic(kafka)
+
+    async def run() -> int:
+        a, b = (
+            FleetLimiter(
+                bootstrap_servers=kafka,
+                topic=topic,
+                instance_id=name,
+                sync_interval_s=sync_s,
+                health_timeout_s=10,
+            )
+            for name, sync_s in (("a", 2.0), ("b", 0.05))
+        )
+        rule = Rule("key:k1", rpm=100, tpm=None)
+        await asyncio.gather(a.start(), b.start())
+        try:
+            assert all(a.admit([rule], 0)[0].allowed for _ in range(3))
+            await a.stop()
+            await until(lambda: b.count("key:k1", "requests") == 3, 5, "B sees A's 3")
+            return b.count("key:k1", "requests")
+        finally:
+            await asyncio.gather(a.stop(), b.stop())
+
+    assert asyncio.run(run()) == 3
+
+
+def test_token_corrections_reach_the_other_instances(kafka: str) -> None:
+    """A admits a call estimated at 500 tokens and corrects it to 200 (real) and, for another call,
+    to 900: B ends with A's real 1,100 tokens, the first correction taken from its admission's bucket."""
+    topic = fresh_rates_topic(kafka)
+    rule = Rule("project:p", rpm=None, tpm=10_000)
+
+    async def run() -> tuple[int, int]:
+        a, b = (FleetLimiter(bootstrap_servers=kafka, topic=topic, instance_id=name) for name in ("a", "b"))
+        await asyncio.gather(a.start(), b.start())
+        try:
+            first = time.time()
+            assert a.admit([rule], 500, now=first)[0].allowed
+            assert a.admit([rule], 500)[0].allowed
+            a.record_tokens(["project:p"], 200 - 500, admitted_at=first)
+            a.record_tokens(["project:p"], 900 - 500)
+            await until(lambda: b.count("project:p", "tokens") == 1_100, 5, "B counts A's real tokens")
+            return a.count("project:p", "tokens"), b.count("project:p", "tokens")
+        finally:
+            await asyncio.gather(a.stop(), b.stop())
+
+    assert asyncio.run(run()) == (1_100, 1_100)
+
+
 @pytest.fixture(scope="module")
 def broker() -> Iterator[LocalKafka]:
     """A broker this module may stop and start (data kept across the restart)."""
