@@ -10,18 +10,17 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from spendstream.cli import budgets, keys, prices
+from spendstream.cli import budgets, keys, prices, ui
 from spendstream.cli.console import console, err, render, say
-from spendstream.errors import QueryError, SpendstreamError
+from spendstream.cli.reads import query
+from spendstream.errors import SpendstreamError
 from spendstream.settings import Settings
 from spendstream.signing import warn_unauthenticated
-from stream_processors.store import ClickHouseStore, QueryLimits, QueryResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft, 127.0.0.1).")
@@ -121,32 +120,6 @@ def up(
     run_worker(_settings(ctx), say, loglevel=log_level)
 
 
-def query(settings: Settings, sql: str) -> QueryResult:
-    """Run a user's read-only query: through the running worker (it owns embedded chDB), or directly
-    when no worker listens. Either way ClickHouse guards it (read-only, `QueryLimits`)."""
-    try:
-        response = httpx.post(
-            f"http://127.0.0.1:{settings.web_port}/sql",
-            json={"query": sql},
-            timeout=settings.query_timeout_seconds + 30,  # the worker answers by then: ClickHouse stops it
-        )
-    except httpx.ConnectError:
-        store = ClickHouseStore(settings.dsn, settings.clickhouse_database, QueryLimits.of(settings))
-        try:
-            return store.user_query(sql)
-        finally:
-            store.close()
-    except httpx.TransportError as exc:
-        raise QueryError(f"the worker on port {settings.web_port} did not answer: {exc!r}") from None
-    try:
-        body = response.json()
-    except ValueError:
-        raise QueryError(f"the worker answered {response.status_code}: {response.text[:300]}") from None
-    if response.status_code != 200:
-        raise QueryError(body.get("error", response.text))
-    return QueryResult(body["columns"], body["rows"])
-
-
 @app.command()
 def sql(
     ctx: typer.Context,
@@ -231,6 +204,7 @@ def config(ctx: typer.Context) -> None:
 prices.register(app)
 budgets.register(app)
 keys.register(app)
+ui.register(app)
 
 
 def main() -> None:
