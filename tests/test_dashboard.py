@@ -6,6 +6,7 @@ tmp dir (printed), to be looked at."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -44,12 +45,13 @@ EVENTS: list[tuple[str, str, str, str, int, dict[str, str]]] = [
     ],  # 3 x $0.0042
     *[("search", "data", "cy", "claude-sonnet-4-20250514", 100_000, {}) for _ in range(4)],  # 4 x $1.50
     *[("weekend", "data", "cy", "gpt-4o", 275_000, {"feature": "backfill"}) for _ in range(3)],  # $8.25 of $5
-    ("labs", "research", "dee", "gpt-9-preview", 100_000, {}),  # no price: charged at the fallback card
+    ("checkout", "web", "bo", "gpt-4o-mini", 1, {}),  # $0.0000006: the report's last unit
+    ("labs", "research", "dee", "gpt-9-preview", 100_000, {}),  # no price, no fallback: cost unknown (NULL)
 ]
-CHECKOUT_USD = Decimal("61.7126")  # 5 x 12.34 + 3 x 0.0042, computed by hand
+CHECKOUT_USD = Decimal("61.7126006")  # 5 x 12.34 + 3 x 0.0042 + 0.0000006, computed by hand
 SENT = len(EVENTS)
 
-worker = module_worker("dashboard", BUDGETS)
+worker = module_worker("dashboard", BUDGETS, SPENDSTREAM_UNPRICED_FALLBACK="none")
 
 
 def _month_sql() -> str:
@@ -179,7 +181,7 @@ def usd_of(page: Page, selector: str) -> Decimal:
 
 
 def sql_usd(worker: Worker, query: str) -> dict[str, Decimal]:
-    return {str(r[0]): Decimal(str(r[1])) for r in worker.sql(query)}
+    return {str(r[0]): Decimal(0 if r[1] is None else str(r[1])) for r in worker.sql(query)}  # NULL: unpriced
 
 
 def test_overview_shows_every_project_with_totals_equal_to_sql(
@@ -304,7 +306,8 @@ def test_health_of_the_numbers(ui: str, loaded: Worker, page: Page, shots: Path)
     gaps = page.locator("#gaps tbody tr")
     assert gaps.count() == 1
     assert "gpt-9-preview" in gaps.first.inner_text()
-    assert "fallback" in gaps.first.inner_text()
+    assert "unpriced" in gaps.first.inner_text()
+    assert "unknown" in gaps.first.inner_text()  # never shown as $0
     dead = page.locator("#dead tbody tr")
     assert dead.count() == 1
     assert dead.first.inner_text().startswith("undecodable")
@@ -321,3 +324,47 @@ def test_bad_parameters_are_a_page_that_says_so(ui: str, page: Page) -> None:
     assert response is not None
     assert response.status == 400
     assert "tag:KEY" in page.locator(".error").inner_text()
+
+
+def test_report_grand_total_equals_sql_to_the_last_unit(
+    loaded: Worker, browser: Browser, shots: Path, tmp_path: Path
+) -> None:
+    month = datetime.now(UTC).strftime("%Y-%m")
+    start, end = f"{month}-01", (datetime.now(UTC).replace(day=1) + timedelta(days=32)).strftime("%Y-%m-01")
+    where = (
+        f"event_time >= toDateTime64('{start}', 6, 'UTC') AND event_time < toDateTime64('{end}', 6, 'UTC')"
+    )
+    [[total, events]] = loaded.sql(f"SELECT sum(cost_usd), count() FROM usage_events FINAL WHERE {where}")
+    teams = sql_usd(
+        loaded,
+        f"SELECT ifNull(team, '(none)'), sum(cost_usd) FROM usage_events FINAL WHERE {where} GROUP BY 1",
+    )
+    report = json.loads(loaded.cli("report", "--period", month, "--by", "team", "--format", "json").stdout)
+    assert Decimal(report["total"]["cost_usd"]) == Decimal(str(total))  # to the pico-USD
+    assert Decimal(str(total)) % Decimal("0.000001") != 0  # the sub-micro event is in it
+    assert report["total"]["events"] == events == SENT
+    assert {r["team"]: Decimal(r["cost_usd"]) for r in report["rows"]} == teams
+    data_row = next(r for r in report["rows"] if r["team"] == "data")
+    assert Decimal(data_row["budget_usd"]) == 100_000
+    assert Decimal(data_row["budget_use"]) == (teams["data"] / 100_000).quantize(Decimal("0.000001"))
+    research = next(r for r in report["rows"] if r["team"] == "research")
+    assert research["unpriced_events"] == 1
+    assert Decimal(research["unpriced_share"]) == 1
+    # --from/--to, CSV: the same range, the same total in its TOTAL row
+    last_day = (datetime.fromisoformat(end) - timedelta(days=1)).date().isoformat()
+    csv_out = loaded.cli(
+        "report", "--from", start, "--to", last_day, "--by", "tag:feature", "--format", "csv"
+    ).stdout
+    total_row = next(row for row in csv_out.splitlines() if row.startswith("TOTAL,"))
+    assert Decimal(total_row.split(",")[1]) == Decimal(str(total))
+    # html: one file that needs nothing else (no request leaves it), looked at in the browser
+    html = tmp_path / "chargeback.html"
+    loaded.cli("report", "--period", month, "--by", "project", "--format", "html", "--output", str(html))
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(html.as_uri())
+    assert requests == [html.as_uri()]
+    assert page.locator("tfoot th[title]").first.get_attribute("title") == f"${Decimal(str(total)):f}"
+    page.screenshot(path=str(shots / "report.png"), full_page=True)
+    page.close()

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from spendstream.cli import budgets, keys, prices, ui
+from spendstream.cli import budgets, keys, prices, report, ui
 from spendstream.cli.console import console, err, render, say
 from spendstream.cli.reads import query
 from spendstream.errors import SpendstreamError
@@ -205,6 +205,7 @@ prices.register(app)
 budgets.register(app)
 keys.register(app)
 ui.register(app)
+report.register(app)
 
 
 def main() -> None:

@@ -154,13 +154,20 @@ def _budget_rows(budgets: list[dict[str, Any]], now_us: int) -> str:
     )
 
 
+def _spend_of(amount: Decimal, events: int, unpriced: int) -> str:
+    """The group's spend; "unknown" when none of its events has a price (NULL, never $0)."""
+    if events and unpriced == events:
+        return '<span class="usd" data-usd="0" title="no event has a price: cost unknown">unknown</span>'
+    return usd(amount)
+
+
 def _totals_table(rows: list[data.GroupTotal], by: data.Grouping, period: str, table_id: str) -> str:
     if not rows:
         return '<p class="hint">No events in this period.</p>'
     body = "".join(
         f'<tr data-label="{escape(r.label)}"><td><a href="/scope?{escape(urlencode({"by": by.name, "id": r.label, "period": period}))}">'
         f"{escape(r.label)}</a></td><td class=num>{r.events:,}</td>"
-        f'<td class="num total">{usd(r.usd)}</td><td class=num>{r.unpriced:,}</td></tr>'
+        f'<td class="num total">{_spend_of(r.usd, r.events, r.unpriced)}</td><td class=num>{r.unpriced:,}</td></tr>'
         for r in rows
     )
     grand = sum((r.usd for r in rows), Decimal(0))
