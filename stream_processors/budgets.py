@@ -49,6 +49,7 @@ __all__ = [
     "make_limit",
     "new_state",
     "parse_scope",
+    "read_budgets_file",
     "runaway_pico_checked",
     "scopes_for_event",
     "usd_to_pico_checked",
@@ -335,6 +336,23 @@ def _spec_from_file_entry(scope: str, entry: Any, source: str) -> Spec:
     )
 
 
+def read_budgets_file(path: Path) -> Any:
+    """The parsed YAML or TOML budgets file (decimals exact); its `budgets` and `alerts` sections
+    are read by `load_specs` and the alerts process."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read budgets file {path}: {exc.strerror}") from None
+    try:
+        return (
+            tomllib.loads(text, parse_float=Decimal)
+            if path.suffix == ".toml"
+            else yaml.load(text, Loader=_ExactLoader)
+        )
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"budgets file {path} is not valid: {exc}") from None
+
+
 def load_specs(path: Path | None) -> list[Spec]:
     """Budgets from a YAML or TOML file (an import format for the `budgets` topic):
 
@@ -348,18 +366,7 @@ def load_specs(path: Path | None) -> list[Spec]:
     """
     if path is None:
         return []
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read budgets file {path}: {exc.strerror}") from None
-    try:
-        data = (
-            tomllib.loads(text, parse_float=Decimal)
-            if path.suffix == ".toml"
-            else yaml.load(text, Loader=_ExactLoader)
-        )
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"budgets file {path} is not valid: {exc}") from None
+    data = read_budgets_file(path)
     if data is None:
         return []
     if not isinstance(data, dict) or not isinstance(data.get("budgets", {}), dict):

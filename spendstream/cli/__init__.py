@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from spendstream.cli import budgets, keys, prices, report, ui
+from spendstream.cli import alerts, budgets, keys, prices, report, ui
 from spendstream.cli.console import console, err, render, say
 from spendstream.cli.reads import query
 from spendstream.errors import SpendstreamError
@@ -26,7 +26,15 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pret
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft, 127.0.0.1).")
 app.add_typer(kafka_app, name="kafka")
 log = logging.getLogger(__name__)
-_CONTROL_COMMANDS = {"budget", "block", "unblock", "watch", "demo"}  # `up`: the worker warns itself
+_CONTROL_COMMANDS = {
+    "budget",
+    "block",
+    "unblock",
+    "watch",
+    "demo",
+    "ui",
+    "alerts",
+}  # `up`: the worker warns itself
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -206,6 +214,7 @@ budgets.register(app)
 keys.register(app)
 ui.register(app)
 report.register(app)
+alerts.register(app)
 
 
 def main() -> None:
