@@ -32,7 +32,7 @@ T = TypeVar("T")
 CHROMIUM = "/usr/bin/chromium"
 BUDGETS = """\
 budgets:
-  project:checkout: {monthly: "100"}
+  project:checkout: {daily: "1000", monthly: "100"}  # warn decided on the month; the day is at 6%
   project:weekend: {monthly: "5"}
   team:data: {monthly: "100000"}  # a forecast at this burn rate falls after the month
 """
@@ -210,12 +210,21 @@ def test_overview_shows_every_project_with_totals_equal_to_sql(
     assert page.locator("#projects tr[data-label=checkout] .total").inner_text() == "$61.71"
     # budgets: a bar each, with the state the worker decided
     states = {
-        row.get_attribute("data-scope"): row.locator("td.state .badge").inner_text().split()[0]
+        (
+            row.get_attribute("data-scope"),
+            (row.get_attribute("data-window") or "").split(":")[0],
+        ): row.locator("td.state .badge").inner_text().split()[0]
         for row in page.locator("#budgets tbody tr").all()
     }
-    assert states == {"project:checkout": "warn", "project:weekend": "blocked", "team:data": "ok"}
-    assert page.locator("#budgets svg.bar").count() == 3
-    assert page.locator('#budgets tr[data-scope="project:checkout"] line.mark').count() == 3  # 50, 80, 100
+    assert states == {
+        ("project:checkout", "day"): "ok",  # the scope's warn is its month's: each window shows its own
+        ("project:checkout", "month"): "warn",
+        ("project:weekend", "month"): "blocked",
+        ("team:data", "month"): "ok",
+    }
+    assert page.locator("#budgets svg.bar").count() == 4
+    month_row = page.locator('#budgets tr[data-scope="project:checkout"][data-window^="month"]')
+    assert month_row.locator("line.mark").count() == 3  # 50, 80, 100
     assert page.locator('#killswitch tr[data-scope="project:weekend"][data-state=blocked]').count() == 1
     page.screenshot(path=str(shots / "overview.png"), full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})  # a phone
@@ -268,7 +277,7 @@ def test_drill_down_and_selectors(ui: str, loaded: Worker, page: Page, shots: Pa
     } == models
     assert {r.get_attribute("data-label") for r in page.locator("#breakdown tbody tr").all()} == {"ana", "bo"}
     assert page.locator("#chart svg rect").count() >= 2  # one segment per model with spend
-    assert page.locator('#budgets tr[data-scope="project:checkout"]').count() == 1
+    assert page.locator('#budgets tr[data-scope="project:checkout"]').count() == 2  # day and month
     page.screenshot(path=str(shots / "scope-checkout.png"), full_page=True)
 
     page.goto(ui + "spend?period=30d&by=project")

@@ -7,6 +7,7 @@ and a server-sent event stream of `spend.control`.
     GET /control     the kill switch: every scope's state, latest changes
     GET /numbers     health of the numbers: unpriced/fallback events, dead letters, late, cache
     GET /events      text/event-stream: one `data:` JSON line per ControlSignal, as it comes
+    GET /fragments/budgets   the overview's budgets table (refreshed on every signal)
 
 Nothing here writes: SQL goes through `reads.query` (read-only, under ClickHouse's limits) and
 budgets through the worker's `/budgets`. Queries run in threads, so a slow one never holds the
@@ -19,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from importlib.resources import files
@@ -80,7 +80,6 @@ def make_app(settings: Settings, worker: str) -> web.Application:
                 data.totals(sql, data.grouping("project"), month),
                 rows,
                 live.current.values(),
-                int(time.time() * 1e6),
                 error or live.error,
             )
 
@@ -121,6 +120,10 @@ def make_app(settings: Settings, worker: str) -> web.Application:
             )
 
         return await page(render)
+
+    async def budgets_fragment(request: web.Request) -> web.Response:
+        rows, _ = await asyncio.to_thread(budgets)
+        return web.Response(text=pages.budgets_section(rows, live.current), content_type="text/html")
 
     async def control(request: web.Request) -> web.Response:
         return web.Response(
@@ -187,5 +190,6 @@ def make_app(settings: Settings, worker: str) -> web.Application:
     app.router.add_get("/control", control)
     app.router.add_get("/numbers", numbers)
     app.router.add_get("/events", events)
+    app.router.add_get("/fragments/budgets", budgets_fragment)
     app.router.add_get("/static/{name}", static)
     return app

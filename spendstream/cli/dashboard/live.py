@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from spendstream.cli.dashboard.pages import control_row, state_badge
+from spendstream.cli.dashboard.pages import change_item, control_row
 from spendstream.cli.watch import signal_json, tail_control
 from spendstream.settings import Settings
 
@@ -61,7 +61,7 @@ class LiveControl:
     def _publish(self, item: dict[str, Any]) -> None:
         item["received_at"] = time.time()
         item["row_html"] = control_row(item)
-        item["badge_html"] = state_badge(item["state"], item["reason"])
+        item["change_html"] = change_item(item)
         self.current[item["scope"]] = item
         self.recent.appendleft(item)
         for queue in self._subscribers:

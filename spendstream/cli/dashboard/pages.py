@@ -16,6 +16,8 @@ from spendstream.cli.dashboard import data
 from spendstream.cli.dashboard.svg import budget_bar, money, stacked_bars
 
 __all__ = [
+    "budgets_section",
+    "change_item",
     "control_page",
     "control_row",
     "health_page",
@@ -127,20 +129,41 @@ def _tiles(items: list[tuple[str, str, str]]) -> str:
     )
 
 
-def _budget_rows(budgets: list[dict[str, Any]], now_us: int) -> str:
+def _window_state(b: Mapping[str, Any], signal: Mapping[str, Any] | None) -> tuple[str, str]:
+    """The state shown for one budget window. The worker decides one state per scope (its most
+    severe window): that window's row, and every row of a scope blocked by hand or for runaway,
+    show it; the scope's other windows show where their own spend stands against their marks."""
+    if signal is None:
+        return b["state"], b["reason"]
+    if signal["window"] == b["window"] or signal["reason"] in ("manual", "runaway"):
+        return signal["state"], signal["reason"]
+    percent = Decimal(str(b["percent"]))
+    if percent >= 100:
+        return ("blocked", "budget_exceeded") if b["mode"] == "hard" else ("warn", "threshold")
+    if any(percent >= level for level in b.get("warn_percent") or ()):
+        return "warn", "threshold"
+    return "ok", ""
+
+
+def budgets_section(budgets: list[dict[str, Any]] | None, control: Mapping[str, Mapping[str, Any]]) -> str:
+    """The budgets table (`control`: scope -> its latest signal); the overview refreshes it from
+    /fragments/budgets on every signal, so bars and states move together."""
+    if budgets is None:
+        return '<p class="hint">No worker answers: budgets and spend-to-date come from the worker.</p>'
     rows = []
     for b in budgets:
         if not b["limit_usd"]:
             continue
         spend, limit = Decimal(b["spend_usd"]), Decimal(b["limit_usd"])
+        state, reason = _window_state(b, control.get(b["scope"]))
         burn = Decimal(b.get("burn_usd_per_hour") or 0)
         forecast = _when(b["projected_at"]) if b.get("projected_at") else "—"
         rows.append(
-            f'<tr data-scope="{escape(b["scope"])}"><td>{scope_link(b["scope"])}<br><small>{escape(b["window"])} · '
-            f"{escape(b['mode'])}</small></td>"
-            f'<td class="barcell">{budget_bar(spend, limit, b["state"], list(b.get("warn_percent") or [50, 80]))}'
+            f'<tr data-scope="{escape(b["scope"])}" data-window="{escape(b["window"])}">'
+            f"<td>{scope_link(b['scope'])}<br><small>{escape(b['window'])} · {escape(b['mode'])}</small></td>"
+            f'<td class="barcell">{budget_bar(spend, limit, state, list(b.get("warn_percent") or [50, 80]))}'
             f"<small>{usd(spend)} of {usd(limit)} · {b['percent']:.1f}%</small></td>"
-            f'<td class="state">{state_badge(b["state"], b["reason"])}</td>'
+            f'<td class="state">{state_badge(state, reason)}</td>'
             f'<td class="num">{usd(burn)}/h</td><td>{forecast}</td><td class="opt">{_when(b["window_end"])}</td></tr>'
         )
     if not rows:
@@ -185,7 +208,6 @@ def overview_page(
     by_project: list[data.GroupTotal],
     budgets: list[dict[str, Any]] | None,
     control: Iterable[Mapping[str, Any]],
-    now_us: int,
     error: str = "",
 ) -> str:
     control = list(control)
@@ -201,14 +223,9 @@ def overview_page(
             ),
         ]
     )
-    budgets_html = (
-        _budget_rows(budgets, now_us)
-        if budgets is not None
-        else '<p class="hint">No worker answers: budgets and spend-to-date come from the worker.</p>'
-    )
     body = (
         tiles
-        + f"<section><h2>Budgets</h2>{budgets_html}</section>"
+        + f'<section><h2>Budgets</h2><div id="budgets-live">{budgets_section(budgets, {s["scope"]: s for s in control})}</div></section>'
         + f"<section><h2>Kill switch <small>(blocked and warned scopes, live)</small></h2>{_control_table(control, True)}</section>"
         + "<section><h2>This month by project</h2>"
         + _totals_table(by_project, data.grouping("project"), "month", "projects")
@@ -285,7 +302,11 @@ def scope_page(
     body = (
         _selectors("/scope", when.name, None, {"id": value, "by": by.name})
         + tiles
-        + (f"<section><h2>Budgets</h2>{_budget_rows(budgets, 0)}</section>" if budgets else "")
+        + (
+            f"<section><h2>Budgets</h2>{budgets_section(budgets, {s['scope']: s for s in control})}</section>"
+            if budgets
+            else ""
+        )
         + (f"<section><h2>Kill switch</h2>{control_html}</section>" if control_html else "")
         + f'<section><h2>By model</h2><div class="chartbox" id="chart">'
         f"{stacked_bars(series.buckets, series.values, when.bucket == 'hour')}</div>"
@@ -297,14 +318,18 @@ def scope_page(
     return layout(f"{by.name} {value}", "", body, error)
 
 
+def change_item(s: Mapping[str, Any]) -> str:
+    """One line of the kill switch's latest changes (also sent, rendered, on the event stream)."""
+    return (
+        f"<li>{state_badge(s['state'])} {escape(s['scope'])} — {escape(s['reason'])} "
+        f"<small>{_when(s['decided_at'])}, seq {s['sequence']}</small></li>"
+    )
+
+
 def control_page(
     control: Iterable[Mapping[str, Any]], recent: Iterable[Mapping[str, Any]], feed_error: str
 ) -> str:
-    changes = "".join(
-        f"<li>{state_badge(s['state'])} {escape(s['scope'])} — {escape(s['reason'])} "
-        f"<small>{_when(s['decided_at'])}, seq {s['sequence']}</small></li>"
-        for s in recent
-    )
+    changes = "".join(change_item(s) for s in recent)
     body = (
         f"<section>{_control_table(control, False)}</section>"
         f'<section><h2>Latest changes</h2><ul id="changes" class="changes">{changes}</ul></section>'

@@ -18,6 +18,19 @@
       if (!by || by.value !== "tag") selectors.submit();
     }));
   }
+  // The budgets table (bars, spend, states) is re-read from the server on each signal and every
+  // 10 s: a signal names one window; the server puts it together with the others.
+  const budgets = document.getElementById("budgets-live");
+  let pending = null;
+  function refreshBudgets() {
+    if (!budgets || pending) return;
+    pending = fetch("/fragments/budgets")
+      .then((r) => (r.ok ? r.text() : null))
+      .then((html) => { if (html !== null) budgets.innerHTML = html; })
+      .catch(() => {})
+      .finally(() => { pending = null; });
+  }
+  if (budgets) setInterval(refreshBudgets, 10000);
   const source = new EventSource("/events");
   source.onopen = () => { feed.className = "feed on"; feed.textContent = "● live"; };
   source.onerror = () => { feed.className = "feed off"; feed.textContent = "● reconnecting"; };
@@ -35,14 +48,10 @@
       const count = document.getElementById("blocked-count");
       if (count) count.textContent = String(table.querySelectorAll('tr[data-state="blocked"]').length);
     }
-    document.querySelectorAll("#budgets " + selector + " td.state").forEach((cell) => {
-      cell.innerHTML = signal.badge_html;
-    });
+    refreshBudgets();
     const changes = document.getElementById("changes");
     if (changes) {
-      changes.insertAdjacentHTML("afterbegin", "<li>" + signal.badge_html + " " +
-        signal.scope.replace(/[&<>"]/g, (c) => "&#" + c.charCodeAt(0) + ";") +
-        " <small>" + signal.decided_at + ", seq " + signal.sequence + "</small></li>");
+      changes.insertAdjacentHTML("afterbegin", signal.change_html);
     }
     document.body.dataset.lastSignal = signal.scope + "#" + signal.sequence;
     document.body.dataset.lastSignalAt = String(Date.now());
