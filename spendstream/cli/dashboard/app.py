@@ -71,6 +71,8 @@ def make_app(settings: Settings, worker: str) -> web.Application:
         return data.grouping(f"tag:{request.query.get('tag', '')}" if by == "tag" else by)
 
     async def overview(request: web.Request) -> web.Response:
+        signals = list(live.current.values())  # here, in the loop that changes it; rendering is in a thread
+
         def render() -> str:
             month = data.period("month")
             rows, error = budgets()
@@ -79,7 +81,7 @@ def make_app(settings: Settings, worker: str) -> web.Application:
                 data.total(sql, month),
                 data.totals(sql, data.grouping("project"), month),
                 rows,
-                live.current.values(),
+                signals,
                 error or live.error,
             )
 
@@ -94,6 +96,8 @@ def make_app(settings: Settings, worker: str) -> web.Application:
         return await page(render)
 
     async def scope(request: web.Request) -> web.Response:
+        signals = list(live.current.values())
+
         def render() -> str:
             by = grouping_of(request, "project")
             value = request.query.get("id", "")
@@ -104,7 +108,7 @@ def make_app(settings: Settings, worker: str) -> web.Application:
             rows, error = budgets()
             head = f"{by.kind}:{value}"
             mine = [b for b in rows or [] if b["scope"].split("/", 1)[0] == head]
-            control = [s for s in live.current.values() if s["scope"].split("/", 1)[0] == head]
+            control = [s for s in signals if s["scope"].split("/", 1)[0] == head]
             return pages.scope_page(
                 by,
                 value,

@@ -59,6 +59,9 @@ class LiveControl:
                 await asyncio.sleep(_RETRY_SECONDS)
 
     def _publish(self, item: dict[str, Any]) -> None:
+        known = self.current.get(item["scope"])
+        if known is not None and item["sequence"] <= known["sequence"]:
+            return  # re-read after a reconnect (the topic from the start), or older than what is shown
         item["received_at"] = time.time()
         item["row_html"] = control_row(item)
         item["change_html"] = change_item(item)
