@@ -1,8 +1,10 @@
 """The dashboard's and the report's arithmetic without a broker: money formatting, periods as
-half-open UTC ranges, groupings that cannot carry SQL, budget use."""
+half-open UTC ranges, groupings that cannot carry SQL, budget use, cache savings on embedded
+ClickHouse."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -11,11 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from producers import build_event
 from spendstream.cli.dashboard import data
 from spendstream.cli.dashboard.svg import money
 from spendstream.cli.report import chargeback, render_csv
 from spendstream.errors import ConfigError
-from stream_processors.store import QueryResult
+from stream_processors.sink import usage_row
+from stream_processors.store import USAGE_COLUMNS, ClickHouseStore, QueryResult
+from tests.conftest import REPO
 
 
 @given(st.decimals(min_value=Decimal("-1e9"), max_value=Decimal("1e9"), places=12, allow_nan=False))
@@ -75,3 +80,46 @@ def test_chargeback_totals_shares_and_budget_use() -> None:
         {"team:web": Decimal(100)},
     )
     assert other.lines[0].budget_use is None  # budget use only for a calendar month
+
+
+def test_cache_savings_are_read_only_once_the_history_has_saved_usd() -> None:
+    """Another change adds `saved_usd` to usage_events; the dashboard reads it only when present."""
+    store = ClickHouseStore(f"chdb://{REPO / '.spendstream' / 'test-chdb'}", f"s_{uuid.uuid4().hex[:12]}")
+    try:
+        store.migrate()
+        when = data.period("2026-12")
+        store.insert("usage_events", [usage_row(_priced("alpha", 10**12))], USAGE_COLUMNS)
+        assert data.cache_savings(store.user_query, when) is None  # no column: nothing claimed
+        store.query(
+            f"ALTER TABLE {store.database}.usage_events ADD COLUMN saved_usd Decimal(38, 12) DEFAULT 0"
+        )
+        store.insert(
+            "usage_events",
+            [(*usage_row(_priced("alpha", 0)), Decimal("0.000000000123")) for _ in range(2)],
+            (*USAGE_COLUMNS, "saved_usd"),
+        )
+        assert data.cache_savings(store.user_query, when) == [("alpha", Decimal("0.000000000246"), 2)]
+    finally:
+        store.close()
+
+
+def _priced(project: str, pico: int) -> dict[str, Any]:
+    usage = build_event(
+        service="svc",
+        project=project,
+        provider="openai",
+        model="gpt-4o",
+        input_tokens=1,
+        output_tokens=0,
+        event_time=datetime(2026, 12, 2, 10, 0, tzinfo=UTC),
+    )
+    return {
+        "usage": usage,
+        "cost_pico_usd": pico,
+        "price_card": "c",
+        "priced_at": 1_796_220_000_000_000,
+        "pricing_status": "priced",
+        "card_version": "v",
+        "itemised": {},
+        "unpriced_reason": "",
+    }
