@@ -359,6 +359,9 @@ def test_report_grand_total_equals_sql_to_the_last_unit(
     research = next(r for r in report["rows"] if r["team"] == "research")
     assert research["unpriced_events"] == 1
     assert Decimal(research["unpriced_share"]) == 1
+    table = loaded.cli("report", "--period", month, "--by", "project").stdout  # for a person: to the cent
+    assert "$61.71" in table
+    assert f"{Decimal(str(total)).quantize(Decimal('0.01')):,}" in table
     # --from/--to, CSV: the same range, the same total in its TOTAL row
     last_day = (datetime.fromisoformat(end) - timedelta(days=1)).date().isoformat()
     csv_out = loaded.cli(
