@@ -261,7 +261,7 @@ def pricing_gaps(query: Query, when: Period) -> list[PricingGap]:
 class DeadLetters:
     reason: str
     count: int
-    last: str
+    last: Any  # datetime (chDB) or ISO text (through the worker's JSON), UTC
     detail: str
 
 
@@ -270,7 +270,7 @@ def dead_letters(query: Query, when: Period) -> list[DeadLetters]:
         "SELECT reason, count() AS n, max(failed_at) AS last, any(detail) AS detail "
         f"FROM dead_letters FINAL WHERE {when.where('failed_at')} GROUP BY reason ORDER BY n DESC, reason"
     ).rows
-    return [DeadLetters(str(r[0]), int(r[1]), str(r[2])[:19], str(r[3])[:200]) for r in rows]
+    return [DeadLetters(str(r[0]), int(r[1]), r[2], str(r[3])[:200]) for r in rows]
 
 
 def has_column(query: Query, table: str, column: str) -> bool:

@@ -43,12 +43,17 @@ def usd(amount: Decimal, cls: str = "usd") -> str:
     return f'<span class="{cls}" data-usd="{amount:f}" title="${amount:f}">{money(amount)}</span>'
 
 
-def _when(micros_or_iso: Any) -> str:
-    if not micros_or_iso:
+def _when(moment: Any) -> str:
+    """A time for people, in UTC: from epoch micros, an ISO string or a datetime (naive = UTC, as
+    ClickHouse's DateTime64(6, 'UTC') columns arrive)."""
+    if not moment:
         return "—"
-    moment = datetime.fromisoformat(str(micros_or_iso)) if isinstance(micros_or_iso, str) else None
-    if moment is None:
-        moment = datetime.fromtimestamp(int(micros_or_iso) / 1e6, UTC)
+    if isinstance(moment, int | float):
+        moment = datetime.fromtimestamp(moment / 1e6, UTC)
+    elif not isinstance(moment, datetime):
+        moment = datetime.fromisoformat(str(moment))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
 
 
@@ -346,7 +351,7 @@ def health_page(
     error: str = "",
 ) -> str:
     gap_rows = "".join(
-        f"<tr><td>{state_badge('warn' if g.status == 'fallback' else 'blocked', g.status)}</td>"
+        f'<tr><td><span class="badge {escape(g.status)}">{escape(g.status)}</span></td>'
         f"<td>{escape(g.provider)}</td><td><code>{escape(g.model)}</code></td><td class=num>{g.events:,}</td>"
         f"<td class=num>{usd(g.usd) if g.status == 'fallback' else 'unknown'}</td><td>{escape(g.reason)}</td></tr>"
         for g in gaps
@@ -363,7 +368,7 @@ def health_page(
         '<table id="dead" class="wide"><thead><tr><th>reason</th><th class=num>messages</th><th>last</th>'
         "<th>example</th></tr></thead><tbody>"
         + "".join(
-            f"<tr><td>{escape(d.reason)}</td><td class=num>{d.count:,}</td><td>{escape(d.last)}</td>"
+            f"<tr><td>{escape(d.reason)}</td><td class=num>{d.count:,}</td><td class=when>{_when(d.last)}</td>"
             f"<td><small>{escape(d.detail)}</small></td></tr>"
             for d in dead
         )
