@@ -40,8 +40,10 @@ from stream_processors.budgets import (
     Decision,
     Spec,
     apply_deltas,
+    burn_per_minute,
     decide,
     deltas_problem,
+    forecast_crossing,
     fresh_deltas,
     load_state,
     new_state,
@@ -239,7 +241,13 @@ class BudgetStage:
 
     @staticmethod
     def _scope_rows(scope: str, spec: Spec, state: BudgetState, now_us: int) -> list[dict[str, Any]]:
-        signal = {"state": state["last_signal"][0], "reason": state["last_signal"][1]}
+        spent, minutes = burn_per_minute(state["minute_spend"], now_us // MINUTE_US)
+        signal = {
+            "state": state["last_signal"][0],
+            "reason": state["last_signal"][1],
+            # the last hour's burn rate (see burn_per_minute), to the pico-USD
+            "burn_usd_per_hour": str(Decimal(spent * 60 // minutes).scaleb(-12)) if minutes else "0",
+        }
         rows = []
         for lim in spec.limits:
             win = lim.current(now_us)
@@ -257,6 +265,10 @@ class BudgetStage:
                     "spend_usd": str(Decimal(spend).scaleb(-12)),
                     "limit_usd": str(Decimal(lim.limit_pico).scaleb(-12)),
                     "percent": round(spend * 100 / lim.limit_pico, 1),
+                    "warn_percent": list(lim.warn),
+                    "projected_at": 0
+                    if lim.rolling_minutes is not None
+                    else forecast_crossing(state["minute_spend"], now_us, spend, lim.limit_pico, win.end_us),
                     **signal,
                     "late_usd": str(Decimal(sum(state["late_spend"].values())).scaleb(-12)),
                 }
@@ -271,6 +283,8 @@ class BudgetStage:
                     "spend_usd": "",
                     "limit_usd": "",
                     "percent": 0,
+                    "warn_percent": [],
+                    "projected_at": 0,
                     **signal,
                     "late_usd": "0",
                 }

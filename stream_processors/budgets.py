@@ -43,14 +43,17 @@ __all__ = [
     "Spec",
     "Window",
     "apply_deltas",
+    "burn_per_minute",
     "calendar_window",
     "decide",
     "deltas_problem",
+    "forecast_crossing",
     "load_specs",
     "load_state",
     "make_limit",
     "new_state",
     "parse_scope",
+    "read_budgets_file",
     "runaway_pico_checked",
     "scopes_for_event",
     "template_of",
@@ -356,6 +359,23 @@ def _spec_from_file_entry(scope: str, entry: Any, source: str) -> Spec:
     )
 
 
+def read_budgets_file(path: Path) -> Any:
+    """The parsed YAML or TOML budgets file (decimals exact); its `budgets` and `alerts` sections
+    are read by `load_specs` and the alerts process."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read budgets file {path}: {exc.strerror}") from None
+    try:
+        return (
+            tomllib.loads(text, parse_float=Decimal)
+            if path.suffix == ".toml"
+            else yaml.load(text, Loader=_ExactLoader)
+        )
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"budgets file {path} is not valid: {exc}") from None
+
+
 def load_specs(path: Path | None) -> list[Spec]:
     """Budgets from a YAML or TOML file (an import format for the `budgets` topic):
 
@@ -369,18 +389,7 @@ def load_specs(path: Path | None) -> list[Spec]:
     """
     if path is None:
         return []
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read budgets file {path}: {exc.strerror}") from None
-    try:
-        data = (
-            tomllib.loads(text, parse_float=Decimal)
-            if path.suffix == ".toml"
-            else yaml.load(text, Loader=_ExactLoader)
-        )
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"budgets file {path} is not valid: {exc}") from None
+    data = read_budgets_file(path)
     if data is None:
         return []
     if not isinstance(data, dict) or not isinstance(data.get("budgets", {}), dict):
@@ -623,14 +632,30 @@ def decide(state: BudgetState, spec: Spec | None, now_us: int) -> Decision:
         if levels:
             found.append(Decision("warn", "threshold", max(levels), win, spend, lim.limit_pico, lim.mode))
         elif lim.rolling_minutes is None:
-            recent_hour = [int(k) for k in m if int(k) > now_min - 60]
-            if recent_hour and min(recent_hour) <= now_min - FORECAST_MIN_HISTORY:
-                span = now_min - min(recent_hour) + 1  # burn rate over the observed part of the last hour
-                per_minute = _minutes_sum(m, now_min - 59, now_min) / span
-                if per_minute > 0:
-                    crossing = now_us + int((lim.limit_pico - spend) / per_minute * MINUTE_US)
-                    if crossing < win.end_us:
-                        found.append(
-                            Decision("warn", "forecast", 0, win, spend, lim.limit_pico, lim.mode, crossing)
-                        )
+            crossing = forecast_crossing(m, now_us, spend, lim.limit_pico, win.end_us)
+            if crossing:
+                found.append(Decision("warn", "forecast", 0, win, spend, lim.limit_pico, lim.mode, crossing))
     return max(found, key=Decision._rank)
+
+
+def burn_per_minute(minute_spend: Mapping[str, int], now_min: int) -> tuple[int, int]:
+    """The burn rate as (pico-USD spent in the last hour, minutes observed of it): the span runs from
+    the first minute with spend in the hour to now, so a scope that started 5 minutes ago is not
+    averaged over 60. (0, 0) when nothing was spent in the hour."""
+    recent_hour = [int(k) for k in minute_spend if now_min - 60 < int(k) <= now_min]
+    if not recent_hour:
+        return 0, 0
+    return _minutes_sum(minute_spend, now_min - 59, now_min), now_min - min(recent_hour) + 1
+
+
+def forecast_crossing(
+    minute_spend: Mapping[str, int], now_us: int, spend: int, limit_pico: int, window_end_us: int
+) -> int:
+    """When the limit is reached at the last hour's burn rate (micros), or 0: no forecast before
+    FORECAST_MIN_HISTORY minutes of spend, at a zero rate, past the limit already, or when it falls
+    after the window."""
+    spent, minutes = burn_per_minute(minute_spend, now_us // MINUTE_US)
+    if minutes <= FORECAST_MIN_HISTORY or spent <= 0 or spend >= limit_pico:
+        return 0
+    crossing = now_us + int((limit_pico - spend) / (spent / minutes) * MINUTE_US)
+    return crossing if crossing < window_end_us else 0

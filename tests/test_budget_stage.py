@@ -201,3 +201,26 @@ def test_a_changed_template_re_decides_every_member_through_the_next_tick() -> N
         for signal in decoded(s.on_deltas(CODEC.encode("SpendDeltaBatch", {"deltas": deltas}), p, NOW))
     ]
     assert signals == [("team:a", "blocked", "budget_exceeded", 3 * USD)]
+
+
+def test_rows_carry_the_burn_rate_and_the_forecast_the_dashboard_shows() -> None:
+    s = stage()
+    record = Spec("project:b", (make_limit("project:b", "monthly", "1000"),)).to_record(NOW)
+    s.on_budget(b"project:b", encode_control(CODEC, "BudgetSpec", b"project:b", record, None), 0, NOW)
+    for i, minute in enumerate(range(NOW // MINUTE_US - 19, NOW // MINUTE_US + 1)):  # $1 a minute for 20 min
+        delta = {
+            "scope": "project:b",
+            "minute": minute,
+            "pico_usd": USD,
+            "events": 1,
+            "source_partition": 0,
+            "source_offset": i,
+        }
+        s.on_deltas(CODEC.encode("SpendDeltaBatch", {"deltas": [delta]}), 0, NOW)
+    [row] = s.rows({"project:b": s.spec_of("project:b")}, NOW)  # type: ignore[dict-item]
+    assert row["spend_usd"] == "20.000000000000"
+    assert row["burn_usd_per_hour"] == "60.000000000000"
+    assert row["warn_percent"] == [50, 80]
+    assert row["projected_at"] == NOW + 980 * MINUTE_US  # ($1000 - $20) at $1 a minute
+    assert row["state"] == "warn"  # the worker forecast the same crossing
+    assert row["reason"] == "forecast"

@@ -10,24 +10,31 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from spendstream.cli import budgets, gateway, keys, prices
+from spendstream.cli import alerts, budgets, gateway, keys, prices, report, ui
 from spendstream.cli.console import console, err, render, say
-from spendstream.errors import QueryError, SpendstreamError
+from spendstream.cli.reads import query
+from spendstream.errors import SpendstreamError
 from spendstream.settings import PROVIDER_KEY_VARS, Settings
 from spendstream.signing import warn_unauthenticated
-from stream_processors.store import ClickHouseStore, QueryLimits, QueryResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft, 127.0.0.1).")
 app.add_typer(kafka_app, name="kafka")
 log = logging.getLogger(__name__)
-_CONTROL_COMMANDS = {"budget", "block", "unblock", "watch", "demo"}  # `up`: the worker warns itself
+_CONTROL_COMMANDS = {
+    "budget",
+    "block",
+    "unblock",
+    "watch",
+    "demo",
+    "ui",
+    "alerts",
+}  # `up`: the worker warns itself
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -121,32 +128,6 @@ def up(
     run_worker(_settings(ctx), say, loglevel=log_level)
 
 
-def query(settings: Settings, sql: str) -> QueryResult:
-    """Run a user's read-only query: through the running worker (it owns embedded chDB), or directly
-    when no worker listens. Either way ClickHouse guards it (read-only, `QueryLimits`)."""
-    try:
-        response = httpx.post(
-            f"http://127.0.0.1:{settings.web_port}/sql",
-            json={"query": sql},
-            timeout=settings.query_timeout_seconds + 30,  # the worker answers by then: ClickHouse stops it
-        )
-    except httpx.ConnectError:
-        store = ClickHouseStore(settings.dsn, settings.clickhouse_database, QueryLimits.of(settings))
-        try:
-            return store.user_query(sql)
-        finally:
-            store.close()
-    except httpx.TransportError as exc:
-        raise QueryError(f"the worker on port {settings.web_port} did not answer: {exc!r}") from None
-    try:
-        body = response.json()
-    except ValueError:
-        raise QueryError(f"the worker answered {response.status_code}: {response.text[:300]}") from None
-    if response.status_code != 200:
-        raise QueryError(body.get("error", response.text))
-    return QueryResult(body["columns"], body["rows"])
-
-
 @app.command()
 def sql(
     ctx: typer.Context,
@@ -238,6 +219,9 @@ prices.register(app)
 budgets.register(app)
 keys.register(app)
 gateway.register(app)
+ui.register(app)
+report.register(app)
+alerts.register(app)
 
 
 def main() -> None:

@@ -12,13 +12,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from gateway.policy import Policy
 from spendstream.cli.console import console, err
+from spendstream.cli.reads import worker_budgets
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
@@ -186,13 +186,7 @@ def register(app: typer.Typer) -> None:
     @budget_app.command("list")
     def list_budgets(ctx: typer.Context) -> None:
         """Every budget with its current window, spend, percentage and state."""
-        settings: Settings = ctx.obj
-        try:
-            rows = httpx.get(f"http://127.0.0.1:{settings.web_port}/budgets", timeout=30).json()["budgets"]
-        except httpx.TransportError:
-            raise SpendstreamError(
-                f"no worker answers on port {settings.web_port}: spend is known by the worker; start it with `spendstream up`"
-            ) from None
+        rows = worker_budgets(ctx.obj)
         table = Table("scope", "window", "spend", "limit", "%", "state", "until (UTC)")
         for r in rows:
             colour = {"blocked": "red", "warn": "yellow"}.get(r["state"], "green")

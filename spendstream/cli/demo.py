@@ -9,9 +9,11 @@ ClickHouse. Each run uses its own topics (prefix demo-<run>.) and the `spendstre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +37,7 @@ from stream_processors.pricing import Catalogue, pico_to_usd
 __all__ = ["run_demo"]
 
 BUDGETS = Path(__file__).with_name("demo_budgets.yaml")
+UI_PORT = 8050  # `spendstream ui`'s default
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,40 @@ def _worker_alive(port: int) -> bool:
         return False
 
 
+def _start_dashboard(env: dict[str, str], log_path: Path, console: Console) -> subprocess.Popen[bytes] | None:
+    """`spendstream ui` beside the demo's worker (port 8050, or a free one if taken); None if it
+    does not come up in 30 s (the demo goes on without it)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", UI_PORT))
+            port = UI_PORT
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spendstream", "ui", "--port", str(port)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 30
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "control", timeout=1).status_code == 200:
+                console.print(
+                    f"[bold]dashboard: {url}[/bold]  (open it now: the weekend script crosses its budget live)"
+                )
+                return process
+        except httpx.TransportError:
+            time.sleep(0.3)
+    console.print(f"[yellow]the dashboard did not start; see {log_path}[/yellow]")
+    process.kill()
+    process.wait()
+    return None
+
+
 def run_demo(settings: Settings, console: Console, *, max_events: int, rate: int) -> None:
     if _worker_alive(settings.web_port):
         raise SpendstreamError(
@@ -111,6 +148,7 @@ def run_demo(settings: Settings, console: Console, *, max_events: int, rate: int
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+    dashboard: subprocess.Popen[bytes] | None = None
     try:
         with console.status("starting Kafka (first run fetches it from Maven Central), topics, worker..."):
             deadline = time.monotonic() + 300
@@ -121,8 +159,15 @@ def run_demo(settings: Settings, console: Console, *, max_events: int, rate: int
                     raise SpendstreamError(f"the worker did not become ready in 300 s; see {log_path}")
                 time.sleep(0.5)
         console.print(f"worker ready on {demo.bootstrap}, topics {', '.join(demo.topics.all())}")
+        dashboard = _start_dashboard(env, log_path.with_name(f"demo-ui-{run}.log"), console)
         asyncio.run(_workload(demo, console, run=run, max_events=max_events, rate=rate))
+        if dashboard is not None and sys.stdin.isatty():
+            with contextlib.suppress(EOFError, KeyboardInterrupt):
+                input("The dashboard stays up with the worker: press Enter to stop both. ")
     finally:
+        if dashboard is not None:
+            dashboard.terminate()
+            dashboard.wait(timeout=30)
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(timeout=60)
