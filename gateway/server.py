@@ -276,7 +276,12 @@ class Gateway:
         if isinstance(key, web.Response):
             return self._status(call, key)
         upstream = self.upstreams[family]
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return self._status(
+                call, self._refuse(call, "too_large", 413, exc.text or "request too large", retry=False)
+            )
         route = route_of(request.method, "gateway", request.path) if request.method == "POST" else None
         if route is None:  # not metered (count_tokens, /models): authenticated pass-through
             return self._status(call, await self._pass_through(request, upstream, body, call))

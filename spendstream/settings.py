@@ -31,7 +31,7 @@ def _provider_key(family: str) -> Any:
     names = PROVIDER_KEY_VARS[family]
     return Field(
         default=None,
-        validation_alias=AliasChoices(f"{family}_api_key", *names),
+        validation_alias=AliasChoices(f"{family}_api_key", f"spendstream_{family}_api_key", *names),
         description=f"The gateway's master key for {family} ({' or '.join(names)}, as its SDK reads it, or "
         "SPENDSTREAM_PROVIDER_KEYS_FILE); only ever sent to that provider; masked.",
     )
