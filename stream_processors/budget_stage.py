@@ -9,7 +9,7 @@ with both input topics by scope, so every scope has exactly one writer:
     specs:  scope -> the BudgetSpec record in force (signature verified)
 
 A member scope (`user:alice`, `team:data`, `key:k1`, `project:p`) without a spec of its own is
-decided by its kind's template (`user:*` ...), read from `templates` (the budget feed's view of the
+decided by its kind's template (`user:*` ...), read from `feed_specs` (the budget feed's view of the
 whole topic, so every worker knows every template whichever partition holds it). A member's own
 spec wins. When a template changes (also: once after a start), every member this worker holds is
 re-decided through a zero delta, so lowering `user:*` blocks the members already above it.
@@ -106,13 +106,13 @@ class BudgetStage:
         signer: Signer | None,
         verifier: Verifier,
         partitions: int,
-        templates: Mapping[str, Spec] | None = None,
+        feed_specs: Mapping[str, Spec] | None = None,
     ) -> None:
         self.codec = codec
         self.scopes = scopes
         self.specs = specs
         self.partitions = partitions
-        self.templates = templates if templates is not None else {}  # template scope -> Spec
+        self.feed_specs = feed_specs if feed_specs is not None else {}  # scope -> Spec, the whole topic
         self._templates_seen: dict[str, Spec | None] | None = None  # as the last tick saw them
         self._templates_replaced: set[str] = set()  # template records this stage applied
         self.grace_us = grace_us
@@ -125,11 +125,16 @@ class BudgetStage:
 
     def spec_of(self, scope: str) -> Spec | None:
         """The scope's own spec, else its kind's template (None: no budget)."""
-        return self.own_spec(scope) or self.templates.get(template_of(scope) or "")
+        return self.own_spec(scope) or self.feed_specs.get(template_of(scope) or "")
 
     def own_spec(self, scope: str) -> Spec | None:
+        """The scope's spec: as this stage applied it, or, before the stage has read the scope's
+        record (the two input topics are not ordered), as the budget feed has it, so a member
+        with its own budget is never decided by the template meanwhile."""
         record = self.specs.get(scope)
-        if record is None or record.get("removed"):
+        if record is None:
+            return self.feed_specs.get(scope)
+        if record.get("removed"):
             return None
         cache_key = (scope, int(record.get("updated_at", 0)))
         spec = self._parsed.get(cache_key)
@@ -232,7 +237,7 @@ class BudgetStage:
         worker sees every template), or by a template record this stage applied (also one that
         changed while the worker was down, read again after the start). The first tick after a start
         re-decides nothing: it re-builds `attention` from the stored states instead (cheap)."""
-        current = {t: self.templates.get(t) for t in TEMPLATES}
+        current = {t: self.feed_specs.get(t) for t in TEMPLATES}
         if self._templates_seen is None:
             self._templates_seen = current
             self._resume_attention()

@@ -20,7 +20,7 @@ USD = 10**12
 
 
 def stage(
-    signer: Signer | None = None, verifier: Verifier | None = None, templates: dict[str, Spec] | None = None
+    signer: Signer | None = None, verifier: Verifier | None = None, feed_specs: dict[str, Spec] | None = None
 ) -> BudgetStage:
     scopes: dict[str, Any] = {}
     specs: dict[str, Any] = {}
@@ -32,7 +32,7 @@ def stage(
         signer=signer,
         verifier=verifier or Verifier(),
         partitions=8,
-        templates=templates,
+        feed_specs=feed_specs,
     )
 
 
@@ -186,7 +186,7 @@ def decoded(result: Any) -> list[tuple[str, str, str, int]]:
 
 def test_a_template_gives_every_member_its_own_budget_and_an_own_spec_wins() -> None:
     templates = {"user:*": Spec("user:*", (make_limit("user:*", "daily", "10"),))}
-    s = stage(templates=templates)
+    s = stage(feed_specs=templates)
     s.on_budget(b"user:carol", spec_message("user:carol", "100"), 0, NOW)  # carol's own budget
     first = s.on_deltas(member_deltas({"user:alice": 6, "user:bob": 2, "user:carol": 11}, 1), 0, NOW)
     assert decoded(first) == [("user:alice", "warn", "threshold", 10 * USD)]
@@ -204,7 +204,7 @@ def test_a_template_gives_every_member_its_own_budget_and_an_own_spec_wins() -> 
 
 def test_a_changed_template_re_decides_every_member_through_the_next_tick() -> None:
     templates = {"team:*": Spec("team:*", (make_limit("team:*", "daily", "10"),))}
-    s = stage(templates=templates)
+    s = stage(feed_specs=templates)
     assert s.on_deltas(member_deltas({"team:a": 4, "team:b": 1}, 1), 0, NOW).signals == []
     assert s.ticks(NOW) == []  # the first tick after a start takes the templates as they are
     templates["team:*"] = Spec("team:*", (make_limit("team:*", "daily", "3"),))  # lowered below team:a
@@ -237,3 +237,17 @@ def test_after_a_start_the_stored_blocks_are_watched_again_without_re_deciding_t
     assert restarted.ticks(NOW) == []
     midnight = NOW + 12 * 3600 * 10**6
     assert restarted.attention == {"project:a": (partition_for("project:a", 8), midnight)}
+
+
+def test_an_own_budget_the_stage_has_not_read_yet_still_wins_over_the_template() -> None:
+    """Deltas and budgets are two topics: a member's deltas may come before the stage applied its
+    spec. The budget feed has it (the meter prices nothing before the feed caught up)."""
+    carol = Spec("user:carol", (make_limit("user:carol", "daily", "100"),))
+    s = stage(
+        feed_specs={"user:*": Spec("user:*", (make_limit("user:*", "daily", "5"),)), "user:carol": carol}
+    )
+    result = s.on_deltas(member_deltas({"user:carol": 6, "user:dan": 6}, 1), 0, NOW)
+    assert decoded(result) == [("user:dan", "blocked", "budget_exceeded", 5 * USD)]  # carol: 6 of her 100
+    assert s.spec_of("user:carol") == carol
+    s.on_budget(b"user:carol", spec_message("user:carol", "1"), 0, NOW)  # the stage's own record rules
+    assert s.spec_of("user:carol").limits[0].limit_pico == USD  # type: ignore[union-attr]
