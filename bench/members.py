@@ -37,12 +37,16 @@ from bench._common import (
     REPO,
     bench_broker,
     cpu_seconds,
+    delete_topics,
     free_port,
     new_run_id,
     partitions,
+    print_profile,
+    profile_rows,
     say,
     write_result,
 )
+from bench._profiled_worker import PROFILE_START, PROFILE_STOP
 from producers import SyncEmitter
 from spendstream.topics import Topics, ensure_topics
 from spendstream.wire import default_codec
@@ -58,19 +62,26 @@ def rss_mib(pid: int) -> float:
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
-        self.env, self.port, self.log = env, port, log
+    """`spendstream up` run from `code` (a checkout: its modules come first on sys.path)."""
+
+    def __init__(self, env: dict[str, str], port: int, log: Path, code: Path, profile: Path | None) -> None:
+        self.env, self.port, self.log, self.code, self.profile = env, port, log, code, profile
         self.process: subprocess.Popen[bytes] | None = None
+        self.profiles: list[Path] = []  # one stats file per process started (written as it exits)
 
     def start(self) -> float:
         """Start `spendstream up`; returns the monotonic time it was started."""
+        cmd = [sys.executable, "-m", "spendstream"]
+        if self.profile is not None:
+            self.profiles.append(self.profile.with_suffix(f".{len(self.profiles)}.prof"))
+            cmd = [sys.executable, "-m", "bench._profiled_worker", str(self.profiles[-1])]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "spendstream", "up", "--log-level", "warning"],
+                [*cmd, "up", "--log-level", "warning"],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                cwd=self.code,
             )
         return time.monotonic()
 
@@ -96,6 +107,10 @@ class Worker:
             assert self.process.poll() is None, "the worker exited; see its log"
             assert time.monotonic() < deadline, f"the worker was not ready in {timeout} s"
             time.sleep(0.1)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -173,7 +188,12 @@ def restart(worker: Worker, topics: Topics, probe: str) -> dict[str, float]:
         return blocked
 
     blocked = asyncio.run(both())
-    return {"ready_s": round(health["at"] - started, 2), "enforcing_s": round(blocked - started, 2)}
+    return {
+        "ready_s": round(health["at"] - started, 2),
+        "enforcing_s": round(blocked - started, 2),
+        # CPU the new process spent until then: what the start costs, whatever else the machine does
+        "cpu_s": round(cpu_seconds(worker.pid), 2),
+    }
 
 
 def idle_cpu(worker: Worker, seconds: float = 10) -> float:
@@ -183,9 +203,14 @@ def idle_cpu(worker: Worker, seconds: float = 10) -> float:
     return round((cpu_seconds(worker.pid) - cpu0) / (time.monotonic() - t0), 3)
 
 
-def measure(worker: Worker, topics: Topics, probe: str) -> dict[str, Any]:
+def measure(worker: Worker, topics: Topics, probe: str, profile: bool = False) -> dict[str, Any]:
     time.sleep(3)  # the first ticks after a start (and a template sweep) settle
-    out: dict[str, Any] = {"rss_mib": rss_mib(worker.pid), "idle_cpu_share": idle_cpu(worker)}
+    out: dict[str, Any] = {"rss_mib": rss_mib(worker.pid)}
+    if profile:
+        worker.signal(PROFILE_START)
+    out["idle_cpu_share"] = idle_cpu(worker)
+    if profile:
+        worker.signal(PROFILE_STOP)
     rows, seconds = worker.budgets()
     out["budget_list_s"] = round(seconds, 3)
     out["budget_list_rows"] = len(rows)
@@ -196,11 +221,8 @@ def measure(worker: Worker, topics: Topics, probe: str) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=int, default=100_000)
-    parser.add_argument("--blocked-share", type=float, default=0.1)
-    args = parser.parse_args()
+def scenario(code: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The whole measurement with the worker's code from `code`, on topics of its own."""
     run_id = new_run_id("members")
     topics = Topics(f"{run_id}.")
     state = REPO / ".spendstream" / "bench" / run_id
@@ -212,50 +234,115 @@ def main() -> None:
         (f"u{i:06d}", "12" if blocked_every and i % blocked_every == 0 else "1") for i in range(args.members)
     ]
     result: dict[str, Any] = {"members": args.members, "blocked_members": sum(u == "12" for _, u in calls)}
-    with bench_broker(run_id):
-        asyncio.run(ensure_topics(BOOTSTRAP, topics, 4))
-        env = {
-            **os.environ,
-            "SPENDSTREAM_BOOTSTRAP_SERVERS": BOOTSTRAP,
-            "SPENDSTREAM_TOPIC_PREFIX": topics.prefix,
-            "SPENDSTREAM_STATE_DIR": str(state),
-            "SPENDSTREAM_WEB_PORT": str(free_port()),
-            "SPENDSTREAM_WORKER_ID": run_id,
-            "SPENDSTREAM_BUDGETS_FILE": str(budgets),
+    asyncio.run(ensure_topics(BOOTSTRAP, topics, 4))
+    env = {
+        **os.environ,
+        "SPENDSTREAM_BOOTSTRAP_SERVERS": BOOTSTRAP,
+        "SPENDSTREAM_TOPIC_PREFIX": topics.prefix,
+        "SPENDSTREAM_STATE_DIR": str(state),
+        "SPENDSTREAM_WEB_PORT": str(free_port()),
+        "SPENDSTREAM_WORKER_ID": run_id,
+        "SPENDSTREAM_BUDGETS_FILE": str(budgets),
+    }
+    prof = state / "worker.prof" if args.profile else None
+    worker = Worker(env, int(env["SPENDSTREAM_WEB_PORT"]), state / "worker.log", code, prof)
+    worker.start()
+    try:
+        worker.wait_ready()
+        say("worker ready; baseline (no members)")
+        result["baseline"] = measure(worker, topics, "probe-0")
+        say(f"  {result['baseline']}")
+        say(f"emitting one call for each of {args.members:,} members")
+        started, cpu0 = time.monotonic(), cpu_seconds(worker.pid)
+        result["emit_s"] = round(emit(topics, calls), 2)
+        want = f"{args.members + 1} members with spend, {result['blocked_members'] + 1} blocked"
+        while True:  # + the baseline's probe
+            rows, _ = worker.budgets()
+            template = next(r for r in rows if r["scope"] == "user:*")
+            if template["reason"] == want:
+                break
+            time.sleep(2)
+        loaded = time.monotonic() - started
+        result["load"] = {
+            "seconds": round(loaded, 2),
+            "members_per_s": round(args.members / loaded),
+            "worker_cpu_us_per_member": round((cpu_seconds(worker.pid) - cpu0) * 1e6 / args.members),
         }
-        worker = Worker(env, int(env["SPENDSTREAM_WEB_PORT"]), state / "worker.log")
-        worker.start()
-        try:
-            worker.wait_ready()
-            say("worker ready; baseline (no members)")
-            result["baseline"] = measure(worker, topics, "probe-0")
-            say(f"  {result['baseline']}")
-            say(f"emitting one call for each of {args.members:,} members")
-            started = time.monotonic()
-            result["emit_s"] = round(emit(topics, calls), 2)
-            want = f"{args.members + 1} members with spend, {result['blocked_members'] + 1} blocked"
-            while True:  # + the baseline's probe
-                rows, _ = worker.budgets()
-                template = next(r for r in rows if r["scope"] == "user:*")
-                if template["reason"] == want:
-                    break
-                time.sleep(2)
-            loaded = time.monotonic() - started
-            result["load"] = {"seconds": round(loaded, 2), "members_per_s": round(args.members / loaded)}
-            say(f"  every member applied in {loaded:.1f} s")
-            result["members_live"] = measure(worker, topics, "probe-1")
-            say(f"  {result['members_live']}")
-        finally:
-            worker.stop()
+        say(f"  every member applied in {loaded:.1f} s: {result['load']}")
+        result["members_live"] = measure(worker, topics, "probe-1", profile=args.profile)
+        say(f"  {result['members_live']}")
+    finally:
+        worker.stop()
+        asyncio.run(delete_topics(run_id))
+    if prof is not None:
+        result["idle_profile"] = profile_rows(worker.profiles[1], "tottime")  # started by the first restart
+        print_profile("worker, idle with the members live (by own time)", result["idle_profile"])
     base, live = result["baseline"], result["members_live"]
     result["bytes_per_member"] = round((live["rss_mib"] - base["rss_mib"]) * 2**20 / args.members)
-    result["restart_ratio"] = round(live["restart"]["enforcing_s"] / base["restart"]["enforcing_s"], 2)
-    say(
-        f"RSS {base['rss_mib']} -> {live['rss_mib']} MiB ({result['bytes_per_member']} bytes per member); "
-        f"restart to enforcing {base['restart']['enforcing_s']} -> {live['restart']['enforcing_s']} s "
-        f"({result['restart_ratio']}x); idle CPU {base['idle_cpu_share']} -> {live['idle_cpu_share']} "
-        f"of a core; budget list {live['budget_list_s']} s"
+    result["bytes_per_member_after_restart"] = round(
+        (live["rss_mib_after_restart"] - base["rss_mib_after_restart"]) * 2**20 / args.members
     )
+    say(
+        f"RSS {base['rss_mib']} -> {live['rss_mib']} MiB ({result['bytes_per_member']} bytes per member; "
+        f"{result['bytes_per_member_after_restart']} after a restart); restart to enforcing "
+        f"{base['restart']['enforcing_s']} -> {live['restart']['enforcing_s']} s, CPU "
+        f"{base['restart']['cpu_s']} -> {live['restart']['cpu_s']} s; idle CPU {base['idle_cpu_share']} -> "
+        f"{live['idle_cpu_share']} of a core; budget list {live['budget_list_s']} s"
+    )
+    return result
+
+
+def checkout(ref: str) -> Path:
+    """The tree of git `ref` (a commit of this repository), extracted under .spendstream/bench."""
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tree = REPO / ".spendstream" / "bench" / f"code-{sha}"
+    if not tree.exists():
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=100_000)
+    parser.add_argument("--blocked-share", type=float, default=0.1)
+    parser.add_argument(
+        "--compare", metavar="REF", help="also measure the worker of this git commit first, in the same run"
+    )
+    parser.add_argument("--profile", action="store_true", help="profile the worker while idle with members")
+    args = parser.parse_args()
+    result: dict[str, Any] = {}
+    with bench_broker(new_run_id("members")):
+        if args.compare:
+            say(f"== the worker of {args.compare}")
+            result["compared"] = {"ref": args.compare, **scenario(checkout(args.compare), args)}
+            say("== the worker of this checkout")
+        result.update(scenario(REPO, args))
+    if args.compare:
+        old, new = result["compared"], result
+        result["ratios_vs_compared"] = {
+            "bytes_per_member": round(new["bytes_per_member"] / old["bytes_per_member"], 2),
+            "bytes_per_member_after_restart": round(
+                new["bytes_per_member_after_restart"] / old["bytes_per_member_after_restart"], 2
+            ),
+            "restart_enforcing_s": round(
+                new["members_live"]["restart"]["enforcing_s"] / old["members_live"]["restart"]["enforcing_s"],
+                2,
+            ),
+            "restart_cpu_s": round(
+                new["members_live"]["restart"]["cpu_s"] / old["members_live"]["restart"]["cpu_s"], 2
+            ),
+            "idle_cpu_share": round(
+                new["members_live"]["idle_cpu_share"] / max(old["members_live"]["idle_cpu_share"], 0.001), 2
+            ),
+            "load_worker_cpu_per_member": round(
+                new["load"]["worker_cpu_us_per_member"] / old["load"]["worker_cpu_us_per_member"], 2
+            ),
+        }
+        say(f"this checkout / {args.compare}: {result['ratios_vs_compared']}")
     say(f"wrote {write_result('members', result)}")
 
 

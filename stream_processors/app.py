@@ -188,7 +188,7 @@ def create_app(
         signer=signer,
         verifier=verifier,
         partitions=n,
-        templates=budget_feed.specs,  # the whole topic: templates whichever partition holds them
+        feed_specs=budget_feed.specs,  # the whole topic: templates whichever partition holds them
     )
     stage = MeterStage(
         cat,

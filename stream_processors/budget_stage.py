@@ -4,11 +4,12 @@ Pure logic (no Kafka): `app.py`'s budget agent feeds it each message and sends w
 The two tables it keeps are any mappings; in the worker they are Faust tables, co-partitioned
 with both input topics by scope, so every scope has exactly one writer:
 
-    scopes: scope -> BudgetState (spend per window and minute, applied source offsets, last signal)
+    scopes: scope -> BudgetState as JSON text (spend per window and minute, applied source
+            offsets, last signal; see budgets.dump_state)
     specs:  scope -> the BudgetSpec record in force (signature verified)
 
 A member scope (`user:alice`, `team:data`, `key:k1`, `project:p`) without a spec of its own is
-decided by its kind's template (`user:*` ...), read from `templates` (the budget feed's view of the
+decided by its kind's template (`user:*` ...), read from `feed_specs` (the budget feed's view of the
 whole topic, so every worker knows every template whichever partition holds it). A member's own
 spec wins. When a template changes (also: once after a start), every member this worker holds is
 re-decided through a zero delta, so lowering `user:*` blocks the members already above it.
@@ -22,6 +23,7 @@ costs that scope's deltas of that message only.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -43,11 +45,13 @@ from stream_processors.budgets import (
     burn_per_minute,
     decide,
     deltas_problem,
+    dump_state,
     forecast_crossing,
     fresh_deltas,
     load_state,
     new_state,
     template_of,
+    window_end_us,
 )
 from stream_processors.feeds import budget_rejection
 from stream_processors.meter import DeadLetter, partition_for
@@ -70,6 +74,29 @@ class BudgetResult:
     metrics: Counter[str] = field(default_factory=Counter)
 
 
+def _due(decision: Decision, spec: Spec | None, now_us: int) -> int:
+    """When a scope that is not ok must be re-decided although no spend and no spec arrives.
+
+    With calendar limits only (no rolling window, no runaway rule), a limit reached or a warn level
+    can only lift when its window ends: spend within a window only grows, a lower decision (another
+    limit's warn, a forecast) ranks below it, and a changed spec or template re-decides the scope
+    anyway. Those wait for the window's end, a manual block for ever; everything else (rolling windows, runaway cool-downs,
+    forecasts, which move with the clock) is re-decided every tick. So 10,000 blocked members cost
+    the ticks nothing until their day ends.
+    """
+    calendar_only = (
+        spec is not None
+        and spec.runaway_multiplier == 0
+        and spec.runaway_pico_per_minute is None
+        and all(lim.rolling_minutes is None for lim in spec.limits)
+    )
+    if decision.reason == "manual":  # lifted by a changed spec or template only
+        return LONG_MAX
+    if calendar_only and decision.reason in ("budget_exceeded", "threshold") and decision.window.end_us:
+        return decision.window.end_us
+    return now_us
+
+
 class BudgetStage:
     def __init__(
         self,
@@ -81,28 +108,35 @@ class BudgetStage:
         signer: Signer | None,
         verifier: Verifier,
         partitions: int,
-        templates: Mapping[str, Spec] | None = None,
+        feed_specs: Mapping[str, Spec] | None = None,
     ) -> None:
         self.codec = codec
         self.scopes = scopes
         self.specs = specs
         self.partitions = partitions
-        self.templates = templates if templates is not None else {}  # template scope -> Spec
-        self._templates_seen: dict[str, Spec | None] = {}  # as the last tick saw them
+        self.feed_specs = feed_specs if feed_specs is not None else {}  # scope -> Spec, the whole topic
+        self._templates_seen: dict[str, Spec | None] | None = None  # as the last tick saw them
+        self._templates_replaced: set[str] = set()  # template records this stage applied
         self.grace_us = grace_us
         self.signer = signer
         self.verifier = verifier
         self.key_id = signer.key_id if signer else ""
-        self.attention: dict[str, int] = {}  # scopes not ok -> partition: ticks re-decide them
+        # scopes not ok -> (partition, when a tick must re-decide them: see _due)
+        self.attention: dict[str, tuple[int, int]] = {}
         self._parsed: dict[tuple[str, int], Spec] = {}
 
     def spec_of(self, scope: str) -> Spec | None:
         """The scope's own spec, else its kind's template (None: no budget)."""
-        return self.own_spec(scope) or self.templates.get(template_of(scope) or "")
+        return self.own_spec(scope) or self.feed_specs.get(template_of(scope) or "")
 
     def own_spec(self, scope: str) -> Spec | None:
+        """The scope's spec: as this stage applied it, or, before the stage has read the scope's
+        record (the two input topics are not ordered), as the budget feed has it, so a member
+        with its own budget is never decided by the template meanwhile."""
         record = self.specs.get(scope)
-        if record is None or record.get("removed"):
+        if record is None:
+            return self.feed_specs.get(scope)
+        if record.get("removed"):
             return None
         cache_key = (scope, int(record.get("updated_at", 0)))
         spec = self._parsed.get(cache_key)
@@ -128,13 +162,15 @@ class BudgetStage:
             detail = f"{why} budget for {scope!r} ignored: only specs signed with a key in SPENDSTREAM_VERIFY_KEYS count"
             result.dead.append(DeadLetter(f"budget_{why}", detail, value or b""))
             return result
+        if scope in TEMPLATES:
+            self._templates_replaced.add(scope)  # its members are re-decided by the next tick
         if record is None:
             self.specs.pop(scope, None)
         else:  # kept, removed too: its updated_at is the scope's replay horizon
             self.specs[scope] = {k: v for k, v in record.items() if k != "signature"}
         state = load_state(self.scopes.get(scope))
         self._decide(scope, state, partition, now_us, result)
-        self.scopes[scope] = state
+        self.scopes[scope] = dump_state(state)
         return result
 
     def on_deltas(self, value: bytes | None, partition: int, now_us: int) -> BudgetResult:
@@ -168,7 +204,7 @@ class BudgetStage:
                 result.dead.append(DeadLetter("processing_error", f"{scope}: {exc!r}"[:1000], value or b""))
                 continue
             if signalled or fresh:
-                self.scopes[scope] = state  # a tick that changes nothing writes no changelog
+                self.scopes[scope] = dump_state(state)  # a tick that changes nothing writes no changelog
         return result
 
     def ticks(self, now_us: int) -> list[tuple[int, list[dict[str, Any]]]]:
@@ -177,8 +213,9 @@ class BudgetStage:
         re-decide the scope, so a new window, a cooled-down rate or a new template takes effect."""
         by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
         minute = now_us // MINUTE_US
-        due = dict(self.attention)
-        for scope in self._members_of_changed_templates():
+        swept = list(self._members_of_changed_templates())
+        due = {scope: partition for scope, (partition, at) in self.attention.items() if at <= now_us}
+        for scope in swept:
             due[scope] = partition_for(scope, self.partitions)
         for scope, partition in due.items():
             by_partition[partition].append(
@@ -198,16 +235,31 @@ class BudgetStage:
         ]
 
     def _members_of_changed_templates(self) -> Iterator[str]:
-        changed = set()
-        for template in TEMPLATES:
-            spec = self.templates.get(template)
-            if spec != self._templates_seen.get(template):
-                self._templates_seen[template] = spec
-                changed.add(template)
+        """Members of the templates that changed since the last tick: in the budget feed (every
+        worker sees every template), or by a template record this stage applied (also one that
+        changed while the worker was down, read again after the start). The first tick after a start
+        re-decides nothing: it re-builds `attention` from the stored states instead (cheap)."""
+        current = {t: self.feed_specs.get(t) for t in TEMPLATES}
+        if self._templates_seen is None:
+            self._templates_seen = current
+            self._resume_attention()
+        changed = {t for t in TEMPLATES if current[t] != self._templates_seen[t]} | self._templates_replaced
+        self._templates_seen, self._templates_replaced = current, set()
         if changed:
             for scope in list(self.scopes.keys()):
                 if template_of(scope) in changed and self.own_spec(scope) is None:
                     yield scope
+
+    def _resume_attention(self) -> None:
+        """After a start: every stored scope whose last signal was not ok, due at once (rolling
+        windows, runaway) or at its calendar window's end, without re-deciding it now."""
+        for scope in list(self.scopes.keys()):
+            stored = self.scopes.get(scope)
+            if isinstance(stored, str) and '"last_signal"' not in stored:
+                continue  # dump_state leaves the first ok signal out: nothing to watch
+            state, _, _, window = load_state(stored)["last_signal"]
+            if state != "ok":
+                self.attention[scope] = (partition_for(scope, self.partitions), window_end_us(window))
 
     def members(self, template: str) -> Iterator[tuple[str, BudgetState]]:
         """The member scopes of `template` this worker holds that have no spec of their own."""
@@ -225,19 +277,37 @@ class BudgetStage:
             if scope not in TEMPLATES:
                 rows += self._scope_rows(scope, spec, load_state(self.scopes.get(scope)), now_us)
                 continue
-            members = [
-                row
-                for member, state in self.members(scope)
-                for row in self._scope_rows(member, spec, state, now_us)
-                if row["spend_usd"] and Decimal(row["spend_usd"])
-            ]
-            blocked = len({r["scope"] for r in members if r["state"] == "blocked"})
-            summary = f"{len({r['scope'] for r in members})} members with spend, {blocked} blocked"
+            members = self._top_members(scope, spec, now_us)
+            blocked = sum(1 for _, _, state in members if state["last_signal"][0] == "blocked")
+            summary = f"{len(members)} members with spend, {blocked} blocked"
             for row in self._scope_rows(scope, spec, new_state(), now_us):
                 rows.append({**row, "spend_usd": "", "percent": 0, "state": "template", "reason": summary})
-            members.sort(key=lambda r: (-SEVERITY[r["state"]], -r["percent"], r["scope"]))
-            rows += members[:MAX_MEMBER_ROWS]
+            shown = heapq.nlargest(MAX_MEMBER_ROWS, members, key=lambda m: m[0])
+            rows += [
+                row for _, member, state in shown for row in self._scope_rows(member, spec, state, now_us)
+            ]
         return rows
+
+    def _top_members(
+        self, template: str, spec: Spec, now_us: int
+    ) -> list[tuple[tuple[int, int, str], str, BudgetState]]:
+        """((severity, highest spend per limit in parts per million, inverted scope), scope, state)
+        of the template's members with spend in a current window."""
+        windows = [(lim, lim.current(now_us)) for lim in spec.limits]
+        found = []
+        for member, state in self.members(template):
+            share = 0
+            for lim, win in windows:
+                if lim.rolling_minutes is None:
+                    spend = state["window_spend"].get(win.id, 0)
+                else:
+                    first = win.start_us // MINUTE_US
+                    spend = sum(v for k, v in state["minute_spend"].items() if int(k) >= first)
+                share = max(share, spend * 1_000_000 // lim.limit_pico + (spend > 0))
+            if share:
+                order = "".join(chr(0x10FFFF - ord(c)) for c in member)  # nlargest: A before B
+                found.append(((SEVERITY[state["last_signal"][0]], share, order), member, state))
+        return found
 
     @staticmethod
     def _scope_rows(scope: str, spec: Spec, state: BudgetState, now_us: int) -> list[dict[str, Any]]:
@@ -297,11 +367,12 @@ class BudgetStage:
         """One ControlSignal per change of (state, reason, level, window), and once more, re-signed,
         when the worker's signing key changed since the scope's last signal (so after a rotation
         Guards can drop the old key)."""
-        decision: Decision = decide(state, self.spec_of(scope), now_us)
+        spec = self.spec_of(scope)
+        decision: Decision = decide(state, spec, now_us)
         if decision.state == "ok":
             self.attention.pop(scope, None)
         else:
-            self.attention[scope] = partition
+            self.attention[scope] = (partition, _due(decision, spec, now_us))
         if decision.key == state["last_signal"] and (
             state["sequence"] == 0 or state["signed_by"] == self.key_id
         ):

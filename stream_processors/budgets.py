@@ -12,6 +12,7 @@ table, so a single changelog record updates spend, dedup offsets and the last si
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -47,6 +48,7 @@ __all__ = [
     "calendar_window",
     "decide",
     "deltas_problem",
+    "dump_state",
     "forecast_crossing",
     "load_specs",
     "load_state",
@@ -59,6 +61,7 @@ __all__ = [
     "template_of",
     "usd_to_pico_checked",
     "utc_from_micros",
+    "window_end_us",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -437,11 +440,23 @@ def new_state() -> BudgetState:
     }
 
 
-def load_state(stored: Mapping[str, Any] | None) -> BudgetState:
-    """A scope's state as stored in the `scopes` table (None: a new scope), also from older
-    changelogs, whose records used short keys."""
+_BLANK = new_state()
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def dump_state(state: BudgetState) -> str:
+    """A scope's state as the `scopes` table stores it: compact JSON text, the fields still at
+    their new_state() value left out. A text value takes a seventh of the memory of the same state
+    as Python dicts, which is what 100,000 member scopes cost (bench/members.py)."""
+    return _COMPACT.encode({k: v for k, v in state.items() if v != _BLANK[k]})  # type: ignore[literal-required]
+
+
+def load_state(stored: str | Mapping[str, Any] | None) -> BudgetState:
+    """A scope's state as stored in the `scopes` table (None: a new scope): JSON text (dump_state),
+    or a mapping, as older changelogs stored it (the oldest with short keys)."""
     state = new_state()
-    for key, value in (stored or {}).items():
+    fields: Mapping[str, Any] = json.loads(stored) if isinstance(stored, str) else stored or {}
+    for key, value in fields.items():
         state[_SHORT_KEYS.get(key, key)] = value  # type: ignore[literal-required]
     return state
 
@@ -531,6 +546,13 @@ def apply_deltas(
         for wid in [k for k in table if _window_end_of(k) < horizon]:
             del table[wid]
     return late_total
+
+
+def window_end_us(window_id: str) -> int:
+    """The end of a calendar window id (`day:2026-12-01@UTC`); 0 for a rolling window or none."""
+    if window_id.partition(":")[0] not in ("day", "week", "month"):
+        return 0
+    return _window_end_of(window_id)
 
 
 @lru_cache(maxsize=65536)

@@ -253,7 +253,10 @@ def test_no_policy_file_allows_every_model() -> None:
         ),
         ("projects: {checkout: {tier: basic}}", "tier 'basic' is not defined under tiers: (defined: none)"),
         ("projects: {checkout: {cache_ttl: 1.5}}", "cache_ttl is whole seconds from 1 to 2,592,000"),
-        ("projects: {checkout: {ttl: 5}}", "expected any of {tier: NAME, cache_ttl: SECONDS, rpm: N, tpm: N}"),
+        (
+            "projects: {checkout: {ttl: 5}}",
+            "expected any of {tier: NAME, cache_ttl: SECONDS, rpm: N, tpm: N}",
+        ),
         ("projects: {checkout: {rpm: 0}}", "rpm is a whole number from 1 to"),
         ("projects: {checkout: {tpm: 1.5}}", "tpm is a whole number from 1 to"),
         ("projects: {'a b': {cache_ttl: 5}}", "project 'a b': project must be"),

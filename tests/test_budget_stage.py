@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from spendstream.signing import Signer, Verifier, encode_control
 from spendstream.wire import default_codec
 from stream_processors.budget_stage import BudgetStage
-from stream_processors.budgets import MINUTE_US, Spec, make_limit
+from stream_processors.budgets import MINUTE_US, Spec, load_state, make_limit
 from stream_processors.meter import partition_for
 
 CODEC = default_codec()
@@ -20,7 +20,7 @@ USD = 10**12
 
 
 def stage(
-    signer: Signer | None = None, verifier: Verifier | None = None, templates: dict[str, Spec] | None = None
+    signer: Signer | None = None, verifier: Verifier | None = None, feed_specs: dict[str, Spec] | None = None
 ) -> BudgetStage:
     scopes: dict[str, Any] = {}
     specs: dict[str, Any] = {}
@@ -32,7 +32,7 @@ def stage(
         signer=signer,
         verifier=verifier or Verifier(),
         partitions=8,
-        templates=templates,
+        feed_specs=feed_specs,
     )
 
 
@@ -72,11 +72,7 @@ def test_a_crossing_signals_once_and_a_redelivered_message_counts_once() -> None
     assert signal["spend_pico_usd"] == 11 * USD
     again = s.on_deltas(deltas("project:a", 5, offset=2), 0, NOW)  # re-delivered after a restart
     assert (again.signals, again.metrics["deltas|duplicate"]) == ([], 1)
-    assert s.scopes["project:a"]["window_spend"]["day:2026-12-01@UTC"] == 11 * USD
-    [(_, tick_deltas)] = s.ticks(NOW)
-    assert [d["scope"] for d in tick_deltas] == ["project:a"]  # not ok: re-decided every tick
-    tick = CODEC.encode("SpendDeltaBatch", {"deltas": tick_deltas})
-    assert s.on_deltas(tick, 0, NOW).signals == []  # nothing changed: no signal, no write
+    assert load_state(s.scopes["project:a"])["window_spend"]["day:2026-12-01@UTC"] == 11 * USD
     [row] = s.rows({"project:a": s.spec_of("project:a")}, NOW)  # type: ignore[dict-item]
     assert (row["spend_usd"], row["limit_usd"], row["state"], row["percent"]) == (
         "11.000000000000",
@@ -84,6 +80,27 @@ def test_a_crossing_signals_once_and_a_redelivered_message_counts_once() -> None
         "blocked",
         110.0,
     )
+
+
+def test_a_calendar_block_is_ticked_at_its_windows_end_and_a_rolling_one_every_tick() -> None:
+    s = stage()
+    s.on_budget(b"project:a", spec_message("project:a", "10"), 0, NOW)
+    rolling = Spec("project:r", (make_limit("project:r", "rolling:60m", "10"),)).to_record(NOW)
+    s.on_budget(b"project:r", encode_control(CODEC, "BudgetSpec", b"project:r", rolling, None), 0, NOW)
+    s.on_deltas(member_deltas({"project:a": 11, "project:r": 11}, 1), 0, NOW)
+    [(_, tick_deltas)] = s.ticks(NOW)
+    assert [d["scope"] for d in tick_deltas] == ["project:r"]  # a daily block cannot lift before midnight
+    tick = CODEC.encode("SpendDeltaBatch", {"deltas": tick_deltas})
+    assert s.on_deltas(tick, 0, NOW).signals == []  # nothing changed: no signal, no write
+    midnight = NOW + 12 * 3600 * 10**6
+    at_midnight = [d for _, deltas in s.ticks(midnight) for d in deltas]
+    assert sorted(d["scope"] for d in at_midnight) == ["project:a", "project:r"]
+    tick = CODEC.encode("SpendDeltaBatch", {"deltas": at_midnight})
+    assert decoded(s.on_deltas(tick, 0, midnight)) == [
+        ("project:a", "ok", "within_budget", 0),
+        ("project:r", "ok", "within_budget", 0),
+    ]
+    assert s.attention == {}
 
 
 def test_forged_and_invalid_records_change_nothing_and_say_why() -> None:
@@ -134,7 +151,10 @@ def test_a_state_from_an_older_changelog_with_short_keys_carries_on() -> None:
     }
     assert s.on_deltas(deltas("project:a", 1, offset=7), 0, NOW).signals == []  # offset 7 was applied
     [(_, blocked)] = s.on_deltas(deltas("project:a", 1, offset=8), 0, NOW).signals
-    assert (CODEC.decode(blocked)[1]["sequence"], s.scopes["project:a"]["window_spend"][day]) == (5, 10 * USD)
+    assert (CODEC.decode(blocked)[1]["sequence"], load_state(s.scopes["project:a"])["window_spend"][day]) == (
+        5,
+        10 * USD,
+    )
 
 
 def member_deltas(spend: dict[str, int], offset: int) -> bytes:
@@ -166,7 +186,7 @@ def decoded(result: Any) -> list[tuple[str, str, str, int]]:
 
 def test_a_template_gives_every_member_its_own_budget_and_an_own_spec_wins() -> None:
     templates = {"user:*": Spec("user:*", (make_limit("user:*", "daily", "10"),))}
-    s = stage(templates=templates)
+    s = stage(feed_specs=templates)
     s.on_budget(b"user:carol", spec_message("user:carol", "100"), 0, NOW)  # carol's own budget
     first = s.on_deltas(member_deltas({"user:alice": 6, "user:bob": 2, "user:carol": 11}, 1), 0, NOW)
     assert decoded(first) == [("user:alice", "warn", "threshold", 10 * USD)]
@@ -184,11 +204,9 @@ def test_a_template_gives_every_member_its_own_budget_and_an_own_spec_wins() -> 
 
 def test_a_changed_template_re_decides_every_member_through_the_next_tick() -> None:
     templates = {"team:*": Spec("team:*", (make_limit("team:*", "daily", "10"),))}
-    s = stage(templates=templates)
+    s = stage(feed_specs=templates)
     assert s.on_deltas(member_deltas({"team:a": 4, "team:b": 1}, 1), 0, NOW).signals == []
-    first = s.ticks(NOW)  # the first tick after a start sees the template: every member, once
-    assert sorted(d["scope"] for _, deltas in first for d in deltas) == ["team:a", "team:b"]
-    assert s.ticks(NOW) == []  # unchanged: nothing to re-decide
+    assert s.ticks(NOW) == []  # the first tick after a start takes the templates as they are
     templates["team:*"] = Spec("team:*", (make_limit("team:*", "daily", "3"),))  # lowered below team:a
     swept = s.ticks(NOW)
     assert {(partition_for(d["scope"], 8), p) for p, deltas in swept for d in deltas} == {
@@ -201,6 +219,9 @@ def test_a_changed_template_re_decides_every_member_through_the_next_tick() -> N
         for signal in decoded(s.on_deltas(CODEC.encode("SpendDeltaBatch", {"deltas": deltas}), p, NOW))
     ]
     assert signals == [("team:a", "blocked", "budget_exceeded", 3 * USD)]
+    assert s.ticks(NOW) == []  # unchanged: nothing to re-decide
+    s.on_budget(b"team:*", spec_message("team:*", "2"), 0, NOW)  # e.g. read again after a restart
+    assert sorted(d["scope"] for _, deltas in s.ticks(NOW) for d in deltas) == ["team:a", "team:b"]
 
 
 def test_rows_carry_the_burn_rate_and_the_forecast_the_dashboard_shows() -> None:
@@ -224,3 +245,31 @@ def test_rows_carry_the_burn_rate_and_the_forecast_the_dashboard_shows() -> None
     assert row["projected_at"] == NOW + 980 * MINUTE_US  # ($1000 - $20) at $1 a minute
     assert row["state"] == "warn"  # the worker forecast the same crossing
     assert row["reason"] == "forecast"
+
+
+def test_after_a_start_the_stored_blocks_are_watched_again_without_re_deciding_them() -> None:
+    """The first tick re-builds `attention` from the recovered table: a daily block is due at its
+    day's end, a runaway (rolling) block at once; an ok scope costs nothing."""
+    first = stage()
+    first.on_budget(b"project:a", spec_message("project:a", "10"), 0, NOW)
+    first.on_deltas(member_deltas({"project:a": 11, "project:b": 1}, 1), 0, NOW)
+    restarted = stage()
+    restarted.scopes.update(first.scopes)  # what Faust recovers from the changelog
+    restarted.specs.update(first.specs)
+    assert restarted.ticks(NOW) == []
+    midnight = NOW + 12 * 3600 * 10**6
+    assert restarted.attention == {"project:a": (partition_for("project:a", 8), midnight)}
+
+
+def test_an_own_budget_the_stage_has_not_read_yet_still_wins_over_the_template() -> None:
+    """Deltas and budgets are two topics: a member's deltas may come before the stage applied its
+    spec. The budget feed has it (the meter prices nothing before the feed caught up)."""
+    carol = Spec("user:carol", (make_limit("user:carol", "daily", "100"),))
+    s = stage(
+        feed_specs={"user:*": Spec("user:*", (make_limit("user:*", "daily", "5"),)), "user:carol": carol}
+    )
+    result = s.on_deltas(member_deltas({"user:carol": 6, "user:dan": 6}, 1), 0, NOW)
+    assert decoded(result) == [("user:dan", "blocked", "budget_exceeded", 5 * USD)]  # carol: 6 of her 100
+    assert s.spec_of("user:carol") == carol
+    s.on_budget(b"user:carol", spec_message("user:carol", "1"), 0, NOW)  # the stage's own record rules
+    assert s.spec_of("user:carol").limits[0].limit_pico == USD  # type: ignore[union-attr]
