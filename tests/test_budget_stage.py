@@ -7,11 +7,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from spendstream.signing import Signer, Verifier, encode_control
 from spendstream.wire import default_codec
-from stream_processors.budget_stage import BudgetStage
-from stream_processors.budgets import MINUTE_US, Spec, load_state, make_limit
+from stream_processors.budget_stage import BudgetStage, _due
+from stream_processors.budgets import MINUTE_US, Spec, apply_deltas, decide, load_state, make_limit
 from stream_processors.meter import partition_for
 
 CODEC = default_codec()
@@ -273,3 +275,47 @@ def test_an_own_budget_the_stage_has_not_read_yet_still_wins_over_the_template()
     assert s.spec_of("user:carol") == carol
     s.on_budget(b"user:carol", spec_message("user:carol", "1"), 0, NOW)  # the stage's own record rules
     assert s.spec_of("user:carol").limits[0].limit_pico == USD  # type: ignore[union-attr]
+
+
+LIMITS = st.lists(
+    st.tuples(
+        st.sampled_from(["daily", "weekly", "monthly"]),
+        st.sampled_from(["UTC", "Europe/Berlin", "America/New_York"]),
+        st.integers(1, 100),  # USD
+        st.sampled_from([(50, 80), (90,), ()]),
+        st.sampled_from(["hard", "soft"]),
+    ),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda lim: (lim[0], lim[1]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limits=LIMITS,
+    spends=st.lists(st.tuples(st.integers(0, 180), st.integers(0, 60)), max_size=12),  # (minutes ago, USD)
+    now_minute=st.integers(29_300_000, 29_800_000),
+    later=st.floats(0, 1),
+)
+def test_a_scope_ticked_only_at_its_windows_end_would_not_have_changed_before(
+    limits: list[tuple[str, str, int, tuple[int, ...], str]],
+    spends: list[tuple[int, int]],
+    now_minute: int,
+    later: float,
+) -> None:
+    """With calendar limits only, a block or warn that waits for its window's end (_due) decides
+    the same at any instant before it, when no spend and no spec arrives: the ticks skip nothing."""
+    spec = Spec(
+        "user:u", tuple(make_limit("user:u", w, usd, tz, warn, mode) for w, tz, usd, warn, mode in limits)
+    )
+    now = now_minute * MINUTE_US + 17_000_000
+    state = load_state(None)
+    apply_deltas(state, [(now_minute - ago, usd * USD) for ago, usd in spends], spec, now, 3_600_000_000)
+    decision = decide(state, spec, now)
+    due = _due(decision, spec, now)
+    event(f"{decision.state} {decision.reason}, ticked {'at its window end' if due > now else 'every tick'}")
+    if decision.state != "ok" and due > now:
+        assert due == decision.window.end_us
+        at = now + int((due - 1 - now) * later)
+        assert decide(state, spec, at).key == decision.key

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, Worker, free_port, module_worker
+from tests.conftest import REPO, TEST_KAFKA_PORT, RedisServer, Worker, free_port, module_worker
 from tests.providers.replay import ReplayServer
 
 pytestmark = [
@@ -60,7 +60,7 @@ class Gateway:
         return body
 
 
-def start_gateway(worker: Worker, replay: ReplayServer, state: Path, name: str) -> Gateway:
+def start_gateway(worker: Worker, replay: ReplayServer, state: Path, name: str, redis_url: str) -> Gateway:
     port = free_port()
     policy = state / "policy.yaml"
     policy.write_text(POLICY)
@@ -72,6 +72,7 @@ def start_gateway(worker: Worker, replay: ReplayServer, state: Path, name: str) 
         "SPENDSTREAM_OPENAI_BASE_URL": f"{replay.url}/v1",
         "SPENDSTREAM_ANTHROPIC_BASE_URL": replay.url,
         "SPENDSTREAM_GEMINI_BASE_URL": replay.url,
+        "SPENDSTREAM_REDIS_URL": redis_url,  # the instances share one response cache
     }
     log = state / f"{name}.log"
     with log.open("wb") as out:
@@ -109,12 +110,17 @@ def gateways(
     worker: Worker, replay: ReplayServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Gateway, Gateway]]:
     state = tmp_path_factory.mktemp("gateways")
-    a = start_gateway(worker, replay, state, "gateway-a")
-    b = start_gateway(worker, replay, state, "gateway-b")
-    yield a, b
-    for g in (a, b):
-        g.process.terminate()
-        assert g.process.wait(timeout=30) == 0, g.log.read_text()[-2000:]
+    redis = RedisServer(TEST_KAFKA_PORT + 401, state / "redis.log")  # Debian's redis-server
+    redis.start()
+    try:
+        a = start_gateway(worker, replay, state, "gateway-a", redis.url)
+        b = start_gateway(worker, replay, state, "gateway-b", redis.url)
+        yield a, b
+        for g in (a, b):
+            g.process.terminate()
+            assert g.process.wait(timeout=30) == 0, g.log.read_text()[-2000:]
+    finally:
+        redis.stop()
 
 
 def create_key(worker: Worker, *args: str) -> tuple[str, str]:
@@ -387,7 +393,7 @@ def test_key_budget_and_member_template_block_only_who_crossed(
 def test_cache_hits_skip_the_provider_and_never_cross_projects(
     worker: Worker, gateways: tuple[Gateway, Gateway], replay: ReplayServer
 ) -> None:
-    a, _b = gateways
+    a, b = gateways
     _, one = create_key(worker, "--project", "gw-cache-1")
     _, two = create_key(worker, "--project", "gw-cache-2")
     cached = {"x-spendstream-cache": "ttl=300", "X-Spendstream-Tags": "case=cached"}
@@ -399,7 +405,7 @@ def test_cache_hits_skip_the_provider_and_never_cross_projects(
     first = gpt(a, one).chat.completions.with_raw_response.create(
         model="o3", messages=ask, extra_headers=cached
     )
-    second = gpt(a, one).chat.completions.with_raw_response.create(
+    second = gpt(b, one).chat.completions.with_raw_response.create(  # the other instance: shared Redis
         model="o3", messages=ask, extra_headers=cached
     )
     assert upstream_calls() == 1
@@ -409,11 +415,11 @@ def test_cache_hits_skip_the_provider_and_never_cross_projects(
     assert upstream_calls() == 2
     streams = [
         list(
-            gpt(a, one).chat.completions.create(
+            gpt(g, one).chat.completions.create(
                 model="gpt-4o-mini", messages=ask, stream=True, extra_headers=cached
             )
         )
-        for _ in range(2)
+        for g in (b, a)
     ]
     assert upstream_calls() == 3  # the stream was replayed as a stream, chunk for chunk
     assert [c.model_dump() for c in streams[0]] == [c.model_dump() for c in streams[1]]
