@@ -306,7 +306,7 @@ def test_fleet_wide_rate_limit_across_two_instances(
     headers = limited[0].headers
     assert headers["x-ratelimit-limit-requests"] == "4"
     assert headers["x-ratelimit-remaining-requests"] == "0"
-    assert 1 <= int(headers["retry-after"]) <= 60
+    assert 1 <= int(headers["retry-after"]) <= 61  # whole seconds, rounded up
 
     # the project's own limit (policy file: gw-prate 3 RPM) holds across its keys and both instances
     keys = [create_key(worker, "--project", "gw-prate")[1] for _ in range(2)]

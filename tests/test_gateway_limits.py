@@ -282,7 +282,7 @@ def test_token_corrections_reach_the_other_instances(kafka: str) -> None:
 @pytest.fixture(scope="module")
 def broker() -> Iterator[LocalKafka]:
     """A broker this module may stop and start (data kept across the restart)."""
-    with own_broker("kafka-rates-outage", 310)  # +300 would be the bench broker's port as own:
+    with own_broker("kafka-rates-outage", 310) as own:  # +300 would be the bench broker's port
         yield own
 
 

@@ -94,6 +94,7 @@ def store() -> Iterator[ClickHouseStore]:
                     "card_version": "v",
                     "itemised": {},
                     "unpriced_reason": "" if pico else "no price card",
+                    "saved_pico_usd": 0,
                 }
             )
         )

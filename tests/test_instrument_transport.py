@@ -151,7 +151,7 @@ def test_other_requests_pass_through_unmetered_and_unchecked(server: ReplayServe
     transport = MeteringTransport(emitter=rec, project="p", guard=guard)
     with httpx2.Client(transport=transport) as client:
         r = client.get(f"{server.url}/v1/models", headers={"X-Spendstream-Team": "t"})
-    assert r.json() == {"object": "list", "data": []}
+    assert [m["id"] for m in r.json()["data"]] == ["gpt-4o-mini", "gpt-4o", "o3", "text-embedding-3-small"]
     assert rec.events == []
     assert guard.checks == []
     assert "x-spendstream-team" not in server.requests[-1].headers

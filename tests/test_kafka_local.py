@@ -104,7 +104,7 @@ def test_lifecycle_and_topics(kafka: LocalKafka) -> None:
     topics = Topics("test-kl.")
     created = asyncio.run(ensure_topics(BOOTSTRAP, topics, partitions=3))
     assert sorted(created) == sorted(topics.all())
-    assert len(created) == 8
+    assert len(created) == 10
     assert asyncio.run(_partition_counts(topics.all())) == dict.fromkeys(topics.all(), 3)
 
     configs = asyncio.run(_topic_configs(topics.all()))
@@ -113,6 +113,8 @@ def test_lifecycle_and_topics(kafka: LocalKafka) -> None:
     assert configs[topics.usage_dlq]["retention.ms"] == str(DLQ_RETENTION_MS)
     assert configs[topics.usage_dlq]["cleanup.policy"] == "delete"
     assert configs[topics.usage_seen]["retention.ms"] == str(7 * 3600 * 1000)  # dedupe horizon + 1 h
+    assert configs[topics.gateway_keys]["cleanup.policy"] == "compact"
+    assert configs[topics.gateway_rates]["retention.ms"] == str(10 * 60 * 1000)
     assert configs[topics.usage_raw]["cleanup.policy"] == "delete"
     assert configs[topics.usage_raw]["retention.ms"] == str(7 * 24 * 3600 * 1000)
 

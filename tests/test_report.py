@@ -82,22 +82,13 @@ def test_chargeback_totals_shares_and_budget_use() -> None:
     assert other.lines[0].budget_use is None  # budget use only for a calendar month
 
 
-def test_cache_savings_are_read_only_once_the_history_has_saved_usd() -> None:
-    """Another change adds `saved_usd` to usage_events; the dashboard reads it only when present."""
+def test_cache_savings_sum_what_the_hits_would_have_cost() -> None:
     store = ClickHouseStore(f"chdb://{REPO / '.spendstream' / 'test-chdb'}", f"s_{uuid.uuid4().hex[:12]}")
     try:
         store.migrate()
         when = data.period("2026-12")
-        store.insert("usage_events", [usage_row(_priced("alpha", 10**12))], USAGE_COLUMNS)
-        assert data.cache_savings(store.user_query, when) is None  # no column: nothing claimed
-        store.query(
-            f"ALTER TABLE {store.database}.usage_events ADD COLUMN saved_usd Decimal(38, 12) DEFAULT 0"
-        )
-        store.insert(
-            "usage_events",
-            [(*usage_row(_priced("alpha", 0)), Decimal("0.000000000123")) for _ in range(2)],
-            (*USAGE_COLUMNS, "saved_usd"),
-        )
+        hits = [usage_row({**_priced("alpha", 0), "saved_pico_usd": 123}) for _ in range(2)]
+        store.insert("usage_events", [usage_row(_priced("alpha", 10**12)), *hits], USAGE_COLUMNS)
         assert data.cache_savings(store.user_query, when) == [("alpha", Decimal("0.000000000246"), 2)]
     finally:
         store.close()
@@ -122,4 +113,5 @@ def _priced(project: str, pico: int) -> dict[str, Any]:
         "card_version": "v",
         "itemised": {},
         "unpriced_reason": "",
+        "saved_pico_usd": 0,
     }

@@ -33,7 +33,6 @@ __all__ = [
     "date_range",
     "dead_letters",
     "grouping",
-    "has_column",
     "over_time",
     "period",
     "pricing_gaps",
@@ -273,19 +272,8 @@ def dead_letters(query: Query, when: Period) -> list[DeadLetters]:
     return [DeadLetters(str(r[0]), int(r[1]), r[2], str(r[3])[:200]) for r in rows]
 
 
-def has_column(query: Query, table: str, column: str) -> bool:
-    """Whether the history table has `column` (a newer migration may add it, e.g. saved_usd)."""
-    rows = query(
-        "SELECT count() FROM system.columns WHERE database = currentDatabase() "
-        f"AND table = {sql_literal(table)} AND name = {sql_literal(column)}"
-    ).rows
-    return int(rows[0][0]) > 0
-
-
-def cache_savings(query: Query, when: Period) -> list[tuple[str, Decimal, int]] | None:
-    """(project, saved, events that saved) when the history records `saved_usd`; None before it does."""
-    if not has_column(query, "usage_events", "saved_usd"):
-        return None
+def cache_savings(query: Query, when: Period) -> list[tuple[str, Decimal, int]]:
+    """(project, saved, cache hits): what the gateway's cache hits would have cost (`saved_usd`)."""
     rows = query(
         "SELECT project, sum(saved_usd) AS saved, countIf(saved_usd > 0) AS hits FROM usage_events FINAL "
         f"WHERE {when.where()} GROUP BY project HAVING saved > 0 ORDER BY saved DESC, project"

@@ -347,7 +347,7 @@ def health_page(
     gaps: list[data.PricingGap],
     dead: list[data.DeadLetters],
     late: list[tuple[str, Decimal]],
-    savings: list[tuple[str, Decimal, int]] | None,
+    savings: list[tuple[str, Decimal, int]],
     error: str = "",
 ) -> str:
     gap_rows = "".join(
@@ -384,9 +384,7 @@ def health_page(
         if late
         else '<p class="hint ok">No late spend in the current windows.</p>'
     )
-    if savings is None:
-        savings_html = '<p class="hint">The history does not record cache savings yet (no <code>saved_usd</code> column).</p>'
-    elif savings:
+    if savings:
         savings_html = (
             '<table id="savings" class="wide"><thead><tr><th>project</th><th class=num>saved</th><th class=num>cache hits</th></tr></thead><tbody>'
             + "".join(
