@@ -60,20 +60,25 @@ class Gateway:
         return body
 
 
-def start_gateway(worker: Worker, replay: ReplayServer, state: Path, name: str, redis_url: str) -> Gateway:
+def start_gateway(
+    base_env: dict[str, str], replay: ReplayServer, state: Path, name: str, redis_url: str | None = None
+) -> Gateway:
+    """`spendstream gateway` as a child process with `base_env`'s Kafka and topics, the master keys,
+    the replay server as every provider; returns once its /health answers 200."""
     port = free_port()
     policy = state / "policy.yaml"
     policy.write_text(POLICY)
     env = {
-        **worker.env,
+        **base_env,
         **MASTER,
         "SPENDSTREAM_STATE_DIR": str(state / name),
         "SPENDSTREAM_POLICY_FILE": str(policy),
         "SPENDSTREAM_OPENAI_BASE_URL": f"{replay.url}/v1",
         "SPENDSTREAM_ANTHROPIC_BASE_URL": replay.url,
         "SPENDSTREAM_GEMINI_BASE_URL": replay.url,
-        "SPENDSTREAM_REDIS_URL": redis_url,  # the instances share one response cache
     }
+    if redis_url is not None:
+        env["SPENDSTREAM_REDIS_URL"] = redis_url
     log = state / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -113,8 +118,8 @@ def gateways(
     redis = RedisServer(TEST_KAFKA_PORT + 401, state / "redis.log")  # Debian's redis-server
     redis.start()
     try:
-        a = start_gateway(worker, replay, state, "gateway-a", redis.url)
-        b = start_gateway(worker, replay, state, "gateway-b", redis.url)
+        a = start_gateway(worker.env, replay, state, "gateway-a", redis.url)  # one shared response cache
+        b = start_gateway(worker.env, replay, state, "gateway-b", redis.url)
         yield a, b
         for g in (a, b):
             g.process.terminate()
