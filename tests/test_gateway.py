@@ -219,7 +219,25 @@ def test_sdks_through_two_gateways_are_metered_exactly(
         ):
             pass
 
-    found = rows(worker, "project = 'gw-shop'", 10)
+    # multipart uploads and binary answers: the model comes from the form, the meter from the body
+    gpt(a, key).audio.transcriptions.create(
+        model="whisper-1",
+        file=("a.mp3", b"ID3 fake audio"),
+        response_format="verbose_json",
+        extra_headers=h("audio_in"),
+    )
+    speech = gpt(b, key).audio.speech.create(
+        model="tts-1",
+        voice="alloy",
+        input="The quick brown fox jumped over the lazy dog.",
+        extra_headers=h("audio_out"),
+    )
+    assert speech.read().startswith(b"ID3")
+    gpt(a, key).images.generate(
+        model="gpt-image-1", prompt="An otter", size="1024x1024", quality="high", extra_headers=h("images")
+    )
+
+    found = rows(worker, "project = 'gw-shop'", 13)
     by_case = {r[0]: r[1:] for r in found}
     assert sorted(by_case) == sorted(
         [
@@ -233,6 +251,9 @@ def test_sdks_through_two_gateways_are_metered_exactly(
             "gemini",
             "gemini_stream",
             "stream_cut",
+            "audio_in",
+            "audio_out",
+            "images",
         ]
     )
     for case, (_source, cost, status, service, key_tag, *_counts) in by_case.items():
@@ -247,6 +268,8 @@ def test_sdks_through_two_gateways_are_metered_exactly(
     assert by_case["stream_usage"][:2] == ["reported", "0.00000885"]
     assert by_case["embeddings"][:2] == ["reported", "0.0000008"]  # 8 x $0.10
     assert by_case["stream_cut"][0] == "estimated"
+    assert by_case["audio_in"][:2] == ["reported", "0.0009"]  # whisper-1: 9 s x $0.0001
+    assert by_case["audio_out"][:2] == ["reported", "0.000675"]  # tts-1: 45 characters x $15 per M
     # the key decided the attribution, not the X-Spendstream-Project header
     assert worker.sql(
         f"SELECT DISTINCT project, team, user FROM usage_events WHERE tags['spendstream.key'] = '{key_id}'"
