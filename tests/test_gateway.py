@@ -270,6 +270,8 @@ def test_sdks_through_two_gateways_are_metered_exactly(
     assert by_case["stream_cut"][0] == "estimated"
     assert by_case["audio_in"][:2] == ["reported", "0.0009"]  # whisper-1: 9 s x $0.0001
     assert by_case["audio_out"][:2] == ["reported", "0.000675"]  # tts-1: 45 characters x $15 per M
+    listed = {k["id"]: k for k in json.loads(worker.cli("keys", "list", "--format", "json").stdout)}
+    assert time.time() - listed[key_id]["last_used_at_us"] / 1e6 < 600  # its latest call, from the history
     # the key decided the attribution, not the X-Spendstream-Project header
     assert worker.sql(
         f"SELECT DISTINCT project, team, user FROM usage_events WHERE tags['spendstream.key'] = '{key_id}'"

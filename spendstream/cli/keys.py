@@ -27,10 +27,12 @@ from gateway.keys import KeyStore
 from gateway.policy import Policy
 from spendstream.api_keys import ApiKey, RecordRefused, admit_record, encode_key, mint_key, revoked
 from spendstream.cli.budgets import ready_topics
-from spendstream.cli.console import console
+from spendstream.cli.console import console, err
+from spendstream.cli.reads import query, sql_literal
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings
 from spendstream.signing import REPLAYED, UNSIGNED, Signer, Verifier, generate_key, public_key_b64
+from spendstream.usage import KEY_TAG
 from spendstream.wire import default_codec
 from stream_processors.budgets import Spec, make_limit, utc_from_micros
 from stream_processors.feeds import publish, read_compacted
@@ -142,7 +144,27 @@ def _utc(us: int | None) -> str:
     return "-" if us is None else f"{utc_from_micros(us):%Y-%m-%d %H:%M}"
 
 
-def _key_json(key: ApiKey) -> dict[str, Any]:
+def _last_used(settings: Settings, keys: list[ApiKey]) -> dict[str, int] | None:
+    """Key id -> the time (epoch us) of its latest call in the history (the gateway tags every event
+    with the key's id); None when the history cannot be read (said on stderr)."""
+    if not keys:
+        return {}
+    ids = ", ".join(sql_literal(k.id) for k in keys)
+    try:
+        rows = query(
+            settings,
+            f"SELECT tags['{KEY_TAG}'] AS key, toUnixTimestamp64Micro(max(event_time)) FROM usage_events "
+            f"WHERE tags['{KEY_TAG}'] IN ({ids}) GROUP BY key",
+        ).rows
+    except SpendstreamError as exc:
+        err.print(
+            f"[yellow]warning[/yellow]: last used unknown: the history cannot be read ({escape(str(exc))})"
+        )
+        return None
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def _key_json(key: ApiKey, last_used: dict[str, int] | None) -> dict[str, Any]:
     """What may be shown of a key: everything but the hash of its secret."""
     return {
         "id": key.id,
@@ -158,6 +180,7 @@ def _key_json(key: ApiKey) -> dict[str, Any]:
         "created_at_us": key.created_at_us,
         "expires_at_us": key.expires_at_us,
         "revoked_at_us": key.revoked_at_us,
+        "last_used_at_us": None if last_used is None else last_used.get(key.id),
     }
 
 
@@ -355,7 +378,7 @@ def register_api_keys() -> None:
             print(
                 json.dumps(
                     {
-                        **_key_json(key),
+                        **_key_json(key, {}),  # new: never used
                         "key": secret,
                         "budget": {"scope": key.scope, "usd": budget, "window": limit.window}
                         if limit
@@ -379,16 +402,18 @@ def register_api_keys() -> None:
         ctx: typer.Context,
         format: Annotated[str, typer.Option("--format", "-f", help="table or json")] = "table",
     ) -> None:
-        """Every internal key (never its secret): attribution, limits, created, expires, revoked."""
+        """Every internal key (never its secret): attribution, limits, created, expires, revoked, and
+        when it was last used (its latest call in the history)."""
         _check_format(format)
         store = _store(ctx.obj)
         keys = store.keys()
+        last_used = _last_used(ctx.obj, keys)
         if format == "json":
-            print(json.dumps([_key_json(k) for k in keys]))
+            print(json.dumps([_key_json(k, last_used) for k in keys]))
             return
         table = Table(
             "id", "prefix", "project", "team", "user", "models", "tier", "rpm", "tpm", "cache",
-            "created (UTC)", "expires", "revoked",
+            "created (UTC)", "expires", "revoked", "last used",
         )  # fmt: skip
         for k in keys:
             table.add_row(
@@ -405,6 +430,7 @@ def register_api_keys() -> None:
                 _utc(k.created_at_us),
                 _utc(k.expires_at_us),
                 _utc(k.revoked_at_us),
+                "?" if last_used is None else _utc(last_used.get(k.id)),
             )
         console.print(table)
 

@@ -11,7 +11,12 @@ from spendstream.errors import QueryError, SpendstreamError
 from spendstream.settings import Settings
 from stream_processors.store import ClickHouseStore, QueryLimits, QueryResult
 
-__all__ = ["query", "worker_budgets", "worker_url"]
+__all__ = ["query", "sql_literal", "worker_budgets", "worker_url"]
+
+
+def sql_literal(text: str) -> str:
+    """A ClickHouse string literal (backslash and quote escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def worker_url(settings: Settings) -> str:

@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from spendstream.cli.reads import sql_literal
 from spendstream.errors import ConfigError
 from stream_processors.store import QueryResult
 
@@ -36,7 +37,6 @@ __all__ = [
     "over_time",
     "period",
     "pricing_gaps",
-    "sql_literal",
     "total",
     "totals",
 ]
@@ -48,11 +48,6 @@ GROUPINGS = ("project", "team", "model", "user", "tag:KEY")
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
 NONE_LABEL = "(none)"
-
-
-def sql_literal(text: str) -> str:
-    """A ClickHouse string literal (backslash and quote escaped)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _ts(moment: datetime) -> str:
