@@ -11,44 +11,21 @@ once. The answer is 202 with `{"accepted": N, "event_ids": [...], "errors": [{"i
 
 from __future__ import annotations
 
+import inspect
 import json
 from datetime import UTC, datetime
 from typing import Any
 
+from producers import build_event
 from spendstream.api_keys import ApiKey
 from spendstream.usage import KEY_TAG
 
 __all__ = ["MAX_EVENTS_PER_REQUEST", "IngestError", "events_of", "prepare_event"]
 
 MAX_EVENTS_PER_REQUEST = 10_000
-_FIELDS = frozenset(
-    {
-        "event_id",
-        "event_time",
-        "provider",
-        "model",
-        "service",
-        "input_tokens",
-        "output_tokens",
-        "cached_input_tokens",
-        "cache_write_tokens",
-        "cache_write_1h_tokens",
-        "reasoning_tokens",
-        "input_audio_tokens",
-        "output_audio_tokens",
-        "audio_seconds",
-        "characters",
-        "images",
-        "image_size",
-        "image_quality",
-        "requests",
-        "service_tier",
-        "region",
-        "usage_source",
-        "tags",
-    }
-)
 _ATTRIBUTION = ("project", "team", "user")
+# what an event may carry: the emitter's own arguments (and `service`), less the key's attribution
+_FIELDS = frozenset(inspect.signature(build_event).parameters) - set(_ATTRIBUTION)
 
 
 class IngestError(ValueError):

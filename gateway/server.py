@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
@@ -166,18 +165,7 @@ class Gateway:
         try:
             self.guard.check(project=key.project, team=key.team, user=key.user, model=model, key=key.id)
         except BudgetExceeded as blocked:
-            window_end = blocked.window_end.isoformat() if blocked.window_end else None
-            detail = {
-                "scope": blocked.scope,
-                "reason": blocked.reason,
-                "window_end": window_end,
-                "spend_usd": str(blocked.spend_usd),
-                "limit_usd": str(blocked.limit_usd),
-            }
-            headers = {"x-spendstream-blocked": blocked.scope}
-            if blocked.window_end is not None:
-                seconds = (blocked.window_end - datetime.now(UTC)).total_seconds()
-                headers["retry-after"] = str(max(int(seconds) + 1, 1))
+            detail, headers = blocked.detail(), blocked.refusal_headers()
             return self._refuse(
                 call,
                 "budget",

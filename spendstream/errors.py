@@ -17,7 +17,7 @@ SpendstreamError                 base of everything below
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 __all__ = [
@@ -108,6 +108,24 @@ class BudgetExceeded(SpendstreamError):
         self.window_end = window_end
         until = f" until {window_end:%Y-%m-%d %H:%M} UTC" if window_end else ""
         super().__init__(f"{scope} is blocked ({reason}): spend ${spend_usd} of ${limit_usd}{until}")
+
+    def detail(self) -> dict[str, str | None]:
+        """The refusal as JSON fields (what the gateway and the transports put in their 429 body)."""
+        return {
+            "scope": self.scope,
+            "reason": self.reason,
+            "window_end": self.window_end.isoformat() if self.window_end else None,
+            "spend_usd": str(self.spend_usd),
+            "limit_usd": str(self.limit_usd),
+        }
+
+    def refusal_headers(self) -> dict[str, str]:
+        """`x-spendstream-blocked`, and `retry-after` (whole seconds, at least 1) until the window ends."""
+        headers = {"x-spendstream-blocked": self.scope}
+        if self.window_end is not None:
+            seconds = (self.window_end - datetime.now(UTC)).total_seconds()
+            headers["retry-after"] = str(max(int(seconds) + 1, 1))
+        return headers
 
 
 class QueryError(SpendstreamError):

@@ -355,14 +355,7 @@ class _Core:
 
 def _refusal(module: ModuleType, request: Any, plan: CallPlan, blocked: BudgetExceeded) -> Any:
     """A local HTTP 429 shaped like the provider's own rate-limit error, so its SDK raises as usual."""
-    window_end = blocked.window_end.isoformat() if blocked.window_end else None
-    detail = {
-        "scope": blocked.scope,
-        "reason": blocked.reason,
-        "window_end": window_end,
-        "spend_usd": str(blocked.spend_usd),
-        "limit_usd": str(blocked.limit_usd),
-    }
+    detail = blocked.detail()
     message = f"spendstream: {blocked}"
     provider = plan.route.provider
     body: dict[str, Any]
@@ -375,13 +368,8 @@ def _refusal(module: ModuleType, request: Any, plan: CallPlan, blocked: BudgetEx
     headers = {
         "content-type": "application/json",
         "x-should-retry": "false",  # the Stainless SDKs (openai, anthropic) then raise at once
-        "x-spendstream-blocked": blocked.scope,
+        **blocked.refusal_headers(),
     }
-    if blocked.window_end is not None:
-        from datetime import UTC, datetime
-
-        seconds = int((blocked.window_end - datetime.now(UTC)).total_seconds())
-        headers["retry-after"] = str(max(seconds, 1))
     return module.Response(429, headers=headers, content=json.dumps(body).encode(), request=request)
 
 
