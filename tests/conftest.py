@@ -238,16 +238,24 @@ def _spawn(env: dict[str, str], port: int, topics: Topics, log: Path) -> Worker:
             cwd=REPO,
         )
     worker = Worker(env, port, topics, process, log)
-    deadline = time.monotonic() + 120
+    wait_healthy(process, f"http://127.0.0.1:{port}/health", log, "worker", timeout=120)
+    return worker
+
+
+def wait_healthy(process: subprocess.Popen[bytes], url: str, log: Path, what: str, timeout: float) -> None:
+    """Return once `url` answers 200; AssertionError with the end of `log` if `process` exits or
+    `timeout` passes first (then the process is killed: never left behind)."""
+    deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise AssertionError(f"worker exited {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"{what} exited {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return worker
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            worker.stop()
-            raise AssertionError(f"worker not ready in 120 s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+            process.kill()
+            process.wait()
+            raise AssertionError(f"{what} not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, TEST_KAFKA_PORT, RedisServer, Worker, free_port, module_worker
+from tests.conftest import REPO, TEST_KAFKA_PORT, RedisServer, Worker, free_port, module_worker, wait_healthy
 from tests.providers.replay import ReplayServer
 
 pytestmark = [
@@ -89,19 +89,8 @@ def start_gateway(
             cwd=REPO,
         )
     gateway = Gateway(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"gateway exited {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{gateway.url}/health", timeout=2).status_code == 200:
-                return gateway
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"gateway not healthy after 60 s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
+    wait_healthy(process, f"{gateway.url}/health", log, "gateway", timeout=60)
+    return gateway
 
 
 @pytest.fixture(scope="module")
