@@ -586,8 +586,12 @@ class Gateway:
             "rate_limits_fleet_wide": self.limiter.healthy if self.limiter is not None else None,
             "emitter": dict(self.emitter.stats()),
         }
-        ok = self.guard is None or self.guard.healthy
-        return web.json_response({"status": "ok" if ok else "degraded", **parts}, status=200 if ok else 503)
+        # 503 only while the kill switch is not followed (a load balancer should route elsewhere);
+        # Kafka away later: calls are still served and metered (held), so 200 with "degraded"
+        following = self.guard is None or self.guard.healthy
+        fleet = self.limiter is None or self.limiter.healthy
+        status = "ok" if following and fleet else "degraded"
+        return web.json_response({"status": status, **parts}, status=200 if following else 503)
 
     async def metrics_view(self, request: web.Request) -> web.StreamResponse:
         stats = self.emitter.stats()

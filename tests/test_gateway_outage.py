@@ -74,8 +74,14 @@ def test_a_broker_outage_loses_no_call_and_meters_each_once(tmp_path: Path) -> N
             during = [call(gateway.url, key, "during") for _ in range(30)]
             time.sleep(10)  # a longer outage: the producer's requests time out meanwhile
             late = [call(gateway.url, key, "during") for _ in range(10)]
-            assert gateway.health()["emitter"]["buffered"] >= 40  # held, not dropped
+            health = gateway.health()  # still serving (200), but says Kafka is away
+            assert (health["status"], health["rate_limits_fleet_wide"]) == ("degraded", False)
+            assert health["emitter"]["buffered"] >= 40  # held, not dropped
             broker.start(timeout=120)
+            deadline = time.monotonic() + 60
+            while gateway.health()["status"] != "ok":
+                assert time.monotonic() < deadline, gateway.health()
+                time.sleep(0.5)
             after = [call(gateway.url, key, "after") for _ in range(10)]
 
             # sent: 20 + 40 + 10 calls, all served (known key, fail-open budgets with a warning)
