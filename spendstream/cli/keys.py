@@ -164,24 +164,15 @@ def _last_used(settings: Settings, keys: list[ApiKey]) -> dict[str, int] | None:
     return {str(r[0]): int(r[1]) for r in rows}
 
 
+_NEVER_SHOWN = frozenset({"secret_sha256", "updated_at_us"})  # the secret's hash; a replay guard
+
+
 def _key_json(key: ApiKey, last_used: dict[str, int] | None) -> dict[str, Any]:
-    """What may be shown of a key: everything but the hash of its secret."""
-    return {
-        "id": key.id,
-        "prefix": key.prefix,
-        "project": key.project,
-        "team": key.team,
-        "user": key.user,
-        "models": list(key.models),
-        "tier": key.tier,
-        "rpm": key.rpm,
-        "tpm": key.tpm,
-        "cache_ttl_s": key.cache_ttl_s,
-        "created_at_us": key.created_at_us,
-        "expires_at_us": key.expires_at_us,
-        "revoked_at_us": key.revoked_at_us,
-        "last_used_at_us": None if last_used is None else last_used.get(key.id),
-    }
+    """What may be shown of a key: every field but the hash of its secret, and when it was last used."""
+    shown = {f.name: getattr(key, f.name) for f in dataclasses.fields(key) if f.name not in _NEVER_SHOWN}
+    shown["models"] = list(key.models)
+    shown["last_used_at_us"] = None if last_used is None else last_used.get(key.id)
+    return shown
 
 
 def _new_key(settings: Settings, out: Path | None, name: str) -> tuple[Path, Signer]:
