@@ -76,3 +76,10 @@ def test_there_is_no_import_circle() -> None:
         if start not in state:
             visit(start, [start])
     assert circles == []
+
+
+def test_no_bench_script_shadows_a_package() -> None:
+    """`python bench/x.py` puts bench/ first on sys.path: a bench/gateway.py would be imported in
+    place of the gateway package by every bench (through spendstream.cli)."""
+    scripts = {p.stem for p in (REPO / "bench").glob("*.py")}
+    assert scripts.isdisjoint(PACKAGES), sorted(scripts & set(PACKAGES))

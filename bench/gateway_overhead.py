@@ -1,6 +1,6 @@
 """Gateway benchmark: what `spendstream gateway` adds to a call, against calling the upstream directly.
 
-    .venv/bin/python bench/gateway.py [--rate 500] [--seconds 6] [--rounds 3]
+    .venv/bin/python bench/gateway_overhead.py [--rate 500] [--seconds 6] [--rounds 3]
 
 Measured in one run, on this machine, with everything on loopback:
 
