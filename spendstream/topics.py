@@ -47,6 +47,7 @@ DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 GATEWAY_RATES_RETENTION_MS = 10 * 60 * 1000  # the gateways' rate-limit counts: minutes matter, not history
 DEDUPE_HORIZON_S = 6 * 3600  # default of SPENDSTREAM_DEDUPE_HORIZON_SECONDS
 _TOPIC_ALREADY_EXISTS = 36
+_INVALID_REPLICATION_FACTOR = 38
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,13 @@ async def ensure_topics(
             for err in response.to_object()["topic_errors"]:
                 if err["error_code"] == 0:
                     created.append(err["topic"])
+                elif err["error_code"] == _INVALID_REPLICATION_FACTOR:
+                    raise ConfigError(
+                        f"could not create topic {err['topic']!r} on {bootstrap} with "
+                        f"{replication_factor} replicas: the cluster has fewer brokers up. Start "
+                        "the stopped ones (`spendstream kafka status` shows the local nodes) and "
+                        "run again"
+                    )
                 elif err["error_code"] != _TOPIC_ALREADY_EXISTS:  # lost a race: checked below
                     raise ConfigError(
                         f"could not create topic {err['topic']!r} on {bootstrap}: "

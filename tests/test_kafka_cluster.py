@@ -25,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from spendstream.cli.kafka_local import LocalCluster
+from spendstream.cli.up import replication_factor
 from spendstream.errors import KafkaLocalError
 from spendstream.settings import Settings
 from spendstream.topics import Topics, ensure_topics, replication_for
@@ -111,6 +112,16 @@ def test_ports_and_bootstrap() -> None:
     with pytest.raises(KafkaLocalError, match="no node 4"):
         cluster.node(4)
     assert [replication_for(n) for n in (1, 2, 3, 5)] == [(1, 1), (2, 1), (3, 2), (3, 2)]
+
+
+def test_replication_factor_of_the_worker(cluster: LocalCluster) -> None:
+    """What `spendstream up` gives its topics and Faust's changelogs: the local cluster's node
+    count as configured, an external cluster's brokers as its metadata lists them."""
+    assert replication_factor(Settings(kafka_brokers=3)) == 3
+    assert replication_factor(Settings(kafka_brokers=2)) == 2
+    assert replication_factor(Settings()) == 1
+    assert replication_factor(Settings(bootstrap_servers=cluster.bootstrap)) == 3
+    assert replication_factor(Settings(bootstrap_servers=cluster.nodes[0].bootstrap)) == 3
 
 
 def test_start_is_idempotent(cluster: LocalCluster) -> None:

@@ -255,10 +255,17 @@ class LocalKafka:
             return _Launch(pid, None, False)
         for port in (self.port, self.controller_port):
             if _port_open(port):
+                cluster = not self.voters and (self.home / "node-1").is_dir()
                 raise KafkaLocalError(
                     f"port {port} on 127.0.0.1 is in use by another process, not by "
                     f"{self._what} kept in {self.home}; stop that process or choose other ports "
                     "(SPENDSTREAM_KAFKA_PORT, SPENDSTREAM_KAFKA_CONTROLLER_PORT)"
+                    + (
+                        "; a local cluster lives in this home: set SPENDSTREAM_KAFKA_BROKERS to "
+                        "its node count for every command"
+                        if cluster
+                        else ""
+                    )
                 )
         _require("java")
         props = self._write_config()
