@@ -14,6 +14,7 @@ from importlib.metadata import version
 from typing import Any
 
 import faust
+from aiokafka.errors import IllegalStateError
 
 from spendstream.errors import ConfigError
 
@@ -246,6 +247,10 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
     Records read again after later ones were handled reach ClickHouse (deduplicated by
     `event_id`) but not the spend tables: the budget agent skips every source offset below the
     last one it applied. The warning says so.
+
+    A rebalance can begin between two of its awaits and take the partition it is looking at: the
+    tick then ends (aiokafka's IllegalStateError, which, uncaught in a timer, crashed the whole
+    worker in the three-worker scale test).
     """
     progress: dict[Any, tuple[int, int, int | None]] = {}
     reread_from: dict[Any, int] = {}  # once per committed offset: a transaction marker is no record
@@ -267,8 +272,12 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
             if tp in buffered or tp in in_flight:
                 progress.pop(tp, None)
                 continue
-            position = await consumer.position(tp)
-            committed = await thread.call_thread(kafka.committed, tp) or 0
+            try:
+                position = await consumer.position(tp)
+                committed = await thread.call_thread(kafka.committed, tp) or 0
+            except IllegalStateError:  # a rebalance began meanwhile and took the partition
+                progress.clear()
+                return
             if position is None or position <= committed or reread_from.get(tp) == committed:
                 progress.pop(tp, None)
                 continue
@@ -287,4 +296,7 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
             metrics["rebalance|reread"] += 1
             progress.pop(tp, None)
             reread_from[tp] = committed
-            await consumer.seek(tp, committed)
+            try:
+                await consumer.seek(tp, committed)
+            except IllegalStateError:  # revoked meanwhile: its next owner reads from `committed`
+                return

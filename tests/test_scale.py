@@ -1,0 +1,229 @@
+"""Scale out on a real Kafka cluster: three brokers (replication factor 3, min.insync.replicas 2),
+12 partitions, three meter workers and one history writer, a steady load; one worker is killed
+with -9 and one broker stopped mid-stream, then both come back.
+
+What is asserted, against what was sent:
+- ClickHouse holds every event once (count, distinct ids) and the exact total cost;
+- the spend tables (the three workers' /budgets together) hold each project's exact spend;
+- exactly one `blocked` per budget crossing, and none where no budget was crossed;
+- one writer per scope at all times: each scope's signals carry sequences 1, 2, ..., k in the
+  order of the control topic (two writers, or a replayed decision, would repeat a number);
+- the takeover: from the kill to the killed worker's partitions held by the others, and to a
+  crossing on one of them enforced again, measured and printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from producers import SyncEmitter
+from spendstream.cli.kafka_local import LocalCluster
+from spendstream.wire import default_codec
+from tests.conftest import REPO, Worker, own_cluster, restart_worker, start_history, start_meter
+from tests.test_budgets_pipeline import tokens
+from tests.test_pipeline import read_all
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 12
+PROJECTS = 12  # s-00 .. s-11: the even ones cross a $3 daily budget once, the odd ones never
+PER_PROJECT = 500  # events of $0.01 each: $5 per project
+RATE = 300  # events/s of the steady load: about 20 s of it
+PROBES = 48  # probe-00 ..: $1 budgets; after the kill, a $2 event on one the killed worker held
+CROSSING, NEVER = "3", "1000"
+
+
+def budgets_yaml() -> str:
+    lines = ["budgets:"]
+    for i in range(PROJECTS):
+        lines.append(f'  project:s-{i:02d}: {{daily: "{CROSSING if i % 2 == 0 else NEVER}"}}')
+    lines += [f'  project:probe-{i:02d}: {{daily: "1"}}' for i in range(PROBES)]
+    return "\n".join(lines) + "\n"
+
+
+FEEDER = """
+import sys, time
+from producers import SyncEmitter
+bootstrap, topic, projects, per_project, rate, tokens = sys.argv[1:7]
+projects, per_project, rate, tokens = int(projects), int(per_project), int(rate), int(tokens)
+sent, started = 0, time.monotonic()
+with SyncEmitter(bootstrap_servers=bootstrap, service='scale', topic=topic, linger_ms=5) as em:
+    for i in range(per_project):
+        for p in range(projects):
+            em.emit(project=f's-{p:02d}', provider='openai', model='gpt-4o', input_tokens=0, output_tokens=tokens)
+            sent += 1
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+print(sent, flush=True)
+"""
+
+
+def partition_of(project: str) -> int:
+    """The usage.raw partition an emitter's event of `project` lands in (key = project)."""
+    every = list(range(PARTITIONS))
+    return int(DefaultPartitioner()(project.encode(), every, every))
+
+
+def held(meters: list[Worker]) -> dict[int, list[int]]:
+    """usage.raw partition -> the indexes of the live meters that say they hold it."""
+    out: dict[int, list[int]] = {}
+    for i, m in enumerate(meters):
+        if m.process.poll() is not None:
+            continue
+        try:
+            parts = m.health().get("partitions", [])
+        except (httpx.HTTPError, AssertionError):
+            continue
+        for p in parts:
+            out.setdefault(p, []).append(i)
+    return out
+
+
+def spend_by_scope(meters: list[Worker]) -> dict[str, Decimal]:
+    """The day-window spend of every scope, from the live meters' /budgets (each shows its own)."""
+    out: dict[str, Decimal] = {}
+    for m in meters:
+        assert m.process.poll() is None, f"a meter worker exited ({m.process.returncode}): see {m.log}"
+        rows = httpx.get(f"http://127.0.0.1:{m.port}/budgets", timeout=10).json()["budgets"]
+        for r in rows:
+            if r["window"].startswith("day:"):
+                out[r["scope"]] = Decimal(r["spend_usd"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with own_cluster("scale", 540) as c:  # TEST_KAFKA_PORT + 540 .. + 545
+        yield c
+
+
+def test_three_workers_three_brokers_kill_and_stop_mid_stream(cluster: LocalCluster, tmp_path: Path) -> None:
+    history = start_history(
+        cluster.bootstrap, tmp_path / "scale", budgets_yaml(), SPENDSTREAM_PARTITIONS=str(PARTITIONS)
+    )
+    meters: list[Worker] = []
+    feeder: subprocess.Popen[str] | None = None
+    try:
+        meters = [start_meter(history, f"meter-{i}") for i in range(3)]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # all three own partitions before the load starts
+            owners = held(meters)
+            if len(owners) == PARTITIONS and len({o for v in owners.values() for o in v}) == 3:
+                break
+            time.sleep(0.5)
+        assert len(owners) == PARTITIONS, owners
+        feeder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                FEEDER,
+                cluster.bootstrap,
+                history.topics.usage_raw,
+                str(PROJECTS),
+                str(PER_PROJECT),
+                str(RATE),
+                str(tokens("0.01")),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(5)
+        victim = meters[1]
+        victims = sorted(victim.health()["partitions"])
+        probe = next(f"probe-{i:02d}" for i in range(PROBES) if partition_of(f"probe-{i:02d}") in victims)
+        victim.process.kill()  # kill -9, mid-stream
+        killed_at = time.time()
+        victim.process.wait()
+        with SyncEmitter(
+            bootstrap_servers=cluster.bootstrap, service="probe", topic=history.topics.usage_raw
+        ) as em:
+            em.emit(
+                project=probe, provider="openai", model="gpt-4o", input_tokens=0, output_tokens=tokens("2")
+            )
+        time.sleep(2)
+        cluster.stop_node(2, kill=True)  # one of three brokers crashes, mid-stream
+        stopped_at = time.monotonic()
+        moved_s = None
+        while time.monotonic() - stopped_at < 60:
+            owners = held(meters)
+            if all(set(owners.get(p, [])) - {1} for p in victims):
+                moved_s = time.time() - killed_at
+                break
+            time.sleep(0.2)
+        assert moved_s is not None, f"the killed worker's partitions {victims} never moved: {held(meters)}"
+        time.sleep(max(0.0, 12 - (time.monotonic() - stopped_at)))
+        cluster.start_node(2)
+        restart_worker(victim)  # the killed worker comes back (after the kill, nothing to stop)
+        out, _ = feeder.communicate(timeout=180)
+        assert feeder.returncode == 0
+        sent = int(out.split()[-1])
+        assert sent == PROJECTS * PER_PROJECT
+
+        events, expected = sent + 1, Decimal(sent) * Decimal("0.01") + Decimal(2)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            history.flush()
+            [[n, ids, total]] = history.sql(
+                "SELECT count(), uniqExact(event_id), sum(cost_usd) FROM usage_events FINAL"
+            )
+            if int(str(n)) >= events:
+                break
+            time.sleep(1)
+        print(f"sent {events} events (${expected}); ClickHouse: {n} rows, {ids} ids, ${total}")
+        assert (n, ids, Decimal(str(total))) == (events, events, expected)
+
+        want = {f"project:s-{i:02d}": Decimal(PER_PROJECT) * Decimal("0.01") for i in range(PROJECTS)}
+        want[f"project:{probe}"] = Decimal(2)
+        got: dict[str, Decimal] = {}
+        while time.monotonic() < deadline:
+            got = spend_by_scope(meters)
+            if all(got.get(s) == v for s, v in want.items()):
+                break
+            time.sleep(1)
+        assert {s: got.get(s) for s in want} == want
+
+        found: dict[str, list[dict[str, Any]]] = {}
+        for _key, value in asyncio.run(read_all(cluster.bootstrap, history.topics.spend_control, idle=2)):
+            signal = default_codec().decode(value)[1]
+            found.setdefault(signal["scope"], []).append(signal)
+        for scope, signals in found.items():  # one writer per scope: 1, 2, ..., k in topic order
+            assert [s["sequence"] for s in signals] == list(range(1, len(signals) + 1)), (scope, signals)
+        blocked = {s: sum(x["state"] == "blocked" for x in v) for s, v in found.items()}
+        crossing = {f"project:s-{i:02d}" for i in range(0, PROJECTS, 2)} | {f"project:{probe}"}
+        assert {s for s, b in blocked.items() if b} == crossing
+        assert all(blocked[s] == 1 for s in crossing), blocked
+        probe_blocked = next(x for x in found[f"project:{probe}"] if x["state"] == "blocked")
+        takeover_s = probe_blocked["decided_at"] / 1e6 - killed_at
+        print(
+            json.dumps(
+                {
+                    "events": events,
+                    "killed_partitions": victims,
+                    "partitions_moved_s": round(moved_s, 2),
+                    "takeover_to_enforcing_s": round(takeover_s, 2),
+                    "signals": sum(len(v) for v in found.values()),
+                    "blocked": sum(blocked.values()),
+                }
+            )
+        )
+        assert takeover_s < 30  # Faust's session timeout is 10 s, plus the rebalance
+    finally:
+        if feeder is not None and feeder.poll() is None:
+            feeder.kill()
+        for m in meters:
+            m.stop()
+        history.stop()
