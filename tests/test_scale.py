@@ -104,6 +104,44 @@ def spend_by_scope(meters: list[Worker]) -> dict[str, Decimal]:
     return out
 
 
+def diagnostics(bootstrap: str, history: Worker, meters: list[Worker]) -> str:
+    """Where the events are: per topic end offsets and events, each group's committed offsets."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    def events(topic: str) -> int:
+        return sum(
+            len(default_codec().decode(v)[1]["events"])
+            for _, v in asyncio.run(read_all(bootstrap, topic, idle=2))
+        )
+
+    async def lag() -> dict[str, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            out: dict[str, int] = {}
+            for group in (
+                history.env["SPENDSTREAM_WORKER_ID"],
+                history.env["SPENDSTREAM_WORKER_ID"] + "-sink",
+            ):
+                offsets = await admin.list_consumer_group_offsets(group)
+                out |= {f"{group}:{tp.topic}[{tp.partition}]": meta.offset for tp, meta in offsets.items()}
+            return out
+        finally:
+            await admin.close()
+
+    healths = []
+    for m in meters:
+        try:
+            healths.append(m.health())
+        except (httpx.HTTPError, AssertionError) as exc:
+            healths.append({"error": repr(exc)})
+    return (
+        f"usage.raw events {events(history.topics.usage_raw)}, usage.priced events "
+        f"{events(history.topics.usage_priced)}\ncommitted {asyncio.run(lag())}\nmeters {healths}\n"
+        f"history {history.health()}"
+    )
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     with own_cluster("scale", 540) as c:  # TEST_KAFKA_PORT + 540 .. + 545
@@ -184,6 +222,8 @@ def test_three_workers_three_brokers_kill_and_stop_mid_stream(cluster: LocalClus
                 break
             time.sleep(1)
         print(f"sent {events} events (${expected}); ClickHouse: {n} rows, {ids} ids, ${total}")
+        if n != events:
+            print(diagnostics(cluster.bootstrap, history, meters))
         assert (n, ids, Decimal(str(total))) == (events, events, expected)
 
         want = {f"project:s-{i:02d}": Decimal(PER_PROJECT) * Decimal("0.01") for i in range(PROJECTS)}
