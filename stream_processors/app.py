@@ -331,9 +331,10 @@ def create_app(
                 except SpendstreamError as exc:
                     log.error("%s; retrying in 1 s", exc)
 
-    def assigned() -> list[int]:
-        """The usage.raw partitions this worker meters now (several workers share them)."""
-        return sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.usage_raw)
+    def assigned(topic: str) -> list[int]:
+        """The partitions of `topic` this worker holds now, not as a standby (several workers share
+        them: usage.raw's are what it meters, spend.deltas' the scopes whose budgets it decides)."""
+        return sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic)
 
     add_views(
         app,
@@ -344,9 +345,9 @@ def create_app(
             "catalogue_version": cat.version,
             "feeds_caught_up": price_feed.caught_up.is_set() and budget_feed.caught_up.is_set(),
             "events": {k.split("|", 1)[1]: v for k, v in metrics.items() if k.startswith("events|")},
-            "partitions": assigned(),
+            "partitions": assigned(topics.usage_raw),
         },
-        budgets=lambda: budget_stage.rows(budget_feed.specs, _now_us()),
+        budgets=lambda: budget_stage.rows(budget_feed.specs, _now_us(), set(assigned(topics.spend_deltas))),
         metrics=metrics,
         gc_pauses=gc_pauses,
         price_cards=lambda: len(cat),

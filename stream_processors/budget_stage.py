@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Container, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -267,17 +267,24 @@ class BudgetStage:
             if template_of(scope) == template and self.own_spec(scope) is None:
                 yield scope, load_state(self.scopes.get(scope))
 
-    def rows(self, specs: Mapping[str, Spec], now_us: int) -> list[dict[str, Any]]:
+    def rows(self, specs: Mapping[str, Spec], now_us: int, owned: Container[int]) -> list[dict[str, Any]]:
         """Every budget in `specs` with its current window, spend and state (what `budget list`
-        shows), for the scopes this worker owns; money as exact decimal strings. A template is one
-        row per window (state `template`, reason: how many members, how many blocked), followed by
-        its members with spend in the window, most severe and highest first, at most MAX_MEMBER_ROWS."""
+        shows), for the scopes this worker owns (their spend.deltas partition is in `owned`; the
+        others' spend is another worker's, never shown as $0 here); money as exact decimal strings.
+        A template is one row per window (state `template`, reason: how many of this worker's
+        members, how many blocked), followed by its members with spend in the window, most severe
+        and highest first, at most MAX_MEMBER_ROWS."""
         rows = []
         for scope, spec in sorted(specs.items()):
             if scope not in TEMPLATES:
-                rows += self._scope_rows(scope, spec, load_state(self.scopes.get(scope)), now_us)
+                if partition_for(scope, self.partitions) in owned:
+                    rows += self._scope_rows(scope, spec, load_state(self.scopes.get(scope)), now_us)
                 continue
-            members = self._top_members(scope, spec, now_us)
+            members = [
+                m
+                for m in self._top_members(scope, spec, now_us)
+                if partition_for(m[1], self.partitions) in owned
+            ]
             blocked = sum(1 for _, _, state in members if state["last_signal"][0] == "blocked")
             summary = f"{len(members)} members with spend, {blocked} blocked"
             for row in self._scope_rows(scope, spec, new_state(), now_us):

@@ -19,6 +19,7 @@ from stream_processors.meter import partition_for
 CODEC = default_codec()
 NOW = int(datetime(2026, 12, 1, 12, 0, tzinfo=UTC).timestamp()) * 1_000_000
 USD = 10**12
+ALL = range(8)  # every partition of stage(): one worker owns them all
 
 
 def stage(
@@ -75,7 +76,7 @@ def test_a_crossing_signals_once_and_a_redelivered_message_counts_once() -> None
     again = s.on_deltas(deltas("project:a", 5, offset=2), 0, NOW)  # re-delivered after a restart
     assert (again.signals, again.metrics["deltas|duplicate"]) == ([], 1)
     assert load_state(s.scopes["project:a"])["window_spend"]["day:2026-12-01@UTC"] == 11 * USD
-    [row] = s.rows({"project:a": s.spec_of("project:a")}, NOW)  # type: ignore[dict-item]
+    [row] = s.rows({"project:a": s.spec_of("project:a")}, NOW, ALL)  # type: ignore[dict-item]
     assert (row["spend_usd"], row["limit_usd"], row["state"], row["percent"]) == (
         "11.000000000000",
         "10.000000000000",
@@ -195,13 +196,30 @@ def test_a_template_gives_every_member_its_own_budget_and_an_own_spec_wins() -> 
     second = s.on_deltas(member_deltas({"user:alice": 5, "user:bob": 2, "user:carol": 11}, 2), 0, NOW)
     assert decoded(second) == [("user:alice", "blocked", "budget_exceeded", 10 * USD)]  # bob and carol ok
     assert set(s.attention) == {"user:alice"}
-    rows = s.rows({"user:*": templates["user:*"], "user:carol": s.spec_of("user:carol")}, NOW)  # type: ignore[dict-item]
+    rows = s.rows({"user:*": templates["user:*"], "user:carol": s.spec_of("user:carol")}, NOW, ALL)  # type: ignore[dict-item]
     assert [(r["scope"], r["spend_usd"], r["state"], r["reason"]) for r in rows] == [
         ("user:*", "", "template", "2 members with spend, 1 blocked"),
         ("user:alice", "11.000000000000", "blocked", "budget_exceeded"),
         ("user:bob", "4.000000000000", "ok", "within_budget"),
         ("user:carol", "22.000000000000", "ok", "within_budget"),
     ]
+
+
+def test_budget_rows_show_only_the_scopes_of_the_partitions_this_worker_owns() -> None:
+    """With several workers a scope's spend lives in one of them: another lists it not at all,
+    never at $0 (that would read as 'nothing spent')."""
+    templates = {"user:*": Spec("user:*", (make_limit("user:*", "daily", "10"),))}
+    s = stage(feed_specs=templates)
+    s.on_budget(b"project:a", spec_message("project:a", "10"), partition_for("project:a", 8), NOW)
+    s.on_deltas(deltas("project:a", 3, offset=1), partition_for("project:a", 8), NOW)
+    s.on_deltas(member_deltas({"user:alice": 1, "user:bob": 2}, 1), 0, NOW)
+    specs = {"project:a": s.spec_of("project:a"), "user:*": templates["user:*"]}
+    mine = {partition_for("project:a", 8), partition_for("user:bob", 8)} - {partition_for("user:alice", 8)}
+    assert partition_for("user:alice", 8) not in mine  # the names above hash apart; the test needs it
+    listed = [(r["scope"], r["spend_usd"]) for r in s.rows(specs, NOW, mine)]  # type: ignore[arg-type]
+    assert listed == [("project:a", "3.000000000000"), ("user:*", ""), ("user:bob", "2.000000000000")]
+    others = [(r["scope"], r["spend_usd"]) for r in s.rows(specs, NOW, set(ALL) - mine)]  # type: ignore[arg-type]
+    assert others == [("user:*", ""), ("user:alice", "1.000000000000")]
 
 
 def test_a_changed_template_re_decides_every_member_through_the_next_tick() -> None:
@@ -240,7 +258,7 @@ def test_rows_carry_the_burn_rate_and_the_forecast_the_dashboard_shows() -> None
             "source_offset": i,
         }
         s.on_deltas(CODEC.encode("SpendDeltaBatch", {"deltas": [delta]}), 0, NOW)
-    [row] = s.rows({"project:b": s.spec_of("project:b")}, NOW)  # type: ignore[dict-item]
+    [row] = s.rows({"project:b": s.spec_of("project:b")}, NOW, ALL)  # type: ignore[dict-item]
     assert row["spend_usd"] == "20.000000000000"
     assert row["burn_usd_per_hour"] == "60.000000000000"
     assert row["warn_percent"] == [50, 80]
