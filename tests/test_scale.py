@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -149,10 +149,10 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
 
 
-def test_three_workers_three_brokers_kill_and_stop_mid_stream(cluster: LocalCluster, tmp_path: Path) -> None:
-    history = start_history(
-        cluster.bootstrap, tmp_path / "scale", budgets_yaml(), SPENDSTREAM_PARTITIONS=str(PARTITIONS)
-    )
+def test_three_workers_three_brokers_kill_and_stop_mid_stream(cluster: LocalCluster) -> None:
+    state = REPO / ".spendstream" / "test" / "scale" / "run"  # the logs outlive pytest's tmp dirs
+    shutil.rmtree(state, ignore_errors=True)
+    history = start_history(cluster.bootstrap, state, budgets_yaml(), SPENDSTREAM_PARTITIONS=str(PARTITIONS))
     meters: list[Worker] = []
     feeder: subprocess.Popen[str] | None = None
     try:
