@@ -39,8 +39,8 @@ pytestmark = pytest.mark.integration
 
 PARTITIONS = 12
 PROJECTS = 12  # s-00 .. s-11: the even ones cross a $3 daily budget once, the odd ones never
-PER_PROJECT = 500  # events of $0.01 each: $5 per project
-RATE = 300  # events/s of the steady load: about 20 s of it
+PER_PROJECT = 800  # events of $0.01 each: $8 per project
+RATE = 300  # events/s of the steady load: about 32 s of it
 PROBES = 48  # probe-00 ..: $1 budgets; after the kill, a $2 event on one the killed worker held
 CROSSING, NEVER = "3", "1000"
 
@@ -180,32 +180,30 @@ def test_three_workers_three_brokers_kill_and_stop_mid_stream(cluster: LocalClus
             stdout=subprocess.PIPE,
             text=True,
         )
-        time.sleep(5)
+        time.sleep(4)
+        cluster.stop_node(2, kill=True)  # one of three brokers crashes, mid-stream
+        time.sleep(6)
+        cluster.start_node(2)  # and comes back (waits until it serves and every node lists it)
         victim = meters[1]
         victims = sorted(victim.health()["partitions"])
         probe = next(f"probe-{i:02d}" for i in range(PROBES) if partition_of(f"probe-{i:02d}") in victims)
-        victim.process.kill()  # kill -9, mid-stream
+        victim.process.kill()  # kill -9 of a worker, mid-stream
         killed_at = time.time()
         victim.process.wait()
         with SyncEmitter(
             bootstrap_servers=cluster.bootstrap, service="probe", topic=history.topics.usage_raw
-        ) as em:
+        ) as em:  # a crossing on a partition the dead worker held: enforced again once it moved
             em.emit(
                 project=probe, provider="openai", model="gpt-4o", input_tokens=0, output_tokens=tokens("2")
             )
-        time.sleep(2)
-        cluster.stop_node(2, kill=True)  # one of three brokers crashes, mid-stream
-        stopped_at = time.monotonic()
         moved_s = None
-        while time.monotonic() - stopped_at < 60:
+        while time.time() - killed_at < 120:
             owners = held(meters)
             if all(set(owners.get(p, [])) - {1} for p in victims):
                 moved_s = time.time() - killed_at
                 break
             time.sleep(0.2)
         assert moved_s is not None, f"the killed worker's partitions {victims} never moved: {held(meters)}"
-        time.sleep(max(0.0, 12 - (time.monotonic() - stopped_at)))
-        cluster.start_node(2)
         restart_worker(victim)  # the killed worker comes back (after the kill, nothing to stop)
         out, _ = feeder.communicate(timeout=180)
         assert feeder.returncode == 0
@@ -227,7 +225,7 @@ def test_three_workers_three_brokers_kill_and_stop_mid_stream(cluster: LocalClus
             print(diagnostics(cluster.bootstrap, history, meters))
         assert (n, ids, Decimal(str(total))) == (events, events, expected)
 
-        want = {f"project:s-{i:02d}": Decimal(PER_PROJECT) * Decimal("0.01") for i in range(PROJECTS)}
+        want = {f"project:s-{i:02d}": PER_PROJECT * Decimal("0.01") for i in range(PROJECTS)}
         want[f"project:{probe}"] = Decimal(2)
         want_lists = {s: [v] for s, v in want.items()}
         got: dict[str, list[Decimal]] = {}
@@ -250,20 +248,23 @@ def test_three_workers_three_brokers_kill_and_stop_mid_stream(cluster: LocalClus
         assert {s for s, b in blocked.items() if b} == crossing
         assert all(blocked[s] == 1 for s in crossing), blocked
         probe_blocked = next(x for x in found[f"project:{probe}"] if x["state"] == "blocked")
-        takeover_s = probe_blocked["decided_at"] / 1e6 - killed_at
+        enforcing_s = probe_blocked["decided_at"] / 1e6 - killed_at
         print(
             json.dumps(
                 {
                     "events": events,
                     "killed_partitions": victims,
-                    "partitions_moved_s": round(moved_s, 2),
-                    "takeover_to_enforcing_s": round(takeover_s, 2),
+                    "kill_to_partitions_moved_s": round(moved_s, 2),
+                    "kill_to_enforcing_s": round(enforcing_s, 2),
+                    "takeover_moved_to_enforcing_s": round(enforcing_s - moved_s, 2),
                     "signals": sum(len(v) for v in found.values()),
                     "blocked": sum(blocked.values()),
                 }
             )
         )
-        assert takeover_s < 30  # Faust's session timeout is 10 s, plus the rebalance
+        # Faust's session timeout (10 s) and a rebalance, then the moved partitions' backlog; bound
+        # loosely: this machine's 2 cores also run 3 brokers, 4 workers and the load
+        assert enforcing_s < 90
     finally:
         if feeder is not None and feeder.poll() is None:
             feeder.kill()
