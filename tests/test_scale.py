@@ -92,14 +92,23 @@ def held(meters: list[Worker]) -> dict[int, list[int]]:
     return out
 
 
+def budget_rows(meter: Worker) -> list[dict[str, Any]]:
+    """The meter's /budgets: the budgets of the scopes it owns."""
+    assert meter.process.poll() is None, (
+        f"a meter worker exited ({meter.process.returncode}): see {meter.log}"
+    )
+    rows: list[dict[str, Any]] = httpx.get(f"http://127.0.0.1:{meter.port}/budgets", timeout=10).json()[
+        "budgets"
+    ]
+    return rows
+
+
 def spend_by_scope(meters: list[Worker]) -> dict[str, list[Decimal]]:
     """The day-window spend of every scope, as each live meter's /budgets shows it: a worker lists
     the scopes it owns only, so each list should hold one value."""
     out: dict[str, list[Decimal]] = {}
     for m in meters:
-        assert m.process.poll() is None, f"a meter worker exited ({m.process.returncode}): see {m.log}"
-        rows = httpx.get(f"http://127.0.0.1:{m.port}/budgets", timeout=10).json()["budgets"]
-        for r in rows:
+        for r in budget_rows(m):
             if r["window"].startswith("day:"):
                 out.setdefault(r["scope"], []).append(Decimal(r["spend_usd"]))
     return out
@@ -204,6 +213,11 @@ def test_three_workers_three_brokers_kill_and_stop_mid_stream(cluster: LocalClus
                 break
             time.sleep(0.2)
         assert moved_s is not None, f"the killed worker's partitions {victims} never moved: {held(meters)}"
+        while time.time() - killed_at < 120:  # the probe's crossing, decided by a survivor
+            rows = [r for m in meters if m is not victim for r in budget_rows(m)]
+            if any(r["scope"] == f"project:{probe}" and r["state"] == "blocked" for r in rows):
+                break
+            time.sleep(0.2)
         restart_worker(victim)  # the killed worker comes back (after the kill, nothing to stop)
         out, _ = feeder.communicate(timeout=180)
         assert feeder.returncode == 0
