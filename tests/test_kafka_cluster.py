@@ -147,7 +147,8 @@ def test_topics_replicated_three_times_min_insync_two(cluster: LocalCluster) -> 
 
 
 async def _produce_through_outage(cluster: LocalCluster, topic: str, node: int) -> dict[str, Any]:
-    """Produce at RATE with acks=all while `node` is stopped and started again; return the counts."""
+    """Produce at RATE with acks=all while `node` crashes (SIGKILL) and is started again; meanwhile
+    `kafka status` must report the cluster half-started. Returns the counts and timings."""
     producer = AIOKafkaProducer(
         bootstrap_servers=cluster.bootstrap, acks="all", enable_idempotence=True, linger_ms=5
     )
@@ -168,10 +169,10 @@ async def _produce_through_outage(cluster: LocalCluster, topic: str, node: int) 
     try:
         await asyncio.sleep(2)
         before = sent
-        t_stop = time.monotonic()
-        await asyncio.to_thread(cluster.stop_node, node)
-        stopped_s = time.monotonic() - t_stop
-        await asyncio.sleep(3)  # writes with one node of three down
+        assert await asyncio.to_thread(cluster.stop_node, node, kill=True) is True
+        t_down = time.monotonic()
+        status = await asyncio.to_thread(_cli, cluster, "status")  # while the node is down
+        await asyncio.sleep(max(0.0, t_down + 3 - time.monotonic()))  # at least 3 s down
         t_start = time.monotonic()
         await asyncio.to_thread(cluster.start_node, node)
         started_s = time.monotonic() - t_start
@@ -192,8 +193,9 @@ async def _produce_through_outage(cluster: LocalCluster, topic: str, node: int) 
         "acked": acked,
         "failed": failed,
         "down": down,
-        "stop_s": stopped_s,
         "start_s": started_s,
+        "status": status,
+        "down_s": time.monotonic() - t_down,
     }
 
 
@@ -233,9 +235,9 @@ def test_one_node_down_loses_no_acknowledged_write(cluster: LocalCluster) -> Non
     values = asyncio.run(_read_all(cluster.bootstrap, topic, 6))
     seen = Counter(values)
     print(
-        f"\nnode 2 stopped in {counts['stop_s']:.1f} s, started in {counts['start_s']:.1f} s, back in "
-        f"every ISR {rejoin_s:.1f} s later; sent {counts['sent']} ({counts['down']} while it was down "
-        f"or starting), acked {counts['acked']}, failed {counts['failed']}, read {len(values)}, "
+        f"\nnode 2 killed; start_node took {counts['start_s']:.1f} s, every ISR full again "
+        f"{rejoin_s:.1f} s later; sent {counts['sent']} ({counts['down']} while it was down or "
+        f"starting), acked {counts['acked']}, failed {counts['failed']}, read {len(values)}, "
         f"distinct {len(seen)}, doubled {sum(n - 1 for n in seen.values())}",
         file=sys.stderr,
     )
@@ -244,30 +246,34 @@ def test_one_node_down_loses_no_acknowledged_write(cluster: LocalCluster) -> Non
     assert len(values) == counts["sent"]
     assert set(values) == {f"{i:08d}".encode() for i in range(counts["sent"])}  # none lost, none doubled
 
+    status = counts["status"]  # `kafka status` while node 2 was down
+    assert status.returncode == 1
+    assert status.stdout.startswith("HALF-STARTED: "), status.stdout
+    assert "2 of 3 nodes up" in status.stdout
+    assert "node 2: not running, 127.0.0.1:" in status.stdout
+    assert "`spendstream kafka start --node 2`" in status.stdout
+
 
 def test_status_per_node(cluster: LocalCluster) -> None:
+    """Last in the module: it leaves node 3 stopped (the fixture stops the rest)."""
     out = _cli(cluster, "status")
     assert out.returncode == 0, out.stderr + out.stdout
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"running: Kafka 3.9.1 cluster {cluster.cluster_id()}, 3 of 3 nodes up")
     assert "controller quorum leader node " in lines[0]
+    leaders = 0
     for i, node in enumerate(cluster.status().nodes, 1):
-        assert lines[i].startswith(
-            f"node {i}: running, pid {node.pid}, 127.0.0.1:{PORT + 2 * (i - 1)} (controller {PORT + 2 * i - 1})"
-        ), lines[i]
-        assert "under-replicated" in lines[i]
+        where = f"127.0.0.1:{PORT + 2 * (i - 1)} (controller {PORT + 2 * i - 1})"
+        assert lines[i].startswith(f"node {i}: running, pid {node.pid}, {where}, leads "), lines[i]
+        assert lines[i].endswith(" partitions, 0 under-replicated"), lines[i]
+        leaders += int(lines[i].split(", leads ")[1].split()[0])
+    # every partition of the topics made so far (10 + 10 topics of 4 and 6 partitions) has a leader
+    assert leaders == 10 * 4 + 10 * 6
 
-    assert cluster.stop_node(3, kill=True) is True  # a crash: no controlled shutdown
+    out = _cli(cluster, "stop", "--node", "3")  # SIGTERM: a controlled shutdown
+    assert (out.returncode, out.stdout.strip()) == (0, "Kafka node 3 stopped")
     out = _cli(cluster, "stop", "--node", "3")
     assert (out.returncode, out.stdout.strip()) == (0, "Kafka node 3 was not running")
-    out = _cli(cluster, "status")
-    assert out.returncode == 1
-    assert out.stdout.startswith("HALF-STARTED: "), out.stdout
-    assert "2 of 3 nodes up" in out.stdout
-    assert "node 3: not running" in out.stdout
-    assert "`spendstream kafka start --node 3`" in out.stdout
-
-    out = _cli(cluster, "start")  # the whole cluster again: only node 3 is started
-    assert out.returncode == 0, out.stderr + out.stdout
-    assert "(started node 3)" in out.stdout
-    assert cluster.status().running is True
+    status = cluster.status()
+    assert [n.running for n in status.nodes] == [True, True, False]
+    assert status.running is False
