@@ -25,7 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from spendstream.cli.kafka_local import LocalCluster
-from spendstream.cli.up import replication_factor
+from spendstream.cli.up import prepare, replication_factor
 from spendstream.errors import KafkaLocalError
 from spendstream.settings import Settings
 from spendstream.topics import Topics, ensure_topics, replication_for
@@ -144,6 +144,24 @@ def test_topics_replicated_three_times_min_insync_two(cluster: LocalCluster) -> 
             assert sorted(p["replicas"]) == [1, 2, 3], (name, p)
             assert sorted(p["isr"]) == [1, 2, 3], (name, p)
     assert asyncio.run(_min_isr(cluster.bootstrap, topics.all())) == dict.fromkeys(topics.all(), "2")
+
+
+def test_up_prepares_the_local_cluster(cluster: LocalCluster) -> None:
+    """`spendstream up`'s first half with SPENDSTREAM_KAFKA_BROKERS=3: the running cluster is left
+    alone, the topics get 3 replicas, the worker's state is tied to the cluster's id."""
+    settings = Settings(
+        state_dir=cluster.home.parent,
+        kafka_port=cluster.port,
+        kafka_controller_port=cluster.controller_port,
+        kafka_brokers=3,
+        topic_prefix="up.",
+    )
+    said: list[str] = []
+    datadir = prepare(settings, said.append)
+    assert said[0].startswith(f"Kafka cluster already running at {cluster.bootstrap} (node 1 pid ")
+    assert datadir.endswith(f"/worker/{cluster.cluster_id()}")
+    described = asyncio.run(_describe(cluster.bootstrap, settings.topics.all()))
+    assert {len(p["replicas"]) for parts in described.values() for p in parts} == {3}
 
 
 async def _produce_through_outage(cluster: LocalCluster, topic: str, node: int) -> dict[str, Any]:
@@ -267,8 +285,8 @@ def test_status_per_node(cluster: LocalCluster) -> None:
         assert lines[i].startswith(f"node {i}: running, pid {node.pid}, {where}, leads "), lines[i]
         assert lines[i].endswith(" partitions, 0 under-replicated"), lines[i]
         leaders += int(lines[i].split(", leads ")[1].split()[0])
-    # every partition of the topics made so far (10 + 10 topics of 4 and 6 partitions) has a leader
-    assert leaders == 10 * 4 + 10 * 6
+    # every partition of the topics made so far (20 topics of 4, 10 of 6 partitions) has a leader
+    assert leaders == 20 * 4 + 10 * 6
 
     out = _cli(cluster, "stop", "--node", "3")  # SIGTERM: a controlled shutdown
     assert (out.returncode, out.stdout.strip()) == (0, "Kafka node 3 stopped")
