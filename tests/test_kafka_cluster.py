@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from spendstream.cli.kafka_local import LocalCluster
+from spendstream.cli.kafka_local import LocalCluster, LocalKafka
 from spendstream.cli.up import prepare, replication_factor
 from spendstream.errors import KafkaLocalError
 from spendstream.settings import Settings
@@ -295,3 +295,10 @@ def test_status_per_node(cluster: LocalCluster) -> None:
     status = cluster.status()
     assert [n.running for n in status.nodes] == [True, True, False]
     assert status.running is False
+
+    # The single-node layout started where the cluster lives (SPENDSTREAM_KAFKA_BROKERS forgotten):
+    single = LocalKafka(cluster.home, port=cluster.port, controller_port=cluster.controller_port)
+    with pytest.raises(
+        KafkaLocalError, match="a local cluster lives in this home: set SPENDSTREAM_KAFKA_BROKERS"
+    ):
+        single.start(timeout=5)
