@@ -76,14 +76,16 @@ async def _min_isr(bootstrap: str, names: list[str]) -> dict[str, str]:
     return out
 
 
-def _cli(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(cluster: LocalCluster, *args: str, brokers: int | None = None) -> subprocess.CompletedProcess[str]:
+    """`spendstream kafka <args>` on the cluster's state dir and ports, with
+    SPENDSTREAM_KAFKA_BROKERS = `brokers` (default: the cluster's node count)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDSTREAM_")}
     env.update(
         {
             "SPENDSTREAM_STATE_DIR": str(cluster.home.parent),
             "SPENDSTREAM_KAFKA_PORT": str(cluster.port),
             "SPENDSTREAM_KAFKA_CONTROLLER_PORT": str(cluster.controller_port),
-            "SPENDSTREAM_KAFKA_BROKERS": str(cluster.brokers),
+            "SPENDSTREAM_KAFKA_BROKERS": str(brokers or cluster.brokers),
             "COLUMNS": "250",
         }
     )
@@ -131,6 +133,16 @@ def test_start_is_idempotent(cluster: LocalCluster) -> None:
     assert [n.pid for n in again.nodes] == pids
     assert all(p is not None for p in pids)
     assert len({n.cluster_id() for n in cluster.nodes}) == 1  # one cluster, not three
+
+    out = _cli(cluster, "start", "--brokers", "3", brokers=1)  # the flag overrides the setting
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert out.stdout.startswith(
+        f"Kafka cluster already running at {cluster.bootstrap} (node 1 pid {pids[0]}"
+    )
+    out = _cli(cluster, "stop", "--node", "1", brokers=1)
+    assert out.returncode == 2
+    assert "--node needs a local cluster" in out.stderr
+    assert cluster.status().running is True
 
 
 def test_topics_replicated_three_times_min_insync_two(cluster: LocalCluster) -> None:
