@@ -180,10 +180,8 @@ def _cluster_status(status: ClusterStatus) -> None:
     for n in status.nodes:
         where = f"127.0.0.1:{n.port} (controller {n.controller_port})"
         if not n.running:
-            console.print(
-                f"node {n.node_id}: not running, {where}: `spendstream kafka start --node {n.node_id}`",
-                soft_wrap=True,
-            )
+            hint = f": `spendstream kafka start --node {n.node_id}`" if up else ""
+            console.print(f"node {n.node_id}: not running, {where}{hint}", soft_wrap=True)
             continue
         line = f"node {n.node_id}: running, pid {n.pid}, {where}"
         if n.leaders is not None:
