@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from spendstream.cli.kafka_local import ClusterStatus, LocalCluster, LocalKafka
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
-kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft, 127.0.0.1).")
+kafka_app = typer.Typer(
+    no_args_is_help=True,
+    help="The local Apache Kafka: one broker, or a cluster with --brokers (KRaft, 127.0.0.1).",
+)
 app.add_typer(kafka_app, name="kafka")
 log = logging.getLogger(__name__)
 _CONTROL_COMMANDS = {
