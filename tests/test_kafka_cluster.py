@@ -23,6 +23,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spendstream.cli.kafka_local import LocalCluster, LocalKafka
 from spendstream.cli.up import prepare, replication_factor
@@ -114,6 +116,32 @@ def test_ports_and_bootstrap() -> None:
     with pytest.raises(KafkaLocalError, match="no node 4"):
         cluster.node(4)
     assert [replication_for(n) for n in (1, 2, 3, 5)] == [(1, 1), (2, 1), (3, 2), (3, 2)]
+
+
+@given(st.integers(min_value=1, max_value=1000))
+def test_replication_survives_one_broker_down(brokers: int) -> None:
+    factor, min_isr = replication_for(brokers)
+    assert 1 <= min_isr <= factor <= min(3, brokers)
+    assert factor - min_isr == (1 if factor > 1 else 0)  # one replica may be away, never more
+    assert min_isr >= 2 or factor < 3  # from 3 replicas on, no write is acknowledged by one alone
+
+
+@given(
+    st.integers(min_value=1024, max_value=30000),
+    st.integers(min_value=1024, max_value=30000),
+    st.integers(min_value=2, max_value=9),
+)
+def test_node_ports_never_collide(port: int, controller_port: int, brokers: int) -> None:
+    distance = controller_port - port
+    if distance % 2 == 0 and abs(distance) < 2 * brokers:  # node i's client port = node j's controller's
+        with pytest.raises(KafkaLocalError, match="ports collide"):
+            LocalCluster(Path("/nonexistent"), brokers, port, controller_port)
+        return
+    cluster = LocalCluster(Path("/nonexistent"), brokers, port, controller_port)
+    ports = [p for n in cluster.nodes for p in (n.port, n.controller_port)]
+    assert len(set(ports)) == 2 * brokers
+    assert [n.port for n in cluster.nodes] == [port + 2 * i for i in range(brokers)]
+    assert [n.controller_port for n in cluster.nodes] == [controller_port + 2 * i for i in range(brokers)]
 
 
 def test_replication_factor_of_the_worker(cluster: LocalCluster) -> None:
