@@ -64,17 +64,26 @@ async def _describe(bootstrap: str, names: list[str]) -> dict[str, list[dict[str
 
 
 async def _min_isr(bootstrap: str, names: list[str]) -> dict[str, str]:
+    """min.insync.replicas per topic, once the broker asked knows every topic (a moment after
+    creation it may answer UNKNOWN_TOPIC_OR_PARTITION)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+        for _ in range(50):
+            responses = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]
+            )
+            resources = [r for response in responses for r in response.to_object()["resources"]]
+            if all(r["error_code"] == 0 for r in resources):
+                break
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
     out: dict[str, str] = {}
-    for response in responses:
-        for res in response.to_object()["resources"]:
-            entries = {e["config_names"]: e["config_value"] for e in res["config_entries"]}
-            out[res["resource_name"]] = entries["min.insync.replicas"]
+    for res in resources:
+        assert res["error_code"] == 0, res
+        entries = {e["config_names"]: e["config_value"] for e in res["config_entries"]}
+        out[res["resource_name"]] = entries["min.insync.replicas"]
     return out
 
 
