@@ -76,7 +76,14 @@ class Settings(BaseSettings):
     )
     kafka_port: int = Field(default=9092, description="Port of the local broker (127.0.0.1).")
     kafka_controller_port: int = Field(default=9093, description="KRaft controller port (local).")
-    kafka_heap: str = Field(default="512m", description="JVM heap of the local broker.")
+    kafka_heap: str = Field(default="512m", description="JVM heap of the local broker (of each node).")
+    kafka_brokers: int = Field(
+        default=1,
+        ge=1,
+        description="Nodes of the local Kafka (KRaft, each broker + controller); node i listens on "
+        "SPENDSTREAM_KAFKA_PORT + 2*(i-1). 3 or more: the project's topics get 3 replicas and "
+        "min.insync.replicas 2 (docs/operations.md).",
+    )
     topic_prefix: str = Field(default="", description="Prefix for every topic name.")
     partitions: int = Field(default=4, ge=1, description="Partitions of each topic at creation.")
     clickhouse_dsn: SecretStr | None = Field(
@@ -313,7 +320,11 @@ class Settings(BaseSettings):
 
     @property
     def bootstrap(self) -> str:
-        return self.bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+        if self.bootstrap_servers:
+            return self.bootstrap_servers
+        # Every node of the local cluster (spendstream/cli/kafka_local.py LocalCluster's ports),
+        # so that clients find it with any one node down.
+        return ",".join(f"127.0.0.1:{self.kafka_port + 2 * i}" for i in range(self.kafka_brokers))
 
     @property
     def dsn(self) -> str:

@@ -11,6 +11,11 @@ its source topic, so all topics must have the same, deliberate partition count.
     budgets         budget specs per scope                  cleanup.policy=compact
     spend.deltas    spend per scope, repartitioned by scope broker default retention (internal)
     usage.seen      event ids the meter counted (dedupe)    retention.ms = dedupe horizon + 1 h (internal)
+
+Replication: min(3, brokers) replicas each, and from 3 replicas on `min.insync.replicas=2`: an
+acks=all write is acknowledged once two brokers hold it, so losing any one broker loses no
+acknowledged write and stops no producer (with two of three down, producers wait or fail; none
+is told "written" for a write held by one broker).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ __all__ = [
     "DEDUPE_HORIZON_S",
     "DLQ_RETENTION_MS",
     "Topics",
+    "broker_count",
     "ensure_topics",
     "partitions_of",
+    "replication_for",
     "topic_configs",
     "wait_for_broker",
 ]
@@ -40,6 +47,7 @@ DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 GATEWAY_RATES_RETENTION_MS = 10 * 60 * 1000  # the gateways' rate-limit counts: minutes matter, not history
 DEDUPE_HORIZON_S = 6 * 3600  # default of SPENDSTREAM_DEDUPE_HORIZON_SECONDS
 _TOPIC_ALREADY_EXISTS = 36
+_INVALID_REPLICATION_FACTOR = 38
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,24 @@ def topic_configs(topics: Topics, dedupe_horizon_s: int = DEDUPE_HORIZON_S) -> d
     }
 
 
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of topics on a cluster of `brokers`: three copies
+    once there are three brokers, and then an acks=all write needs two of them."""
+    factor = min(3, max(brokers, 1))
+    return factor, 2 if factor >= 3 else 1
+
+
+async def broker_count(bootstrap: str, kafka_auth: KafkaAuth = PLAINTEXT) -> int:
+    """The brokers the cluster's metadata lists now (a broker that is down is not listed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_auth.client_kwargs())
+    try:
+        await admin.start()
+        cluster: dict[str, Any] = await admin.describe_cluster()
+    finally:
+        await admin.close()
+    return len(cluster["brokers"])
+
+
 async def wait_for_broker(
     bootstrap: str,
     timeout: float,  # noqa: ASYNC109 (retries)
@@ -123,14 +149,16 @@ async def ensure_topics(
     bootstrap: str,
     topics: Topics,
     partitions: int,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     dedupe_horizon_s: int = DEDUPE_HORIZON_S,
     kafka_auth: KafkaAuth = PLAINTEXT,
 ) -> list[str]:
     """Create whichever of `topics.all()` is missing; return the names created.
 
-    Existing topics are left as they are, but one with a partition count other than
-    `partitions` is an error: Faust's tables require equal counts across topics.
+    New topics get `replication_factor` replicas (None: min(3, the brokers the cluster lists
+    now)) and, with 3 or more, `min.insync.replicas=2` (see `replication_for`). Existing topics
+    are left as they are, but one with a partition count other than `partitions` is an error:
+    Faust's tables require equal counts across topics.
     """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_auth.client_kwargs())
     try:
@@ -141,12 +169,31 @@ async def ensure_topics(
         configs = topic_configs(topics, dedupe_horizon_s)
         created: list[str] = []
         if missing:
+            if replication_factor is None:
+                cluster: dict[str, Any] = await admin.describe_cluster()
+                replication_factor = replication_for(len(cluster["brokers"]))[0]
+            min_isr = replication_for(replication_factor)[1]
             response = await admin.create_topics(
-                [NewTopic(t, partitions, replication_factor, topic_configs=configs.get(t)) for t in missing]
+                [
+                    NewTopic(
+                        t,
+                        partitions,
+                        replication_factor,
+                        topic_configs={**configs.get(t, {}), "min.insync.replicas": str(min_isr)},
+                    )
+                    for t in missing
+                ]
             )
             for err in response.to_object()["topic_errors"]:
                 if err["error_code"] == 0:
                     created.append(err["topic"])
+                elif err["error_code"] == _INVALID_REPLICATION_FACTOR:
+                    raise ConfigError(
+                        f"could not create topic {err['topic']!r} on {bootstrap} with "
+                        f"{replication_factor} replicas: the cluster has fewer brokers up. Start "
+                        "the stopped ones (`spendstream kafka status` shows the local nodes) and "
+                        "run again"
+                    )
                 elif err["error_code"] != _TOPIC_ALREADY_EXISTS:  # lost a race: checked below
                     raise ConfigError(
                         f"could not create topic {err['topic']!r} on {bootstrap}: "
@@ -154,7 +201,13 @@ async def ensure_topics(
                     )
         await _check_partitions(admin, [t for t in wanted if t not in created], partitions)
         if created:
-            log.info("created topics %s (%d partitions) on %s", created, partitions, bootstrap)
+            log.info(
+                "created topics %s (%d partitions, %d replicas) on %s",
+                created,
+                partitions,
+                replication_factor,
+                bootstrap,
+            )
         return created
     finally:
         await admin.close()

@@ -71,6 +71,7 @@ def create_app(
     history: HistoryProcess,
     catalogue: Catalogue | None = None,
     codec: Codec | None = None,
+    replication_factor: int = 1,  # of the topics Faust creates (changelogs): see spendstream.topics
 ) -> faust.App:
     codec = codec or default_codec()
     cat = catalogue or Catalogue.load(fallback=settings.unpriced_fallback)
@@ -89,7 +90,7 @@ def create_app(
         datadir=datadir,
         store="memory://",
         topic_partitions=n,
-        topic_replication_factor=1,
+        topic_replication_factor=replication_factor,
         table_standby_replicas=1,
         web_port=settings.web_port,
         web_bind="127.0.0.1",

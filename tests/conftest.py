@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from spendstream.cli.kafka_local import LocalKafka
+from spendstream.cli.kafka_local import LocalCluster, LocalKafka
 from spendstream.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +44,28 @@ def own_broker(name: str, port_offset: int, heap: str = "256m", **options: Any) 
         yield broker
     finally:
         broker.stop()
+
+
+@contextmanager
+def own_cluster(name: str, port_offset: int, brokers: int = 3, heap: str = "256m") -> Iterator[LocalCluster]:
+    """A fresh local KRaft cluster of `brokers` nodes in .spendstream/test/<name>/kafka (so that
+    SPENDSTREAM_STATE_DIR=.spendstream/test/<name> points the CLI at it), stopped on exit.
+    Node i (1..brokers) listens on TEST_KAFKA_PORT + port_offset + 2*(i-1) and its controller on
+    the port after; `.bootstrap` lists every node, `.stop_node(i)` / `.start_node(i)` stop one
+    (SIGTERM: controlled shutdown; `kill=True`: SIGKILL, a crash) and bring it back."""
+    cluster = LocalCluster(
+        REPO / ".spendstream" / "test" / name / "kafka",
+        brokers=brokers,
+        port=TEST_KAFKA_PORT + port_offset,
+        controller_port=TEST_KAFKA_PORT + port_offset + 1,
+        heap=heap,
+    )
+    cluster.wipe()
+    cluster.start(timeout=180, progress=lambda m: print(f"[{name}] {m}", file=sys.stderr))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

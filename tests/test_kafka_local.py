@@ -117,6 +117,10 @@ def test_lifecycle_and_topics(kafka: LocalKafka) -> None:
     assert configs[topics.gateway_rates]["retention.ms"] == str(10 * 60 * 1000)
     assert configs[topics.usage_raw]["cleanup.policy"] == "delete"
     assert configs[topics.usage_raw]["retention.ms"] == str(7 * 24 * 3600 * 1000)
+    assert {configs[t]["min.insync.replicas"] for t in topics.all()} == {"1"}  # one broker: one replica
+
+    with pytest.raises(ConfigError, match="with 3 replicas: the cluster has fewer brokers up"):
+        asyncio.run(ensure_topics(BOOTSTRAP, Topics("test-kl-rf3."), partitions=1, replication_factor=3))
 
     assert asyncio.run(ensure_topics(BOOTSTRAP, topics, partitions=3)) == []
 

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -22,8 +22,14 @@ from spendstream.errors import SpendstreamError
 from spendstream.settings import PROVIDER_KEY_VARS, Settings
 from spendstream.signing import warn_unauthenticated
 
+if TYPE_CHECKING:
+    from spendstream.cli.kafka_local import ClusterStatus, LocalCluster, LocalKafka
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
-kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft, 127.0.0.1).")
+kafka_app = typer.Typer(
+    no_args_is_help=True,
+    help="The local Apache Kafka: one broker, or a cluster with --brokers (KRaft, 127.0.0.1).",
+)
 app.add_typer(kafka_app, name="kafka")
 log = logging.getLogger(__name__)
 _CONTROL_COMMANDS = {
@@ -75,38 +81,85 @@ def main_callback(
         warn_unauthenticated(log, "the CLI")
 
 
-@kafka_app.command("start")
-def kafka_start(ctx: typer.Context) -> None:
-    """Fetch Kafka from Maven Central (first time only), format KRaft storage, start, wait until ready."""
+_BROKERS = typer.Option(
+    "--brokers",
+    min=1,
+    help="Nodes of the local cluster; overrides SPENDSTREAM_KAFKA_BROKERS (set it for every command).",
+)
+_NODE = typer.Option("--node", min=1, help="Only this node of the local cluster (1..brokers).")
+
+
+def _local(ctx: typer.Context, brokers: int | None) -> LocalKafka | LocalCluster:
     from spendstream.cli.up import local_kafka
 
     settings = _settings(ctx)
-    if not settings.local_kafka:
-        say(f"SPENDSTREAM_BOOTSTRAP_SERVERS={settings.bootstrap_servers}: nothing local to start")
+    if brokers is not None:
+        settings = settings.model_copy(update={"kafka_brokers": brokers})
+    return local_kafka(settings)
+
+
+def _cluster(kafka: LocalKafka | LocalCluster, node: int | None) -> LocalCluster | None:
+    """`kafka` if `--node` applies to it; None without `--node`; exit 2 for a single broker."""
+    from spendstream.cli.kafka_local import LocalCluster
+
+    if node is None:
+        return None
+    if not isinstance(kafka, LocalCluster):
+        err.print("[red]--node needs a local cluster[/red] (--brokers or SPENDSTREAM_KAFKA_BROKERS >= 2)")
+        raise typer.Exit(2)
+    return kafka
+
+
+@kafka_app.command("start")
+def kafka_start(
+    ctx: typer.Context,
+    brokers: Annotated[int | None, _BROKERS] = None,
+    node: Annotated[int | None, _NODE] = None,
+) -> None:
+    """Fetch Kafka from Maven Central (first time only), format KRaft storage, start, wait until ready."""
+    if not _settings(ctx).local_kafka:
+        say(f"SPENDSTREAM_BOOTSTRAP_SERVERS={_settings(ctx).bootstrap_servers}: nothing local to start")
         return
-    kafka = local_kafka(settings)
-    result = kafka.start(progress=say)
-    if result.already_running:
-        console.print(f"Kafka already running at {result.bootstrap} (pid {result.pid})")
+    kafka = _local(ctx, brokers)
+    cluster = _cluster(kafka, node)
+    if cluster is not None and node is not None:
+        one = cluster.start_node(node, progress=say)
+        console.print(f"node {node}: {one.describe()}")
     else:
-        console.print(f"Kafka ready at {result.bootstrap} in {result.seconds:.1f}s (pid {result.pid})")
+        console.print(kafka.start(progress=say).describe())
 
 
 @kafka_app.command("stop")
-def kafka_stop(ctx: typer.Context) -> None:
-    """Stop the local broker cleanly (SIGTERM, then SIGKILL after 30 s)."""
-    from spendstream.cli.up import local_kafka
+def kafka_stop(
+    ctx: typer.Context,
+    brokers: Annotated[int | None, _BROKERS] = None,
+    node: Annotated[int | None, _NODE] = None,
+) -> None:
+    """Stop the local broker, or every node of the local cluster, cleanly (SIGTERM, then SIGKILL after 30 s)."""
+    from spendstream.cli.kafka_local import LocalCluster
 
-    stopped = local_kafka(_settings(ctx)).stop()
-    console.print("Kafka stopped" if stopped else "Kafka was not running")
+    kafka = _local(ctx, brokers)
+    cluster = _cluster(kafka, node)
+    if cluster is not None and node is not None:
+        stopped = cluster.stop_node(node)
+        console.print(f"Kafka node {node} stopped" if stopped else f"Kafka node {node} was not running")
+    elif isinstance(kafka, LocalCluster):
+        ids = kafka.stop()
+        console.print(f"Kafka stopped (node {', '.join(map(str, ids))})" if ids else "Kafka was not running")
+    else:
+        console.print("Kafka stopped" if kafka.stop() else "Kafka was not running")
 
 
 @kafka_app.command("status")
-def kafka_status(ctx: typer.Context) -> None:
-    """Is the local broker running? Exit code 1 if not."""
-    from spendstream.cli.up import local_kafka
+def kafka_status(ctx: typer.Context, brokers: Annotated[int | None, _BROKERS] = None) -> None:
+    """Is the local broker (every node of the local cluster) running? Exit code 1 if not."""
+    from spendstream.cli.kafka_local import LocalCluster
 
-    status = local_kafka(_settings(ctx)).status()
+    kafka = _local(ctx, brokers)
+    if isinstance(kafka, LocalCluster):
+        _cluster_status(kafka.status())
+        return
+    status = kafka.status()
     if status.running:
         console.print(
             f"running: Kafka {status.version} at {status.bootstrap}, pid {status.pid}, "
@@ -114,6 +167,30 @@ def kafka_status(ctx: typer.Context) -> None:
         )
     else:
         console.print(f"not running (would listen on {status.bootstrap})")
+        raise typer.Exit(1)
+
+
+def _cluster_status(status: ClusterStatus) -> None:
+    up = sum(n.running for n in status.nodes)
+    leader = f"node {status.quorum_leader}" if status.quorum_leader is not None else "unknown"
+    state = "running" if status.running else ("not running" if up == 0 else "HALF-STARTED")
+    console.print(
+        f"{state}: Kafka {status.version} cluster {status.cluster_id or '(not formatted)'}, {up} of "
+        f"{len(status.nodes)} "
+        f"nodes up, controller quorum leader {leader}",
+        soft_wrap=True,
+    )
+    for n in status.nodes:
+        where = f"127.0.0.1:{n.port} (controller {n.controller_port})"
+        if not n.running:
+            hint = f": `spendstream kafka start --node {n.node_id}`" if up else ""
+            console.print(f"node {n.node_id}: not running, {where}{hint}", soft_wrap=True)
+            continue
+        line = f"node {n.node_id}: running, pid {n.pid}, {where}"
+        if n.leaders is not None:
+            line += f", leads {n.leaders} partitions, {n.under_replicated} under-replicated"
+        console.print(line, soft_wrap=True)
+    if not status.running:
         raise typer.Exit(1)
 
 

@@ -12,32 +12,48 @@ from collections.abc import Callable
 
 import faust
 
-from spendstream.cli.kafka_local import LocalKafka
+from spendstream.cli.kafka_local import LocalCluster, LocalKafka
 from spendstream.settings import Settings
-from spendstream.topics import ensure_topics, wait_for_broker
+from spendstream.topics import broker_count, ensure_topics, replication_for, wait_for_broker
 from stream_processors.budgets import Spec, load_specs
 
-__all__ = ["local_kafka", "prepare", "publish_specs", "run_worker"]
+__all__ = ["local_kafka", "prepare", "publish_specs", "replication_factor", "run_worker"]
 
 log = logging.getLogger(__name__)
 
 
-def local_kafka(settings: Settings) -> LocalKafka:
-    return LocalKafka(
+def local_kafka(settings: Settings) -> LocalKafka | LocalCluster:
+    """The local broker (SPENDSTREAM_KAFKA_BROKERS=1), or the local cluster of that many nodes."""
+    if settings.kafka_brokers == 1:
+        return LocalKafka(
+            home=settings.kafka_dir,
+            port=settings.kafka_port,
+            controller_port=settings.kafka_controller_port,
+            heap=settings.kafka_heap,
+        )
+    return LocalCluster(
         home=settings.kafka_dir,
+        brokers=settings.kafka_brokers,
         port=settings.kafka_port,
         controller_port=settings.kafka_controller_port,
         heap=settings.kafka_heap,
     )
 
 
+def replication_factor(settings: Settings) -> int:
+    """Replicas of the project's topics and the worker's internal ones: min(3, brokers), counting
+    the local nodes configured or, for an external cluster, the brokers its metadata lists."""
+    if settings.local_kafka:
+        return replication_for(settings.kafka_brokers)[0]
+    brokers = asyncio.run(broker_count(settings.bootstrap, settings.kafka_auth))
+    return replication_for(brokers)[0]
+
+
 def prepare(settings: Settings, say: Callable[[str], None]) -> str:
     """Start the local broker if configured, create topics; returns the worker's data dir."""
     if settings.local_kafka:
         kafka = local_kafka(settings)
-        result = kafka.start(progress=say)
-        verb = "already running" if result.already_running else f"started in {result.seconds:.1f}s"
-        say(f"Kafka {kafka.bootstrap} {verb} (pid {result.pid})")
+        say(kafka.start(progress=say).describe())
         # Tie the worker's table state to this broker's life: a re-formatted broker gets a new
         # cluster id and so a fresh worker dir (a stale one fails with ConsistencyError).
         cluster = kafka.cluster_id() or "unknown"
@@ -49,6 +65,7 @@ def prepare(settings: Settings, say: Callable[[str], None]) -> str:
             settings.bootstrap,
             settings.topics,
             settings.partitions,
+            replication_factor=replication_factor(settings) if settings.local_kafka else None,
             dedupe_horizon_s=settings.dedupe_horizon_seconds,
             kafka_auth=settings.kafka_auth,
         )
@@ -101,7 +118,9 @@ def run_worker(settings: Settings, say: Callable[[str], None], loglevel: str = "
             f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
             + (f": applied {', '.join(history.applied)}" if history.applied else ": schema up to date")
         )
-        app = create_app(settings, datadir=datadir, history=history)
+        app = create_app(
+            settings, datadir=datadir, history=history, replication_factor=replication_factor(settings)
+        )
         say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
         # What exists now (Faust, aiokafka, the catalogue, the schemas) lives as long as the
