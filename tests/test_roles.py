@@ -5,8 +5,12 @@ nothing lost or doubled."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
+import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,7 +18,11 @@ import httpx
 import pytest
 from aiokafka.partitioner import murmur2
 
+from producers import SyncEmitter
+from spendstream.wire import default_codec
 from tests.conftest import Worker, start_history, start_meter
+from tests.test_budgets_pipeline import budgets
+from tests.test_pipeline import read_all
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +30,10 @@ PARTITIONS = 8
 PROJECTS = [f"r{i}" for i in range(12)]
 OVER = "r0"  # the one project whose budget is crossed, once
 USD_PER_EVENT = Decimal("0.001")  # 100 gpt-4o output tokens at $10 per million
-OVER_LIMIT = "2"  # r0 crosses it at its 2,001st event
+RATE = 300  # events/s, round robin over PROJECTS
+EVENTS = 6_000  # 20 s of load
+KILL_AT = 2_400  # the event after which one meter worker is killed (kill -9)
+OVER_LIMIT = "0.3"  # r0 (500 events of the 6,000) crosses it at its 301st event: after the kill
 BUDGETS = "budgets:\n" + "".join(
     f'  project:{p}: {{daily: "{OVER_LIMIT if p == OVER else 1000}"}}\n' for p in PROJECTS
 )
@@ -76,3 +87,124 @@ def test_the_history_writer_wants_its_token_and_a_meter_without_one_says_what_to
         assert "SPENDSTREAM_HISTORY_URL" in out.stdout + out.stderr
     finally:
         alone.stop()
+
+
+def owners(*workers: Worker) -> list[list[int]]:
+    return [w.health()["partitions"] for w in workers]
+
+
+def wait_owners(workers: tuple[Worker, ...], want: list[set[int]], timeout: float = 60) -> float:
+    """Poll /health until the workers own `want` (their usage.raw partitions, in order); returns
+    the time.time() it was first seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if [set(p) for p in owners(*workers)] == want:
+            return time.time()
+        time.sleep(0.1)
+    raise AssertionError(f"partitions {owners(*workers)}, wanted {want}")
+
+
+def test_two_meter_workers_share_the_partitions_and_one_takes_over_after_a_kill_9(
+    kafka: str, history: Worker
+) -> None:
+    token = history.headers["Authorization"].removeprefix("Bearer ")
+    with ThreadPoolExecutor(2) as starting:  # both at once: a start is mostly waiting
+        started = [
+            starting.submit(start_meter, history, "meter-a"),  # the token from the state dir's history.token
+            starting.submit(
+                start_meter, history, "meter-b", SPENDSTREAM_HISTORY_TOKEN=token
+            ),  # as on another host
+        ]
+    a, b = (f.result() for f in started)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            split = [set(p) for p in owners(a, b)]
+            if all(split) and split[0] | split[1] == set(range(PARTITIONS)) and not split[0] & split[1]:
+                break
+            time.sleep(0.2)
+        assert all(split), split
+        assert split[0] | split[1] == set(range(PARTITIONS)), split
+        victim, survivor = (a, b) if partition_of(OVER) in split[0] else (b, a)
+        moved = set(victim.health()["partitions"])
+        moved_projects = [p for p in PROJECTS if partition_of(p) in moved]
+        assert OVER in moved_projects
+
+        sent = dict.fromkeys(PROJECTS, 0)
+        with SyncEmitter(bootstrap_servers=kafka, service="roles", topic=history.topics.usage_raw) as em:
+            start = time.monotonic()
+            for i in range(EVENTS):
+                if i == KILL_AT:
+                    em.flush()
+                    counted = [sum(w.health()["events"].values()) for w in (victim, survivor)]
+                    killed_at = time.time()
+                    victim.process.kill()  # kill -9, mid-stream
+                    victim.process.wait()
+                project = PROJECTS[i % len(PROJECTS)]
+                em.emit(project=project, provider="openai", model="gpt-4o", input_tokens=0, output_tokens=100)
+                sent[project] += 1
+                lag = start + (i + 1) / RATE - time.monotonic()
+                if lag > 0:
+                    time.sleep(lag)
+            em.flush()
+            delivered = em.sent_events
+        assert delivered == EVENTS
+        assert all(c > 0 for c in counted), counted  # both meter workers were metering before the kill
+        assigned_at = wait_owners((survivor,), [set(range(PARTITIONS))])
+
+        total = "SELECT count(), uniqExact(event_id), toString(sum(cost_usd)) FROM usage_events FINAL"
+        found = history.wait_rows(f"{total} HAVING count() >= {EVENTS}", 1, timeout=90)
+        raw = history.sql("SELECT count() FROM usage_events")[0][0]
+        stored, distinct, usd = found[0]
+        assert (stored, distinct, Decimal(str(usd))) == (EVENTS, EVENTS, EVENTS * USD_PER_EVENT), found
+        per_project = {
+            str(p): (n, Decimal(str(usd)))
+            for p, n, usd in history.sql(
+                "SELECT project, count(), toString(sum(cost_usd)) FROM usage_events FINAL GROUP BY project"
+            )
+        }
+        assert per_project == {p: (n, n * USD_PER_EVENT) for p, n in sent.items()}
+
+        # Enforcement resumed on the moved partitions: the survivor's first event of them.
+        first_us = history.sql(
+            "SELECT toUnixTimestamp64Micro(min(priced_at)) FROM usage_events FINAL WHERE project IN ("
+            + ", ".join(f"'{p}'" for p in moved_projects)
+            + f") AND priced_at > fromUnixTimestamp64Micro({int(killed_at * 1e6)})"
+        )[0][0]
+        takeover = int(first_us) / 1e6 - killed_at  # type: ignore[call-overload]
+
+        # The budgets the survivor holds now: every project's spend exact, none counted twice.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            spend = {s: Decimal(r["spend_usd"]) for (s, _), r in budgets(survivor).items()}
+            if spend == {f"project:{p}": n * USD_PER_EVENT for p, n in sent.items()}:
+                break
+            time.sleep(0.5)
+        assert spend == {f"project:{p}": n * USD_PER_EVENT for p, n in sent.items()}
+        codec = default_codec()
+        control = asyncio.run(read_all(kafka, history.topics.spend_control, idle=1.5))
+        blocked = Counter(
+            s["scope"] for s in (codec.decode(v)[1] for _, v in control) if s["state"] == "blocked"
+        )
+        assert blocked == {f"project:{OVER}": 1}
+
+        # `spendstream sql` against a meter worker: the history writer's answer.
+        assert survivor.cli(
+            "sql", "SELECT count() FROM usage_events FINAL", "--format", "csv"
+        ).stdout.split() == [
+            "count()",
+            str(EVENTS),
+        ]
+        print(
+            f"\n2 meter workers + 1 history writer, {PARTITIONS} partitions, {RATE} events/s: "
+            f"kill -9 of the meter owning {sorted(moved)} after {KILL_AT} events "
+            f"(counted before: {counted[0]} by it, {counted[1]} by the other); "
+            f"partitions reassigned after {assigned_at - killed_at:.1f} s, metering resumed on them after "
+            f"{takeover:.1f} s; sent {EVENTS}, stored {stored} (distinct ids {distinct}, "
+            f"{raw - EVENTS} duplicate rows collapsed by FINAL), lost {EVENTS - stored}, "  # type: ignore[operator]
+            f"doubled 0 (count = distinct ids; every project's budget spend exact), sum ${usd}; "
+            f"blocked signals: {dict(blocked)}"
+        )
+    finally:
+        b.stop()
+        a.stop()
