@@ -17,9 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 from aiokafka.partitioner import murmur2
+from pydantic import ValidationError
 
 from producers import SyncEmitter
+from spendstream.settings import Settings
 from spendstream.wire import default_codec
+from stream_processors.history import RemoteHistory, write_token_file
 from tests.conftest import Worker, start_history, start_meter
 from tests.test_budgets_pipeline import budgets
 from tests.test_pipeline import read_all
@@ -208,3 +211,26 @@ def test_two_meter_workers_share_the_partitions_and_one_takes_over_after_a_kill_
     finally:
         b.stop()
         a.stop()
+
+
+def test_the_token_file_is_new_per_start_private_and_read_at_each_request(tmp_path: Path) -> None:
+    token_file = tmp_path / "history.token"
+    token_file.write_text("stale")
+    token_file.chmod(0o644)  # left by someone else: rewritten private all the same
+    first = write_token_file(token_file)
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    remote = RemoteHistory("http://127.0.0.1:6067/", None, token_file)
+    assert remote.url == "http://127.0.0.1:6067"
+    assert remote.headers == {"Authorization": f"Bearer {first}"}
+    second = write_token_file(token_file)  # the writer restarted: its meters need no restart
+    assert second != first
+    assert remote.headers == {"Authorization": f"Bearer {second}"}
+    assert [p.name for p in tmp_path.iterdir()] == ["history.token"]  # no temporary file left
+    assert RemoteHistory("http://h:1", "fixed", token_file).headers == {"Authorization": "Bearer fixed"}
+    assert RemoteHistory("http://h:1", None, tmp_path / "missing").headers == {}  # 401 says what to set
+
+
+def test_history_url_must_be_http() -> None:
+    with pytest.raises(ValidationError, match="must start with http:// or https://"):
+        Settings(history_url="127.0.0.1:6067")
+    assert Settings(history_url="http://history:6067/").history_url == "http://history:6067"
