@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from producers import SyncEmitter
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
 from stream_processors.history import RemoteHistory, write_token_file
-from tests.conftest import Worker, start_history, start_meter
+from tests.conftest import Worker, free_port, start_history, start_meter
 from tests.test_budgets_pipeline import budgets
 from tests.test_pipeline import read_all
 
@@ -35,6 +36,7 @@ OVER = "r0"  # the one project whose budget is crossed, once
 USD_PER_EVENT = Decimal("0.001")  # 100 gpt-4o output tokens at $10 per million
 RATE = 300  # events/s, round robin over PROJECTS
 EVENTS = 6_000  # 20 s of load
+LAST = 120  # events sent after the check, for the history writer's stop
 KILL_AT = 2_400  # the event after which one meter worker is killed (kill -9)
 OVER_LIMIT = "0.3"  # r0 (500 events of the 6,000) crosses it at its 301st event: after the kill
 BUDGETS = "budgets:\n" + "".join(
@@ -50,7 +52,12 @@ def partition_of(project: str) -> int:
 @pytest.fixture(scope="module")
 def history(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     h = start_history(
-        kafka, tmp_path_factory.mktemp("roles"), BUDGETS, SPENDSTREAM_PARTITIONS=str(PARTITIONS)
+        kafka,
+        tmp_path_factory.mktemp("roles"),
+        BUDGETS,
+        SPENDSTREAM_PARTITIONS=str(PARTITIONS),
+        # The sink inserts on /flush (wait_rows) or on SIGTERM only: the last test checks the latter.
+        SPENDSTREAM_SINK_MAX_SECONDS="600",
     )
     yield h
     h.stop()
@@ -157,7 +164,8 @@ def test_two_meter_workers_share_the_partitions_and_one_takes_over_after_a_kill_
 
         total = "SELECT count(), uniqExact(event_id), toString(sum(cost_usd)) FROM usage_events FINAL"
         found = history.wait_rows(f"{total} HAVING count() >= {EVENTS}", 1, timeout=90)
-        raw = history.sql("SELECT count() FROM usage_events")[0][0]
+        # raw: with the copies of events a meter priced twice around the kill, which FINAL collapses
+        raw: int = history.sql("SELECT count() FROM usage_events")[0][0]  # type: ignore[assignment]
         stored, distinct, usd = found[0]
         assert (stored, distinct, Decimal(str(usd))) == (EVENTS, EVENTS, EVENTS * USD_PER_EVENT), found
         per_project = {
@@ -204,10 +212,30 @@ def test_two_meter_workers_share_the_partitions_and_one_takes_over_after_a_kill_
             f"(counted before: {counted[0]} by it, {counted[1]} by the other); "
             f"partitions reassigned after {assigned_at - killed_at:.1f} s, metering resumed on them after "
             f"{takeover:.1f} s; sent {EVENTS}, stored {stored} (distinct ids {distinct}, "
-            f"{raw - EVENTS} duplicate rows collapsed by FINAL), lost {EVENTS - stored}, "  # type: ignore[operator]
+            f"{raw - EVENTS} duplicate rows collapsed by FINAL), lost {EVENTS - stored}, "
             f"doubled 0 (count = distinct ids; every project's budget spend exact), sum ${usd}; "
             f"blocked signals: {dict(blocked)}"
         )
+
+        # SIGTERM: the history writer inserts what its sink holds before it exits.
+        before = sum(survivor.health()["events"].values())
+        with SyncEmitter(bootstrap_servers=kafka, service="roles", topic=history.topics.usage_raw) as em:
+            for i in range(LAST):
+                em.emit(
+                    project=PROJECTS[i % len(PROJECTS)], provider="openai", model="gpt-4o", output_tokens=100
+                )
+        deadline = time.monotonic() + 30
+        while sum(survivor.health()["events"].values()) < before + LAST and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # the sink consumes them (it holds them: no insert for SPENDSTREAM_SINK_MAX_SECONDS)
+        inserted = history.health()["sink_rows_written"]  # the LAST events are held, not inserted
+        assert history.stop() == 0
+        logged = history.log.read_text()
+        assert f"history writer stopped: {inserted + LAST} rows written" in logged
+        assert token not in logged
+        offline = replace(history, env={**history.env, "SPENDSTREAM_WEB_PORT": str(free_port())})
+        stored_now = offline.cli("sql", "SELECT count() FROM usage_events FINAL", "--format", "csv").stdout
+        assert stored_now.split() == ["count()", str(EVENTS + LAST)]  # read from chDB itself: nothing answers
     finally:
         b.stop()
         a.stop()
