@@ -130,6 +130,25 @@ class Settings(BaseSettings):
         description="CPU niceness of the history process (sink, queries): when the CPU is short, "
         "enforcement goes first and history catches up after.",
     )
+    history_host: str = Field(
+        default="127.0.0.1",
+        description="Address the history writer (`spendstream up --role history`) listens on; 0.0.0.0 "
+        "when meter workers on other hosts reach it (every request but /health needs its token).",
+    )
+    history_port: int = Field(
+        default=6067, ge=0, le=65535, description="Port of the history writer (`up --role history`)."
+    )
+    history_url: str | None = Field(
+        default=None,
+        description="Where a meter worker (`up --role meter`) forwards /sql, /reprice and /flush: the "
+        "history writer, e.g. http://127.0.0.1:6067. Unset: those answer 503.",
+    )
+    history_token: SecretStr | None = Field(
+        default=None,
+        description="The history writer's bearer token, set alike on the writer and its meter workers "
+        "(other hosts). Unset: the writer draws one per start into <state_dir>/history.token (0600), "
+        "which meter workers on its host read; masked.",
+    )
     query_timeout_seconds: float = Field(
         default=30.0,
         gt=0,
@@ -269,6 +288,13 @@ class Settings(BaseSettings):
             found[name.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
         return next((found[n] for n in PROVIDER_KEY_VARS[family] if n in found), None)
 
+    @field_validator("history_url")
+    @classmethod
+    def _history_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} must start with http:// or https:// (the history writer's address)")
+        return v.rstrip("/") if v is not None else v
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: SecretStr | None) -> SecretStr | None:
@@ -335,6 +361,10 @@ class Settings(BaseSettings):
     @property
     def kafka_dir(self) -> Path:
         return self.state_dir.expanduser().resolve() / "kafka"
+
+    @property
+    def history_token_file(self) -> Path:
+        return self.state_dir.expanduser().resolve() / "history.token"
 
     @property
     def worker_dir(self) -> Path:

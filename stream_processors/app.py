@@ -44,7 +44,7 @@ from stream_processors.faust_fixes import (
 )
 from stream_processors.feeds import BudgetFeed, PriceFeed
 from stream_processors.gc_pauses import GcPauses
-from stream_processors.history import HistoryProcess
+from stream_processors.history import HistoryEndpoint, HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
 from stream_processors.web import HistoryClient, add_views
@@ -68,7 +68,7 @@ def create_app(
     settings: Settings,
     *,
     datadir: str,
-    history: HistoryProcess,
+    history: HistoryEndpoint | None,
     catalogue: Catalogue | None = None,
     codec: Codec | None = None,
     replication_factor: int = 1,  # of the topics Faust creates (changelogs): see spendstream.topics
@@ -319,25 +319,32 @@ def create_app(
         await app.add_runtime_dependency(price_feed)
         await app.add_runtime_dependency(budget_feed)
 
-    @app.timer(1.0)
-    async def watch_history() -> None:
-        """The sink resumes from its committed offsets: a history process that died is restarted."""
-        if history.exitcode is not None:
-            log.error("the history process exited (%s); restarting it", history.exitcode)
-            try:
-                await asyncio.to_thread(history.start)
-            except SpendstreamError as exc:
-                log.error("%s; retrying in 1 s", exc)
+    if isinstance(history, HistoryProcess):  # role all: the worker's own child
+
+        @app.timer(1.0)
+        async def watch_history() -> None:
+            """The sink resumes from its committed offsets: a history process that died is restarted."""
+            if history.exitcode is not None:
+                log.error("the history process exited (%s); restarting it", history.exitcode)
+                try:
+                    await asyncio.to_thread(history.start)
+                except SpendstreamError as exc:
+                    log.error("%s; retrying in 1 s", exc)
+
+    def assigned() -> list[int]:
+        """The usage.raw partitions this worker meters now (several workers share them)."""
+        return sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.usage_raw)
 
     add_views(
         app,
-        HistoryClient(history),
+        HistoryClient(history, part_of_worker=isinstance(history, HistoryProcess)),
         status=lambda: {
             "budgets": len(budget_feed.specs),
             "price_cards": len(cat),
             "catalogue_version": cat.version,
             "feeds_caught_up": price_feed.caught_up.is_set() and budget_feed.caught_up.is_set(),
             "events": {k.split("|", 1)[1]: v for k, v in metrics.items() if k.startswith("events|")},
+            "partitions": assigned(),
         },
         budgets=lambda: budget_stage.rows(budget_feed.specs, _now_us()),
         metrics=metrics,

@@ -6,6 +6,7 @@ faust-streaming upgrade. `create_app` installs them; docs/architecture.md says w
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections import Counter
@@ -14,6 +15,7 @@ from importlib.metadata import version
 from typing import Any
 
 import faust
+from aiokafka.errors import IllegalStateError
 
 from spendstream.errors import ConfigError
 
@@ -267,8 +269,12 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
             if tp in buffered or tp in in_flight:
                 progress.pop(tp, None)
                 continue
-            position = await consumer.position(tp)
-            committed = await thread.call_thread(kafka.committed, tp) or 0
+            try:
+                position = await consumer.position(tp)
+                committed = await thread.call_thread(kafka.committed, tp) or 0
+            except IllegalStateError:  # revoked meanwhile (another worker joined or left): not ours
+                progress.pop(tp, None)
+                continue
             if position is None or position <= committed or reread_from.get(tp) == committed:
                 progress.pop(tp, None)
                 continue
@@ -287,4 +293,5 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
             metrics["rebalance|reread"] += 1
             progress.pop(tp, None)
             reread_from[tp] = committed
-            await consumer.seek(tp, committed)
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile: its next owner reads it
+                await consumer.seek(tp, committed)

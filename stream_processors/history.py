@@ -1,22 +1,31 @@
-"""The history process: the worker's ClickHouse side, in a process of its own.
+"""The history writer: the ClickHouse side of spendstream, in a process of its own.
 
-    usage.priced, usage.dlq --sink--> ClickHouse;   /sql, /reprice, /flush, /health (private port)
+    usage.priced, usage.dlq --sink--> ClickHouse;   /sql, /reprice, /flush, /health (HTTP, token)
 
 The sink decodes every priced event into a row. In the worker's event loop that CPU (about a
 sixth of the loop at 5,000 events/s) sat between a budget crossing and its signal; here it runs
 beside it. Embedded chDB admits one process per database, so the queries and re-pricing live
-here too; the worker answers the same URLs by forwarding them (`spendstream sql`, `prices
+here too; the meter workers answer the same URLs by forwarding them (`spendstream sql`, `prices
 reprice`, the demo and the tests are unchanged).
 
-The private port (127.0.0.1, random) answers only requests that carry the token the worker drew
-for this start (`Authorization: Bearer <token>`, handed over with the spawn, never on a command
-line or in the environment): other local users and processes get 401. Users' SQL runs read-only
-under ClickHouse's limits (stream_processors/store.py), in a thread and a session of its own: a long
-query is stopped at `SPENDSTREAM_QUERY_TIMEOUT_SECONDS` and never holds back the sink.
+It runs in one of two ways, through one code path (`_serve`):
 
-`HistoryProcess` (in the worker) starts it, waits until the schema is migrated and the sink
-consumes, and stops it on exit: SIGTERM, and the sink flushes what it holds. It also stops when
-the worker dies, even by `kill -9`, so a restarted worker can open the database again.
+- `HistoryProcess` (`spendstream up`, role all): the worker spawns it as its child on a random
+  port of 127.0.0.1, with a token drawn for this start and handed over the spawn pipe (never on
+  a command line or in the environment). It stops when the worker dies, even by `kill -9`, so a
+  restarted worker can open the database again; the worker restarts it when it dies alone.
+- `run_standalone` (`spendstream up --role history`): in the foreground, on
+  SPENDSTREAM_HISTORY_HOST:SPENDSTREAM_HISTORY_PORT, for any number of meter workers
+  (`--role meter`, SPENDSTREAM_HISTORY_URL). Its token is SPENDSTREAM_HISTORY_TOKEN if set (the
+  same on every host), else a new one per start written to `<state_dir>/history.token` (mode
+  0600, replaced atomically), which meter workers on the same host and state dir read.
+  `RemoteHistory` is the meter workers' handle on it.
+
+Every request but `GET /health` must carry the token (`Authorization: Bearer <token>`): other
+users and processes get 401. Users' SQL runs read-only under ClickHouse's limits
+(stream_processors/store.py), in a thread and a session of its own: a long query is stopped at
+`SPENDSTREAM_QUERY_TIMEOUT_SECONDS` and never holds back the sink. SIGTERM: the sink flushes what
+it holds, commits, and the process exits.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 from uuid import UUID
 
 from aiohttp import web
@@ -53,7 +63,7 @@ from stream_processors.repricer import reprice
 from stream_processors.sink import Sink
 from stream_processors.store import ClickHouseStore, QueryLimits
 
-__all__ = ["HistoryProcess"]
+__all__ = ["HistoryEndpoint", "HistoryProcess", "RemoteHistory", "run_standalone", "write_token_file"]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +71,40 @@ _READY_TIMEOUT = 120.0  # seconds: migrating a server over the network can be sl
 _OPEN_RETRY = 30.0  # seconds a new process retries a database the previous one is still closing
 
 
+class HistoryEndpoint(Protocol):
+    """Where a worker sends /sql, /reprice, /flush and /health, with which headers (the token)."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def headers(self) -> dict[str, str]: ...
+
+
+class RemoteHistory:
+    """A history writer started on its own (`spendstream up --role history`) at `url`. The token
+    is `token` if given (SPENDSTREAM_HISTORY_TOKEN), else read from `token_file` at each request:
+    a restarted writer's new token is picked up without restarting the meter worker."""
+
+    def __init__(self, url: str, token: str | None, token_file: Path) -> None:
+        self.url = url.rstrip("/")
+        self._token = token
+        self._token_file = token_file
+
+    @property
+    def headers(self) -> dict[str, str]:
+        token = self._token
+        if token is None:
+            try:
+                token = self._token_file.read_text().strip()
+            except OSError:  # not written yet (the writer is starting) or another host: 401 says what to do
+                return {}
+        return {"Authorization": f"Bearer {token}"}
+
+
 class HistoryProcess:
-    """The parent's handle: `start()` returns once the process serves; `url` is where."""
+    """The parent's handle on its child history process: `start()` returns once the process
+    serves; `url` is where."""
 
     def __init__(self, settings: Settings, loglevel: str = "info") -> None:
         self._settings = settings
@@ -119,15 +161,97 @@ class HistoryProcess:
 
 
 def _main(settings: Settings, loglevel: str, parent_pid: int, conn: Connection, token: str) -> None:
-    """Entry point of the process (spawned: it starts from a fresh interpreter)."""
+    """Entry point of the child process (spawned: it starts from a fresh interpreter)."""
     with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the worker dies
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the worker stops us
+    _configure(settings, loglevel)
+
+    async def child() -> None:
+        try:
+            store, applied = await _open_store(settings)
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            raise SystemExit(1) from exc
+
+        def ready(port: int) -> None:
+            conn.send(("ready", (port, applied)))
+            conn.close()
+
+        await _serve(
+            settings,
+            store,
+            token,
+            ("127.0.0.1", 0),
+            ready=ready,
+            alive=lambda: os.getppid() == parent_pid,  # the worker is gone: stop too
+            stop_on=(signal.SIGTERM,),
+        )
+
+    asyncio.run(child())
+
+
+def run_standalone(settings: Settings, loglevel: str, say: Callable[[str], None]) -> None:
+    """`spendstream up --role history`: migrate ClickHouse, then sink and serve in the foreground
+    until SIGTERM or SIGINT (the sink flushes what it holds)."""
+    _configure(settings, loglevel)
+
+    async def standalone() -> None:
+        store, applied = await _open_store(settings)
+        say(
+            f"ClickHouse database {settings.clickhouse_database}"
+            + (f": applied {', '.join(applied)}" if applied else ": schema up to date")
+        )
+        if settings.history_token is not None:
+            token, where = settings.history_token.get_secret_value(), "SPENDSTREAM_HISTORY_TOKEN"
+        else:
+            token, where = write_token_file(settings.history_token_file), str(settings.history_token_file)
+
+        def ready(port: int) -> None:
+            say(
+                f"history writer: http://{settings.history_host}:{port} (token: {where}); "
+                f"meter workers: SPENDSTREAM_HISTORY_URL=http://<this host>:{port}; Ctrl-C stops"
+            )
+
+        await _serve(
+            settings,
+            store,
+            token,
+            (settings.history_host, settings.history_port),
+            ready=ready,
+            alive=lambda: True,
+            stop_on=(signal.SIGTERM, signal.SIGINT),
+        )
+
+    asyncio.run(standalone())
+
+
+def write_token_file(path: Path) -> str:
+    """A new token, written to `path` with mode 0600 (a temporary file renamed over it, so a
+    reader sees the old token or the new one, never a part); returns it."""
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return token
+
+
+def _configure(settings: Settings, loglevel: str) -> None:
     os.nice(settings.history_nice)  # the budget path first; usage.priced holds what waits
+    # The whole process is the history writer's: its logging replaces the CLI's (warnings only,
+    # aiokafka silenced), so the sink's flushes and Kafka's troubles are seen.
     logging.basicConfig(
-        level=loglevel.upper(), format="[%(asctime)s] [history %(process)d] [%(levelname)s] %(message)s"
+        level=loglevel.upper(),
+        format="[%(asctime)s] [history %(process)d] [%(levelname)s] %(message)s",
+        force=True,
     )
-    asyncio.run(_serve(settings, parent_pid, conn, token))
+    logging.getLogger("aiokafka").setLevel(logging.NOTSET)
 
 
 async def _open_store(settings: Settings) -> tuple[ClickHouseStore, list[str]]:
@@ -144,12 +268,18 @@ async def _open_store(settings: Settings) -> tuple[ClickHouseStore, list[str]]:
             await asyncio.sleep(1)
 
 
-async def _serve(settings: Settings, parent_pid: int, conn: Connection, token: str) -> None:
-    try:
-        store, applied = await _open_store(settings)
-    except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise SystemExit(1) from exc
+async def _serve(
+    settings: Settings,
+    store: ClickHouseStore,
+    token: str,
+    address: tuple[str, int],
+    *,
+    ready: Callable[[int], None],
+    alive: Callable[[], bool],
+    stop_on: tuple[signal.Signals, ...],
+) -> None:
+    """Sink and serve on `address` (port 0: any free one) until a `stop_on` signal or `alive()`
+    is false; `ready(port)` once the sink consumes. Then flush the sink and close the store."""
     codec = default_codec()
     catalogue = Catalogue.load(fallback=settings.unpriced_fallback)
     sink = Sink(
@@ -172,24 +302,27 @@ async def _serve(settings: Settings, parent_pid: int, conn: Connection, token: s
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    for signum in stop_on:
+        loop.add_signal_handler(signum, stop.set)
 
     runner = web.AppRunner(_web(store, sink, prices, token, settings.query_max_concurrent), access_log=None)
     await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart binds the same port at once
+    sock.bind(address)
+    port = sock.getsockname()[1]
     await web.SockSite(runner, sock).start()
     await sink.start()
     await prices.start()
-    conn.send(("ready", (sock.getsockname()[1], applied)))
-    conn.close()
+    ready(port)
     log.info(
-        "history process serving on 127.0.0.1:%d (token required): sink on %s",
-        sock.getsockname()[1],
+        "history writer serving on %s:%d (token required): sink on %s",
+        address[0],
+        port,
         settings.topics.usage_priced,
     )
     try:
-        while not stop.is_set() and os.getppid() == parent_pid:  # the worker is gone: stop too
+        while not stop.is_set() and alive():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
     finally:
@@ -197,7 +330,7 @@ async def _serve(settings: Settings, parent_pid: int, conn: Connection, token: s
         await sink.stop()  # flushes what it holds, commits, closes
         await prices.stop()
         store.close()
-        log.info("history process stopped: %d rows written", sink.rows_written)
+        log.info("history writer stopped: %d rows written", sink.rows_written)
 
 
 async def _dead_lettered_by_the_worker(*_: Any) -> None:
@@ -219,6 +352,11 @@ def _jsonable(value: Any) -> Any:
 
 
 _SQL_BODY = 'body must be JSON {"query": "<one read-only statement>"}'
+_UNAUTHORIZED = (
+    "the history writer answers its workers only (Authorization: Bearer <token>): send your requests "
+    "to a worker's port; a meter worker takes the token from SPENDSTREAM_HISTORY_TOKEN, else from "
+    "<state_dir>/history.token on the writer's host"
+)
 _REPRICE_BODY = 'body must be JSON {"from_us": <int>, "to_us": <int>, "model": "<id>" or null}'
 
 
@@ -241,17 +379,12 @@ def _web(
     expected = f"Bearer {token}".encode()
 
     @web.middleware
-    async def only_the_worker(
+    async def only_with_the_token(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return web.json_response(
-                {
-                    "error": "the history process answers its worker only: send the worker's requests to its port"
-                },
-                status=401,
-            )
+        if request.path != "/health" and not hmac.compare_digest(given, expected):
+            return web.json_response({"error": _UNAUTHORIZED}, status=401)
         return await handler(request)
 
     async def health(_: web.Request) -> web.Response:
@@ -298,7 +431,7 @@ def _web(
         await sink.flush()
         return web.json_response({"sink_rows_written": sink.rows_written})
 
-    app = web.Application(client_max_size=16 << 20, middlewares=[only_the_worker])
+    app = web.Application(client_max_size=16 << 20, middlewares=[only_with_the_token])
     app.router.add_get("/health", health)
     app.router.add_post("/sql", sql)
     app.router.add_post("/reprice", reprice_)

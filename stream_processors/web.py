@@ -1,5 +1,6 @@
 """The worker's HTTP views: /health, /budgets, /metrics (Prometheus text), and /sql, /reprice,
-/flush forwarded to the history process, which owns ClickHouse (stream_processors/history.py)."""
+/flush forwarded to the history writer, which owns ClickHouse (stream_processors/history.py): the
+worker's own child (role all) or a writer of its own (role meter, SPENDSTREAM_HISTORY_URL)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 from faust.web import Request, Response, View
 
 from stream_processors.gc_pauses import GcPauses
-from stream_processors.history import HistoryProcess
+from stream_processors.history import HistoryEndpoint
 
 __all__ = ["HistoryClient", "add_views", "prometheus_text"]
 
@@ -29,11 +30,21 @@ COUNTERS = {
 }
 
 
-class HistoryClient:
-    """Requests to the history process on loopback, with the token of its current start."""
+NO_HISTORY = (
+    "this worker runs `spendstream up --role meter` without a history writer: set SPENDSTREAM_HISTORY_URL "
+    "to the address of `spendstream up --role history` (e.g. http://127.0.0.1:6067), or query that "
+    "writer's host"
+)
 
-    def __init__(self, history: HistoryProcess) -> None:
+
+class HistoryClient:
+    """Requests to the history writer, with the token of its current start. `history` None: a
+    meter worker with no writer configured, every request answers 503 saying what to set.
+    `part_of_worker`: the writer is this worker's child, so /health is degraded while it is down."""
+
+    def __init__(self, history: HistoryEndpoint | None, *, part_of_worker: bool) -> None:
         self.history = history
+        self.part_of_worker = part_of_worker
         self._http = httpx.AsyncClient(timeout=None)
 
     async def request(
@@ -41,6 +52,8 @@ class HistoryClient:
     ) -> tuple[int, Any]:
         """(status, JSON); 503 with the reason if it does not answer (401 without the token)."""
         history = self.history
+        if history is None:
+            return 503, {"error": NO_HISTORY}
         try:
             answer = await self._http.request(
                 method, history.url + path, content=body, headers=history.headers, timeout=within_s
@@ -54,6 +67,8 @@ class HistoryClient:
 
 
 def prometheus_text(metrics: Counter[str], gc_seconds: list[float], sink_rows: Any, price_cards: int) -> str:
+    """`sink_rows` None: the sink is not this worker's (role meter): no sink line, so that summing
+    the meter workers' series does not count the writer's rows once per worker."""
     lines = []
     for prefix, (metric, label) in COUNTERS.items():
         lines.append(f"# TYPE {metric} counter")
@@ -68,8 +83,13 @@ def prometheus_text(metrics: Counter[str], gc_seconds: list[float], sink_rows: A
             f'spendstream_gc_pause_seconds_total{{generation="{g}"}} {secs:.6f}'
             for g, secs in enumerate(gc_seconds)
         ),
-        "# TYPE spendstream_sink_rows_written_total counter",
-        f"spendstream_sink_rows_written_total {sink_rows}",
+    ]
+    if sink_rows is not None:
+        lines += [
+            "# TYPE spendstream_sink_rows_written_total counter",
+            f"spendstream_sink_rows_written_total {sink_rows}",
+        ]
+    lines += [
         "# TYPE spendstream_price_cards gauge",
         f"spendstream_price_cards {price_cards}",
     ]
@@ -92,9 +112,11 @@ def add_views(
     class Health(View):
         async def get(self, request: Request) -> Response:
             code, body = await history.request("GET", "/health", within_s=5)
+            # A meter worker's enforcement does not depend on the writer: it says how the writer
+            # is, and stays ok.
             return self.json(
                 {
-                    "status": "ok" if code == 200 else "degraded",
+                    "status": "ok" if code == 200 or not history.part_of_worker else "degraded",
                     "sink_rows_written": body.get("sink_rows_written"),
                     "history_pid": body.get("pid"),
                     **status(),
@@ -111,7 +133,7 @@ def add_views(
 
     def forwarded(path: str) -> type[View]:
         class Forward(View):
-            """Answered by the history process, which owns ClickHouse."""
+            """Answered by the history writer, which owns ClickHouse."""
 
             async def post(self, request: Request) -> Response:
                 code, body = await history.request("POST", path, await request.read())
@@ -127,8 +149,9 @@ def add_views(
         """Prometheus text format."""
 
         async def get(self, request: Request) -> Response:
-            _, health = await history.request("GET", "/health", within_s=5)
-            text = prometheus_text(
-                metrics, gc_pauses.seconds, health.get("sink_rows_written", "NaN"), price_cards()
-            )
+            sink_rows = None
+            if history.part_of_worker:
+                _, health = await history.request("GET", "/health", within_s=5)
+                sink_rows = health.get("sink_rows_written", "NaN")
+            text = prometheus_text(metrics, gc_pauses.seconds, sink_rows, price_cards())
             return self.text(text, content_type="text/plain; version=0.0.4")

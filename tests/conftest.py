@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +146,21 @@ def free_port() -> int:
 
 @dataclass
 class Worker:
+    """A `spendstream up` process: the worker (role all or meter) on its web port, or the history
+    writer (role history) on its history port, with its token in `headers`."""
+
     env: dict[str, str]
     port: int
     topics: Topics
     process: subprocess.Popen[bytes]
     log: Path
+    role: str = "all"
+    headers: dict[str, str] = field(default_factory=dict)
 
     def sql(self, query: str) -> list[list[object]]:
-        response = httpx.post(f"http://127.0.0.1:{self.port}/sql", json={"query": query}, timeout=60)
+        response = httpx.post(
+            f"http://127.0.0.1:{self.port}/sql", json={"query": query}, headers=self.headers, timeout=60
+        )
         assert response.status_code == 200, response.text
         rows: list[list[object]] = response.json()["rows"]
         return rows
@@ -163,7 +170,7 @@ class Worker:
         return body
 
     def flush(self) -> None:
-        httpx.post(f"http://127.0.0.1:{self.port}/flush", timeout=60).raise_for_status()
+        httpx.post(f"http://127.0.0.1:{self.port}/flush", headers=self.headers, timeout=60).raise_for_status()
 
     def wait_rows(self, query: str, n: int, timeout: float = 90) -> list[list[Any]]:
         """Flush the sink and run `query` until it returns at least `n` rows (or time is up)."""
@@ -203,11 +210,18 @@ class Worker:
 
 def start_worker(bootstrap: str, state_dir: Path, budgets: str, **extra: str) -> Worker:
     """`spendstream up` as a separate process on fresh topics and a fresh embedded ClickHouse."""
+    port = free_port()
+    env = _fresh_env(bootstrap, state_dir, budgets, SPENDSTREAM_WEB_PORT=str(port), **extra)
+    return _spawn(env, port, Topics(env["SPENDSTREAM_TOPIC_PREFIX"]), state_dir / "worker.log")
+
+
+def _fresh_env(bootstrap: str, state_dir: Path, budgets: str, **extra: str) -> dict[str, str]:
+    """The environment of a `spendstream up` on fresh topics (a new prefix and worker id) and a
+    fresh state dir holding `budgets` as its budgets file; none of the caller's SPENDSTREAM_*."""
     prefix = f"t{uuid.uuid4().hex[:8]}."
     budgets_file = state_dir / "budgets.yaml"
     state_dir.mkdir(parents=True, exist_ok=True)
     budgets_file.write_text(budgets)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDSTREAM_")}
     env.update(
         {
@@ -215,12 +229,37 @@ def start_worker(bootstrap: str, state_dir: Path, budgets: str, **extra: str) ->
             "SPENDSTREAM_STATE_DIR": str(state_dir),
             "SPENDSTREAM_TOPIC_PREFIX": prefix,
             "SPENDSTREAM_WORKER_ID": f"spendstream-{prefix.rstrip('.')}",
-            "SPENDSTREAM_WEB_PORT": str(port),
             "SPENDSTREAM_BUDGETS_FILE": str(budgets_file),
             **extra,
         }
     )
-    return _spawn(env, port, Topics(prefix), state_dir / "worker.log")
+    return env
+
+
+def start_history(bootstrap: str, state_dir: Path, budgets: str = "budgets: {}\n", **extra: str) -> Worker:
+    """`spendstream up --role history` (the sink and the queries alone) on fresh topics and a fresh
+    embedded ClickHouse; `.port` is its history port, `.headers` carry the token it wrote to
+    `<state_dir>/history.token`. Start meter workers on it with `start_meter(history)`."""
+    port = free_port()
+    env = _fresh_env(bootstrap, state_dir, budgets, SPENDSTREAM_HISTORY_PORT=str(port), **extra)
+    return _spawn(env, port, Topics(env["SPENDSTREAM_TOPIC_PREFIX"]), state_dir / "history.log", "history")
+
+
+def start_meter(history: Worker, name: str = "meter", **extra: str) -> Worker:
+    """`spendstream up --role meter` on `history`'s topics, state dir and budgets file, on a web port
+    of its own, forwarding /sql, /reprice and /flush to `history` (SPENDSTREAM_HISTORY_URL; the token
+    from the state dir's history.token, or SPENDSTREAM_HISTORY_TOKEN in `extra`). An empty value in
+    `extra` unsets that setting: SPENDSTREAM_HISTORY_URL="" starts a meter worker without a writer."""
+    port = free_port()
+    env = {
+        **history.env,
+        "SPENDSTREAM_WEB_PORT": str(port),
+        "SPENDSTREAM_HISTORY_URL": f"http://127.0.0.1:{history.port}",
+        **extra,
+    }
+    env = {k: v for k, v in env.items() if v}
+    log = history.log.with_name(f"{name}.log")
+    return _spawn(env, port, history.topics, log, "meter")
 
 
 def module_worker(name: str, budgets: str, fixture: str = "worker", **extra: str) -> Any:
@@ -244,23 +283,37 @@ def restart_worker(worker: Worker, *, kill: bool = False) -> Worker:
         worker.process.wait()
     else:
         worker.stop()
-    restarted = _spawn(worker.env, worker.port, worker.topics, worker.log.with_name("worker-restarted.log"))
-    worker.process, worker.log = restarted.process, restarted.log  # fixtures holding it stop the new one
+    restarted = _spawn(
+        worker.env,
+        worker.port,
+        worker.topics,
+        worker.log.with_name(f"{worker.log.stem}-restarted.log"),
+        worker.role,
+    )
+    worker.process, worker.log, worker.headers = (
+        restarted.process,
+        restarted.log,
+        restarted.headers,
+    )  # fixtures holding it stop the new one
     return worker
 
 
-def _spawn(env: dict[str, str], port: int, topics: Topics, log: Path) -> Worker:
-    """`spendstream up` as a child process; returns once its /health answers."""
+def _spawn(env: dict[str, str], port: int, topics: Topics, log: Path, role: str = "all") -> Worker:
+    """`spendstream up --role <role>` as a child process; returns once its /health answers."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "spendstream", "up"],
+            [sys.executable, "-m", "spendstream", "up", "--role", role],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-    worker = Worker(env, port, topics, process, log)
-    wait_healthy(process, f"http://127.0.0.1:{port}/health", log, "worker", timeout=120)
+    worker = Worker(env, port, topics, process, log, role)
+    wait_healthy(process, f"http://127.0.0.1:{port}/health", log, f"worker ({role})", timeout=120)
+    if role == "history":  # the token of this start
+        token_file = Path(env["SPENDSTREAM_STATE_DIR"]) / "history.token"
+        token = env.get("SPENDSTREAM_HISTORY_TOKEN") or token_file.read_text().strip()
+        worker.headers = {"Authorization": f"Bearer {token}"}
     return worker
 
 

@@ -198,11 +198,21 @@ def _cluster_status(status: ClusterStatus) -> None:
 def up(
     ctx: typer.Context,
     log_level: Annotated[str, typer.Option(help="Worker log level.")] = "info",
+    role: Annotated[
+        str,
+        typer.Option(
+            help="all: the meter/budget worker and its history process (sink, SQL); meter: the worker "
+            "alone (run several; SPENDSTREAM_HISTORY_URL); history: the history writer alone (run one)."
+        ),
+    ] = "all",
 ) -> None:
     """Start the broker (unless external), create topics, apply the DDL and run the worker."""
-    from spendstream.cli.up import run_worker
+    from spendstream.cli.up import ROLES, run
 
-    run_worker(_settings(ctx), say, loglevel=log_level)
+    if role not in ROLES:
+        err.print(f"[red]--role must be one of {', '.join(ROLES)}[/red]")
+        raise typer.Exit(2)
+    run(_settings(ctx), say, role=role, loglevel=log_level)
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """`spendstream up`: broker (if local) -> topics -> the history process (ClickHouse DDL, sink) -> the
-Faust worker, foreground."""
+Faust worker, foreground. `--role` splits them: `meter` (the Faust worker alone: run one per host
+or more, with distinct web ports) and `history` (the sink and the queries alone: one)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from spendstream.settings import Settings
 from spendstream.topics import broker_count, ensure_topics, replication_for, wait_for_broker
 from stream_processors.budgets import Spec, load_specs
 
-__all__ = ["local_kafka", "prepare", "publish_specs", "replication_factor", "run_worker"]
+__all__ = ["ROLES", "local_kafka", "prepare", "publish_specs", "replication_factor", "run", "run_worker"]
+
+ROLES = ("all", "meter", "history")
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +52,12 @@ def replication_factor(settings: Settings) -> int:
     return replication_for(brokers)[0]
 
 
-def prepare(settings: Settings, say: Callable[[str], None]) -> str:
-    """Start the local broker if configured, create topics; returns the worker's data dir."""
+def prepare(settings: Settings, say: Callable[[str], None], *, import_budgets: bool = True) -> str:
+    """Start the local broker if configured, create topics, import the budgets file (with
+    `import_budgets`); returns the Kafka cluster's name, which the worker's data dir is under."""
     if settings.local_kafka:
         kafka = local_kafka(settings)
         say(kafka.start(progress=say).describe())
-        # Tie the worker's table state to this broker's life: a re-formatted broker gets a new
-        # cluster id and so a fresh worker dir (a stale one fails with ConsistencyError).
         cluster = kafka.cluster_id() or "unknown"
     else:
         asyncio.run(wait_for_broker(settings.bootstrap, timeout=30, kafka_auth=settings.kafka_auth))
@@ -71,13 +73,11 @@ def prepare(settings: Settings, say: Callable[[str], None]) -> str:
         )
     )
     say(f"topics: {', '.join(settings.topics.all())}" + (f" (created {len(created)})" if created else ""))
-    specs = load_specs(settings.budgets_file)
+    specs = load_specs(settings.budgets_file) if import_budgets else []
     if specs:  # the budgets file is an import format for the budgets topic
         asyncio.run(publish_specs(settings, specs))
         say(f"budgets: imported {len(specs)} scopes from {settings.budgets_file}")
-    datadir = settings.worker_dir / cluster
-    datadir.mkdir(parents=True, exist_ok=True)
-    return str(datadir)
+    return cluster
 
 
 async def publish_specs(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = ()) -> None:
@@ -105,21 +105,51 @@ async def publish_specs(settings: Settings, specs: list[Spec], removed: tuple[st
     )
 
 
-def run_worker(settings: Settings, say: Callable[[str], None], loglevel: str = "info") -> None:
-    """Run the worker until SIGINT/SIGTERM; on stop the sink flushes what it holds."""
-    from stream_processors.app import create_app  # import faust's app lazily: it is heavy
-    from stream_processors.history import HistoryProcess
+def run(settings: Settings, say: Callable[[str], None], role: str = "all", loglevel: str = "info") -> None:
+    """`spendstream up --role <role>`, in the foreground until SIGINT/SIGTERM."""
+    if role == "history":
+        from stream_processors.history import run_standalone
 
-    datadir = prepare(settings, say)
-    history = HistoryProcess(settings, loglevel)
-    history.start()  # the sink and ClickHouse, in a process of their own
-    try:
+        prepare(settings, say, import_budgets=False)  # the meter workers import the budgets
+        say(f"ClickHouse {_redact(settings.dsn)}")
+        run_standalone(settings, loglevel, say)
+    else:
+        run_worker(settings, say, loglevel, with_history=role == "all")
+
+
+def run_worker(
+    settings: Settings, say: Callable[[str], None], loglevel: str = "info", *, with_history: bool = True
+) -> None:
+    """Run the worker until SIGINT/SIGTERM; `with_history`: and its history process as its child,
+    whose sink flushes what it holds on stop. Without: /sql, /reprice and /flush go to the writer
+    at SPENDSTREAM_HISTORY_URL (503 if unset)."""
+    from stream_processors.app import create_app  # import faust's app lazily: it is heavy
+    from stream_processors.history import HistoryEndpoint, HistoryProcess, RemoteHistory
+
+    # Tie the worker's table state to this broker's life (a re-formatted broker gets a new cluster
+    # id, so a fresh dir), and give each worker a dir of its own (its web port: two live workers
+    # on a host never share one). With the memory store Faust keeps only empty dirs there, but a
+    # persistent store (rocksdb) locks its dir.
+    datadir = settings.worker_dir / prepare(settings, say) / str(settings.web_port)
+    datadir.mkdir(parents=True, exist_ok=True)
+    history: HistoryEndpoint | None = None
+    child: HistoryProcess | None = None
+    if with_history:
+        history = child = HistoryProcess(settings, loglevel)
+        child.start()  # the sink and ClickHouse, in a process of their own
         say(
             f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
-            + (f": applied {', '.join(history.applied)}" if history.applied else ": schema up to date")
+            + (f": applied {', '.join(child.applied)}" if child.applied else ": schema up to date")
         )
+    elif settings.history_url:
+        token = settings.history_token.get_secret_value() if settings.history_token else None
+        history = RemoteHistory(settings.history_url, token, settings.history_token_file)
+        say(f"history writer: {settings.history_url}")
+    else:
+        say("no history writer (SPENDSTREAM_HISTORY_URL unset): /sql, /reprice and /flush answer 503")
+    try:
         app = create_app(
-            settings, datadir=datadir, history=history, replication_factor=replication_factor(settings)
+            settings, datadir=str(datadir), history=history, replication_factor=replication_factor(settings)
         )
         say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
@@ -129,7 +159,8 @@ def run_worker(settings: Settings, say: Callable[[str], None], loglevel: str = "
         gc.freeze()
         worker.execute_from_commandline()
     finally:
-        history.stop()  # the sink flushes what it holds
+        if child is not None:
+            child.stop()  # the sink flushes what it holds
 
 
 def _redact(dsn: str) -> str:
