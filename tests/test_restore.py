@@ -36,7 +36,8 @@ def store_on(kafka: str) -> RestoredStore:
         partitions=2,
         changelog_consumer=lambda: AIOKafkaConsumer(bootstrap_servers=kafka, fetch_max_wait_ms=20),
     )
-    store: RestoredStore = table.data
+    store = table.data
+    assert isinstance(store, RestoredStore)
     return store
 
 
