@@ -148,12 +148,9 @@ def timeline(log: Path, pid: int, started: float) -> dict[str, Any]:
 def restart(worker: Worker, topics: Topics, probe: str, *, kill: bool) -> dict[str, Any]:
     """Stop the worker (SIGTERM, or SIGKILL with kill), emit the probe's $12 call while it is down,
     start it again: seconds to ready and to the probe's `blocked`, CPU until then, RSS after."""
-    if kill:
-        worker.signal(signal.SIGKILL)
-        assert worker.process is not None
-        worker.process.wait()
-    else:
-        worker.stop()
+    assert worker.process is not None
+    worker.signal(signal.SIGKILL if kill else signal.SIGTERM)
+    worker.process.wait(timeout=900)  # a clean stop under load takes minutes here (the sink flushes)
     since = asyncio.run(control_end(topics))
     emit(topics, [(probe, "12")])
     wall, started = time.time(), worker.start()
