@@ -42,6 +42,10 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
     with a check that it is still there: a method on its class, or an attribute its __init__ sets."""
     from aiokafka import AIOKafkaConsumer
     from aiokafka.consumer.fetcher import Fetcher
+    from faust.assignor import PartitionAssignor
+    from faust.stores.memory import Store as MemoryStore
+    from faust.tables.base import Collection
+    from faust.tables.recovery import Recovery
     from faust.transport.consumer import Consumer
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
     from faust.transport.producer import ProducerBuffer
@@ -68,6 +72,18 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
         ("faust AIOKafkaConsumerThread.call_thread", has(AIOKafkaConsumerThread, "call_thread")),
         ("faust ProducerBuffer.flush_atmost", has(ProducerBuffer, "flush_atmost")),
         ("faust ProducerBuffer.size", has(ProducerBuffer, "size")),
+        # stream_processors/restore.py: Faust's recovery resumes a table at its store's
+        # persisted_offset, read as a partition is added; the store is made by _new_store.
+        ("faust Collection._new_store", has(Collection, "_new_store")),
+        (
+            "faust Recovery._add reads persisted_offset",
+            lambda: "persisted_offset" in inspect.getsource(Recovery._add),
+        ),
+        (
+            "faust memory Store._key_partition",
+            lambda: "self._key_partition:" in inspect.getsource(MemoryStore.__post_init__),
+        ),
+        ("faust PartitionAssignor.assigned_actives", has(PartitionAssignor, "assigned_actives")),
         ("aiokafka AIOKafkaConsumer._fetch_max_wait_ms", sets(AIOKafkaConsumer, "_fetch_max_wait_ms")),
         ("aiokafka AIOKafkaConsumer._fetcher", sets(AIOKafkaConsumer, "_fetcher", "start")),
         ("aiokafka Fetcher._records", sets(Fetcher, "_records")),
