@@ -64,8 +64,17 @@ def rss_mib(pid: int) -> float:
 class Worker:
     """`spendstream up` run from `code` (a checkout: its modules come first on sys.path)."""
 
-    def __init__(self, env: dict[str, str], port: int, log: Path, code: Path, profile: Path | None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        port: int,
+        log: Path,
+        code: Path,
+        profile: Path | None,
+        log_level: str = "warning",
+    ) -> None:
         self.env, self.port, self.log, self.code, self.profile = env, port, log, code, profile
+        self.log_level = log_level
         self.process: subprocess.Popen[bytes] | None = None
         self.profiles: list[Path] = []  # one stats file per process started (written as it exits)
 
@@ -77,7 +86,7 @@ class Worker:
             cmd = [sys.executable, "-m", "bench._profiled_worker", str(self.profiles[-1])]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [*cmd, "up", "--log-level", "warning"],
+                [*cmd, "up", "--log-level", self.log_level],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

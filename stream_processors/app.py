@@ -26,6 +26,7 @@ from collections import Counter
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaConsumer
 
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.kafka_auth import KafkaAuth
@@ -47,6 +48,7 @@ from stream_processors.gc_pauses import GcPauses
 from stream_processors.history import HistoryEndpoint, HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
+from stream_processors.restore import RestoredTable
 from stream_processors.web import HistoryClient, add_views
 
 __all__ = ["create_app", "faust_credentials"]
@@ -135,11 +137,37 @@ def create_app(
     deltas_topic, seen_topic = raw(topics.spend_deltas), raw(topics.usage_seen)
     budget_input = raw(topics.spend_deltas, topics.budgets)
 
+    def changelog_consumer() -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            fetch_max_wait_ms=20,  # how long the broker holds a fetch short of data (default 500 ms)
+            fetch_max_bytes=64 << 20,
+            max_partition_fetch_bytes=16 << 20,
+            **settings.kafka_auth.client_kwargs(),
+        )
+
+    def table(name: str) -> faust.Table[str, Any]:
+        """A table restored by a bulk read of its changelog on assignment (stream_processors/restore.py)."""
+        return app.tables.add(  # type: ignore[return-value]
+            RestoredTable(
+                app,
+                name=name,
+                default=None,
+                key_type=str,  # values are JSON
+                partitions=n,
+                beacon=app.tables.beacon,
+                changelog_consumer=changelog_consumer,
+            )
+        )
+
     # scope -> BudgetState (stream_processors/budgets.py). One value per scope, so spend, dedup
     # offsets and the last signal change in one changelog record.
-    scopes = app.Table("scopes", default=None, key_type=str, partitions=n)  # JSON values
+    scopes = table("scopes")
     # scope -> BudgetSpec record, from the budgets topic (co-partitioned with spend.deltas)
-    specs = app.Table("specs", default=None, key_type=str, partitions=n)
+    specs = table("specs")
     metrics: Counter[str] = Counter()
     gc_pauses = GcPauses()
 
@@ -285,6 +313,10 @@ def create_app(
 
     @app.agent(budget_input, name="budget")
     async def budget(stream: faust.StreamT[bytes]) -> None:
+        # Decide nothing before the templates are known: a member decided meanwhile would have no
+        # budget, and a blocked one re-read after a crash (its deltas re-delivered) was signalled
+        # `ok` and then `blocked` again once the feed caught up.
+        await budget_feed.caught_up.wait()
         async for event in stream.events():
             msg = event.message
             if msg.topic == topics.budgets:

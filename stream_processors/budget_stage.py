@@ -97,6 +97,18 @@ def _due(decision: Decision, spec: Spec | None, now_us: int) -> int:
     return now_us
 
 
+def _same_spec(kept: Mapping[str, Any] | None, record: Mapping[str, Any] | None) -> bool:
+    """The same budget, but for when it was published and its signature: `spendstream up`
+    re-imports the budgets file on every start, and re-deciding 100,000 members of an unchanged
+    template then held a restarted worker's first decisions back by seconds."""
+    if kept is None or record is None:
+        return False
+    ignored = ("updated_at", "signature")
+    return {k: v for k, v in kept.items() if k not in ignored} == {
+        k: v for k, v in record.items() if k not in ignored
+    }
+
+
 class BudgetStage:
     def __init__(
         self,
@@ -162,7 +174,7 @@ class BudgetStage:
             detail = f"{why} budget for {scope!r} ignored: only specs signed with a key in SPENDSTREAM_VERIFY_KEYS count"
             result.dead.append(DeadLetter(f"budget_{why}", detail, value or b""))
             return result
-        if scope in TEMPLATES:
+        if scope in TEMPLATES and not _same_spec(kept, record):
             self._templates_replaced.add(scope)  # its members are re-decided by the next tick
         if record is None:
             self.specs.pop(scope, None)

@@ -6,6 +6,7 @@ faust-streaming upgrade. `create_app` installs them; docs/architecture.md says w
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections import Counter
@@ -41,6 +42,10 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
     with a check that it is still there: a method on its class, or an attribute its __init__ sets."""
     from aiokafka import AIOKafkaConsumer
     from aiokafka.consumer.fetcher import Fetcher
+    from faust.assignor import PartitionAssignor
+    from faust.stores.memory import Store as MemoryStore
+    from faust.tables.base import Collection
+    from faust.tables.recovery import Recovery
     from faust.transport.consumer import Consumer
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
     from faust.transport.producer import ProducerBuffer
@@ -67,6 +72,18 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
         ("faust AIOKafkaConsumerThread.call_thread", has(AIOKafkaConsumerThread, "call_thread")),
         ("faust ProducerBuffer.flush_atmost", has(ProducerBuffer, "flush_atmost")),
         ("faust ProducerBuffer.size", has(ProducerBuffer, "size")),
+        # stream_processors/restore.py: Faust's recovery resumes a table at its store's
+        # persisted_offset, read as a partition is added; the store is made by _new_store.
+        ("faust Collection._new_store", has(Collection, "_new_store")),
+        (
+            "faust Recovery._add reads persisted_offset",
+            lambda: "persisted_offset" in inspect.getsource(Recovery._add),
+        ),
+        (
+            "faust memory Store._key_partition",
+            lambda: "self._key_partition:" in inspect.getsource(MemoryStore.__post_init__),
+        ),
+        ("faust PartitionAssignor.assigned_actives", has(PartitionAssignor, "assigned_actives")),
         ("aiokafka AIOKafkaConsumer._fetch_max_wait_ms", sets(AIOKafkaConsumer, "_fetch_max_wait_ms")),
         ("aiokafka AIOKafkaConsumer._fetcher", sets(AIOKafkaConsumer, "_fetcher", "start")),
         ("aiokafka Fetcher._records", sets(Fetcher, "_records")),
@@ -247,10 +264,6 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
     Records read again after later ones were handled reach ClickHouse (deduplicated by
     `event_id`) but not the spend tables: the budget agent skips every source offset below the
     last one it applied. The warning says so.
-
-    A rebalance can begin between two of its awaits and take the partition it is looking at: the
-    tick then ends (aiokafka's IllegalStateError, which, uncaught in a timer, crashed the whole
-    worker in the three-worker scale test).
     """
     progress: dict[Any, tuple[int, int, int | None]] = {}
     reread_from: dict[Any, int] = {}  # once per committed offset: a transaction marker is no record
@@ -275,9 +288,9 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
             try:
                 position = await consumer.position(tp)
                 committed = await thread.call_thread(kafka.committed, tp) or 0
-            except IllegalStateError:  # a rebalance began meanwhile and took the partition
-                progress.clear()
-                return
+            except IllegalStateError:  # revoked meanwhile (another worker joined or left): not ours
+                progress.pop(tp, None)
+                continue
             if position is None or position <= committed or reread_from.get(tp) == committed:
                 progress.pop(tp, None)
                 continue
@@ -296,7 +309,5 @@ def reread_undelivered(app: faust.App, inputs: tuple[str, ...], metrics: Counter
             metrics["rebalance|reread"] += 1
             progress.pop(tp, None)
             reread_from[tp] = committed
-            try:
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile: its next owner reads it
                 await consumer.seek(tp, committed)
-            except IllegalStateError:  # revoked meanwhile: its next owner reads from `committed`
-                return

@@ -244,9 +244,14 @@ def write_token_file(path: Path) -> str:
 
 def _configure(settings: Settings, loglevel: str) -> None:
     os.nice(settings.history_nice)  # the budget path first; usage.priced holds what waits
+    # The whole process is the history writer's: its logging replaces the CLI's (warnings only,
+    # aiokafka silenced), so the sink's flushes and Kafka's troubles are seen.
     logging.basicConfig(
-        level=loglevel.upper(), format="[%(asctime)s] [history %(process)d] [%(levelname)s] %(message)s"
+        level=loglevel.upper(),
+        format="[%(asctime)s] [history %(process)d] [%(levelname)s] %(message)s",
+        force=True,
     )
+    logging.getLogger("aiokafka").setLevel(logging.NOTSET)
 
 
 async def _open_store(settings: Settings) -> tuple[ClickHouseStore, list[str]]:

@@ -242,6 +242,8 @@ def test_a_changed_template_re_decides_every_member_through_the_next_tick() -> N
     assert s.ticks(NOW) == []  # unchanged: nothing to re-decide
     s.on_budget(b"team:*", spec_message("team:*", "2"), 0, NOW)  # e.g. read again after a restart
     assert sorted(d["scope"] for _, deltas in s.ticks(NOW) for d in deltas) == ["team:a", "team:b"]
+    s.on_budget(b"team:*", spec_message("team:*", "2", at=NOW + 1), 0, NOW)  # re-imported unchanged
+    assert s.ticks(NOW) == []  # (`spendstream up` publishes the budgets file at every start)
 
 
 def test_rows_carry_the_burn_rate_and_the_forecast_the_dashboard_shows() -> None:

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from spendstream.cli.kafka_local import ClusterStatus, LocalCluster, LocalKafka
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
-kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft, 127.0.0.1).")
+kafka_app = typer.Typer(
+    no_args_is_help=True,
+    help="The local Apache Kafka: one broker, or a cluster with --brokers (KRaft, 127.0.0.1).",
+)
 app.add_typer(kafka_app, name="kafka")
 log = logging.getLogger(__name__)
 _CONTROL_COMMANDS = {
@@ -86,13 +89,10 @@ _BROKERS = typer.Option(
 _NODE = typer.Option("--node", min=1, help="Only this node of the local cluster (1..brokers).")
 
 
-def _local(ctx: typer.Context, brokers: int | None) -> LocalKafka | LocalCluster | None:
+def _local(ctx: typer.Context, brokers: int | None) -> LocalKafka | LocalCluster:
     from spendstream.cli.up import local_kafka
 
     settings = _settings(ctx)
-    if not settings.local_kafka:
-        say(f"SPENDSTREAM_BOOTSTRAP_SERVERS={settings.bootstrap_servers}: nothing local")
-        return None
     if brokers is not None:
         settings = settings.model_copy(update={"kafka_brokers": brokers})
     return local_kafka(settings)
@@ -117,9 +117,10 @@ def kafka_start(
     node: Annotated[int | None, _NODE] = None,
 ) -> None:
     """Fetch Kafka from Maven Central (first time only), format KRaft storage, start, wait until ready."""
-    kafka = _local(ctx, brokers)
-    if kafka is None:
+    if not _settings(ctx).local_kafka:
+        say(f"SPENDSTREAM_BOOTSTRAP_SERVERS={_settings(ctx).bootstrap_servers}: nothing local to start")
         return
+    kafka = _local(ctx, brokers)
     cluster = _cluster(kafka, node)
     if cluster is not None and node is not None:
         one = cluster.start_node(node, progress=say)
@@ -138,8 +139,6 @@ def kafka_stop(
     from spendstream.cli.kafka_local import LocalCluster
 
     kafka = _local(ctx, brokers)
-    if kafka is None:
-        return
     cluster = _cluster(kafka, node)
     if cluster is not None and node is not None:
         stopped = cluster.stop_node(node)
@@ -157,8 +156,6 @@ def kafka_status(ctx: typer.Context, brokers: Annotated[int | None, _BROKERS] = 
     from spendstream.cli.kafka_local import LocalCluster
 
     kafka = _local(ctx, brokers)
-    if kafka is None:
-        return
     if isinstance(kafka, LocalCluster):
         _cluster_status(kafka.status())
         return
@@ -178,17 +175,16 @@ def _cluster_status(status: ClusterStatus) -> None:
     leader = f"node {status.quorum_leader}" if status.quorum_leader is not None else "unknown"
     state = "running" if status.running else ("not running" if up == 0 else "HALF-STARTED")
     console.print(
-        f"{state}: Kafka {status.version} cluster {status.cluster_id}, {up} of {len(status.nodes)} "
+        f"{state}: Kafka {status.version} cluster {status.cluster_id or '(not formatted)'}, {up} of "
+        f"{len(status.nodes)} "
         f"nodes up, controller quorum leader {leader}",
         soft_wrap=True,
     )
     for n in status.nodes:
         where = f"127.0.0.1:{n.port} (controller {n.controller_port})"
         if not n.running:
-            console.print(
-                f"node {n.node_id}: not running, {where}: `spendstream kafka start --node {n.node_id}`",
-                soft_wrap=True,
-            )
+            hint = f": `spendstream kafka start --node {n.node_id}`" if up else ""
+            console.print(f"node {n.node_id}: not running, {where}{hint}", soft_wrap=True)
             continue
         line = f"node {n.node_id}: running, pid {n.pid}, {where}"
         if n.leaders is not None:

@@ -243,6 +243,8 @@ class LocalKafka:
         t0 = time.monotonic()
         self.home.mkdir(parents=True, exist_ok=True)
         with self._lock():
+            if self._pid() is None:
+                self._check_ports()  # before a fetch: a port taken is the quicker answer
             self.fetch(progress)
             return self._await(self._launch(progress), t0, timeout)
 
@@ -253,20 +255,7 @@ class LocalKafka:
         pid = self._pid()
         if pid is not None:  # ours, alive; perhaps still starting up
             return _Launch(pid, None, False)
-        for port in (self.port, self.controller_port):
-            if _port_open(port):
-                cluster = not self.voters and (self.home / "node-1").is_dir()
-                raise KafkaLocalError(
-                    f"port {port} on 127.0.0.1 is in use by another process, not by "
-                    f"{self._what} kept in {self.home}; stop that process or choose other ports "
-                    "(SPENDSTREAM_KAFKA_PORT, SPENDSTREAM_KAFKA_CONTROLLER_PORT)"
-                    + (
-                        "; a local cluster lives in this home: set SPENDSTREAM_KAFKA_BROKERS to "
-                        "its node count for every command"
-                        if cluster
-                        else ""
-                    )
-                )
+        self._check_ports()
         _require("java")
         props = self._write_config()
         formatted = self._format(props, progress, cluster_id)
@@ -286,6 +275,23 @@ class LocalKafka:
         _children[proc.pid] = proc
         self._pid_file.write_text(f"{proc.pid}\n")
         return _Launch(proc.pid, offset, formatted)
+
+    def _check_ports(self) -> None:
+        """KafkaLocalError if this node's ports answer (while it does not run)."""
+        for port in (self.port, self.controller_port):
+            if _port_open(port):
+                cluster = not self.voters and (self.home / "node-1").is_dir()
+                raise KafkaLocalError(
+                    f"port {port} on 127.0.0.1 is in use by another process, not by "
+                    f"{self._what} kept in {self.home}; stop that process or choose other ports "
+                    "(SPENDSTREAM_KAFKA_PORT, SPENDSTREAM_KAFKA_CONTROLLER_PORT)"
+                    + (
+                        "; a local cluster lives in this home: set SPENDSTREAM_KAFKA_BROKERS to "
+                        "its node count for every command"
+                        if cluster
+                        else ""
+                    )
+                )
 
     def _await(self, launch: _Launch, t0: float, timeout: float) -> StartResult:
         """Wait for what `_launch` started to serve; a node launched by it that fails is killed."""
@@ -521,7 +527,7 @@ class LocalCluster:
         """Every node, so that clients find the cluster with any one node down."""
         return ",".join(n.bootstrap for n in self.nodes)
 
-    def start(self, timeout: float = 90.0, progress: Callable[[str], None] = _quiet) -> ClusterStart:
+    def start(self, timeout: float = 180.0, progress: Callable[[str], None] = _quiet) -> ClusterStart:
         """Start every node that is not running (fetching and formatting first if needed) and wait
         until all serve. Nodes are launched together: none is ready before a majority of the
         quorum runs. Idempotent: running nodes are left alone. If one fails, the nodes this call
@@ -536,6 +542,9 @@ class LocalCluster:
                     "(SPENDSTREAM_KAFKA_BROKERS=1 spendstream kafka stop)"
                 )
             nodes = self.nodes
+            for node in nodes:
+                if node._pid() is None:
+                    node._check_ports()
             nodes[0].fetch(progress)
             cluster_id = self.cluster_id() or _random_cluster_id()
             # Formatting is a JVM start per node: in parallel, as are the nodes' own start-ups.
@@ -555,7 +564,7 @@ class LocalCluster:
         return ClusterStart(results, self.bootstrap, seconds)
 
     def start_node(
-        self, node_id: int, timeout: float = 60.0, progress: Callable[[str], None] = _quiet
+        self, node_id: int, timeout: float = 120.0, progress: Callable[[str], None] = _quiet
     ) -> StartResult:
         """Start one node (it rejoins the quorum and catches up); needs a majority of the quorum
         running to become ready. Idempotent like `start`."""

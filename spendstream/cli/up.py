@@ -54,12 +54,10 @@ def replication_factor(settings: Settings) -> int:
 
 def prepare(settings: Settings, say: Callable[[str], None], *, import_budgets: bool = True) -> str:
     """Start the local broker if configured, create topics, import the budgets file (with
-    `import_budgets`); returns the worker's data dir."""
+    `import_budgets`); returns the Kafka cluster's name, which the worker's data dir is under."""
     if settings.local_kafka:
         kafka = local_kafka(settings)
         say(kafka.start(progress=say).describe())
-        # Tie the worker's table state to this broker's life: a re-formatted broker gets a new
-        # cluster id and so a fresh worker dir (a stale one fails with ConsistencyError).
         cluster = kafka.cluster_id() or "unknown"
     else:
         asyncio.run(wait_for_broker(settings.bootstrap, timeout=30, kafka_auth=settings.kafka_auth))
@@ -79,11 +77,7 @@ def prepare(settings: Settings, say: Callable[[str], None], *, import_budgets: b
     if specs:  # the budgets file is an import format for the budgets topic
         asyncio.run(publish_specs(settings, specs))
         say(f"budgets: imported {len(specs)} scopes from {settings.budgets_file}")
-    # One dir per worker (its web port: two live workers on a host never share one). With the
-    # memory store Faust keeps only empty dirs there, but a persistent store (rocksdb) locks it.
-    datadir = settings.worker_dir / cluster / str(settings.web_port)
-    datadir.mkdir(parents=True, exist_ok=True)
-    return str(datadir)
+    return cluster
 
 
 async def publish_specs(settings: Settings, specs: list[Spec], removed: tuple[str, ...] = ()) -> None:
@@ -132,7 +126,12 @@ def run_worker(
     from stream_processors.app import create_app  # import faust's app lazily: it is heavy
     from stream_processors.history import HistoryEndpoint, HistoryProcess, RemoteHistory
 
-    datadir = prepare(settings, say)
+    # Tie the worker's table state to this broker's life (a re-formatted broker gets a new cluster
+    # id, so a fresh dir), and give each worker a dir of its own (its web port: two live workers
+    # on a host never share one). With the memory store Faust keeps only empty dirs there, but a
+    # persistent store (rocksdb) locks its dir.
+    datadir = settings.worker_dir / prepare(settings, say) / str(settings.web_port)
+    datadir.mkdir(parents=True, exist_ok=True)
     history: HistoryEndpoint | None = None
     child: HistoryProcess | None = None
     if with_history:
@@ -150,7 +149,7 @@ def run_worker(
         say("no history writer (SPENDSTREAM_HISTORY_URL unset): /sql, /reprice and /flush answer 503")
     try:
         app = create_app(
-            settings, datadir=datadir, history=history, replication_factor=replication_factor(settings)
+            settings, datadir=str(datadir), history=history, replication_factor=replication_factor(settings)
         )
         say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
