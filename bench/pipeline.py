@@ -67,7 +67,7 @@ from producers import build_event
 from spendstream.cli.kafka_local import LocalKafka
 from spendstream.topics import Topics
 from spendstream.wire import default_codec
-from stream_processors.meter import MeterStage
+from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue, pico_to_usd
 
 PARTITIONS = 4
@@ -172,7 +172,10 @@ async def consume(topic: str, messages: int, stage: MeterStage | None) -> tuple[
                         events += len(codec.decode(msg.value)[1]["events"])
                     else:
                         result = stage.process(msg.key, msg.value, time.time_ns() // 1000)
-                        codec.encode("PricedBatch", {"events": result.priced})
+                        output = MeterBatch(PARTITIONS)
+                        output.add(result, msg.partition, msg.offset)
+                        for _, sources in output.priced_batches():
+                            codec.encode("PricedBatch", {"sources": sources})
                         events += len(result.priced)
                 seen += len(batch)
         return time.perf_counter() - started, events
@@ -314,7 +317,7 @@ async def follow(
                         marks["first_output"] = now
                     # The meter coalesces its output (one PricedBatch per project per take), so
                     # usage.priced has fewer messages than usage.raw: count metered events instead.
-                    health = (await http.get(f"{run.base}/health", timeout=5)).json()
+                    health = (await http.get(f"{run.base}/health", timeout=30)).json()
                     if sum(health["events"].values()) >= workload.events:
                         marks["meter_done"] = now
                         if deltas_tps:

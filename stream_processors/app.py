@@ -215,9 +215,26 @@ def create_app(
             )
         next_offset[partition] = offset + 1
 
-    async def send_priced(project: str, priced: list[dict[str, Any]]) -> None:
-        """PricedBatch messages of at most MAX_PRICED_BATCH_BYTES (halved until they fit); an
-        event that cannot be encoded at all (a bug) is dead-lettered alone."""
+    async def send_priced(project: str, sources: list[dict[str, Any]]) -> None:
+        """PricedBatch messages of usage.raw messages and their prices (`sources`), at most
+        MAX_PRICED_BATCH_BYTES each (halved until they fit). A single message too large to travel
+        with its prices goes as whole PricedUsage records instead (`events`, send_priced_events)."""
+        try:
+            value: bytes | None = codec.encode("PricedBatch", {"sources": sources})
+        except Exception:  # a bug: each event is tried alone below, and dead-lettered with the reason
+            value = None
+        if value is not None and len(value) <= MAX_PRICED_BATCH_BYTES:
+            await priced_topic.send(key=project.encode(), value=value)
+        elif len(sources) > 1:
+            half = len(sources) // 2
+            await send_priced(project, sources[:half])
+            await send_priced(project, sources[half:])
+        else:  # the prices carry their event and priced_at: whole PricedUsage records
+            await send_priced_events(project, sources[0]["prices"])
+
+    async def send_priced_events(project: str, priced: list[dict[str, Any]]) -> None:
+        """PricedBatch messages of PricedUsage records (`events`), halved until they fit; an event
+        that cannot be encoded at all (a bug) is dead-lettered alone."""
         try:
             value: bytes | None = codec.encode("PricedBatch", {"events": priced})
             problem = ""
@@ -227,8 +244,8 @@ def create_app(
             await priced_topic.send(key=project.encode(), value=value)
         elif len(priced) > 1:
             half = len(priced) // 2
-            await send_priced(project, priced[:half])
-            await send_priced(project, priced[half:])
+            await send_priced_events(project, priced[:half])
+            await send_priced_events(project, priced[half:])
         else:
             payload = repr(priced[0]["usage"]).encode()
             await dead_letter(

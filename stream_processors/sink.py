@@ -21,6 +21,7 @@ from mode import Service
 
 from spendstream.errors import DecodeError
 from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
+from spendstream.priced import priced_events
 from spendstream.topics import Topics
 from spendstream.usage import priced_problem
 from spendstream.wire import Codec
@@ -165,7 +166,12 @@ class Sink(Service):
         except DecodeError as exc:
             record, name = {}, str(exc)
         if tp.topic == self._topics.usage_priced and name == "PricedBatch":
-            for priced in record["events"]:
+            try:
+                events = list(priced_events(record, self._codec))
+            except DecodeError as exc:  # a foreign writer's message: kept whole, as a dead letter
+                events = []
+                self._dead.append(self._sink_dead_letter(tp, msg, "sink_undecodable", str(exc), value))
+            for priced in events:
                 problem = priced_problem(priced)  # a foreign writer's row must not stall the inserts
                 if problem is None:
                     self._usage.append(usage_row(priced))
