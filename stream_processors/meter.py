@@ -14,10 +14,8 @@ third of the meter's CPU). `spendstream.priced.priced_events` turns either form 
 from __future__ import annotations
 
 import dataclasses
-import gc
 from collections import defaultdict
-from collections.abc import Container, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import pairwise
@@ -32,6 +30,7 @@ from spendstream.usage import KEY_TAG, MAX_EVENT_PICO, usage_problem
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
 from stream_processors.dedupe import SeenIds, event_key
+from stream_processors.gc_pauses import cyclic_gc_paused
 from stream_processors.pricing import Catalogue
 
 __all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for"]
@@ -41,25 +40,6 @@ MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per
 # (scope, minute) pairs one usage.raw message may move: its deltas must fit one spend.deltas message
 # (~45 bytes each), since a scope applies all deltas of a source message together.
 MAX_DELTAS_PER_MESSAGE = 50_000
-
-
-@contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """Python's cyclic collector off for the block (unless it already was).
-
-    Pricing a take allocates a few dicts per event, all alive until the take is done: the
-    collector ran every 700 allocations and moved them through its generations, each pass
-    traversing what survived, for nothing: the records are trees (no cycles), freed by reference
-    counting when the take's output is sent. Measured (bench/README.md): a third of the stage's CPU.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 @lru_cache(maxsize=65536)

@@ -25,6 +25,7 @@ from spendstream.priced import priced_events
 from spendstream.topics import Topics
 from spendstream.usage import priced_problem
 from spendstream.wire import Codec
+from stream_processors.gc_pauses import cyclic_gc_paused
 from stream_processors.pricing import audio_micros, pico_to_usd
 from stream_processors.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
 
@@ -144,7 +145,8 @@ class Sink(Service):
                 batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_rows)
                 for tp, messages in batches.items():
                     for msg in messages:
-                        self._add(tp, msg)
+                        with cyclic_gc_paused():  # rows are trees, freed by reference counting
+                            self._add(tp, msg)
                         # Decoding is the sink's CPU: yield after each message so the history
                         # process's /health, /sql and /flush never wait behind a whole fetch.
                         await asyncio.sleep(0)
