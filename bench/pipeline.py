@@ -350,7 +350,9 @@ async def follow(
                         marks["committed"] = now
                 timeline.append((round(now - ready, 3), priced, done))
                 if clickhouse and "processed" in marks and "clickhouse" not in marks:
-                    query = {"query": "SELECT count() FROM usage_events"}
+                    # distinct ids: a sink that re-reads after a rebalance stores rows twice until
+                    # ReplacingMergeTree merges them, and count() would reach N early
+                    query = {"query": "SELECT uniqExact(event_id) FROM usage_events"}
                     body = (await http.post(f"{run.base}/sql", json=query)).json()
                     if int(body["rows"][0][0]) >= workload.events:
                         marks["clickhouse"] = time.monotonic()
@@ -370,7 +372,9 @@ async def follow(
                 | {"rows": timeline},
             }
             if clickhouse:
-                totals = {"query": "SELECT count(), uniqExact(event_id), sum(cost_usd) FROM usage_events"}
+                totals = {
+                    "query": "SELECT count(), uniqExact(event_id), sum(cost_usd) FROM usage_events FINAL"
+                }
                 count, unique, cost = (await http.post(f"{run.base}/sql", json=totals)).json()["rows"][0]
                 result["clickhouse"] = {
                     "rows": int(count),
