@@ -146,7 +146,7 @@ def kafka_hop_baseline(topic: str, samples: int) -> list[int]:
 
 def gc_seconds(port: int) -> float:
     """The worker's garbage-collection pauses so far (its /metrics), in seconds."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     return sum(
         float(line.split()[-1]) for line in text.splitlines() if line.startswith("spendstream_gc_pause")
     )
@@ -267,7 +267,7 @@ def main() -> None:
             loaded = kafka_hop_baseline(f"{topics.prefix}hop-loaded", 200)
             broker_pid = kafka.status().pid
             assert broker_pid is not None
-            history_pid = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["history_pid"]
+            history_pid = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["history_pid"]
             cpu0, broker_cpu0, t0 = cpu_seconds(worker.pid), cpu_seconds(broker_pid), time.monotonic()
             history_cpu0 = cpu_seconds(history_pid)
             gc0 = gc_seconds(port)

@@ -45,7 +45,7 @@ from stream_processors.faust_fixes import (
 from stream_processors.feeds import BudgetFeed, PriceFeed
 from stream_processors.gc_pauses import GcPauses
 from stream_processors.history import HistoryProcess
-from stream_processors.meter import MeterBatch, MeterStage
+from stream_processors.meter import MeterBatch, MeterStage, parts_by_size
 from stream_processors.pricing import Catalogue
 from stream_processors.web import HistoryClient, add_views
 
@@ -57,6 +57,7 @@ MAX_DEAD_LETTER_PAYLOAD = 1 << 20
 MAX_PRICED_BATCH_BYTES = 4 << 20  # a PricedBatch message at most (the request limit is 8 MiB)
 METER_TAKE = 1_000  # usage.raw messages the meter prices together at most
 METER_WAIT = 0.005  # seconds it waits for more before pricing what it has (adds at most this latency)
+METER_PART_BYTES = 1 << 20  # usage.raw bytes priced between two yields (~7,000 events, ~0.1-0.2 s of CPU)
 FETCH_MAX_WAIT_MS = 20  # longest broker long-poll of the worker's consumer (see short_fetch_wait)
 
 
@@ -260,44 +261,54 @@ def create_app(
         # The messages waiting (up to METER_TAKE, or what arrived within METER_WAIT) are priced
         # together and their output coalesced: Faust's per-message cost is paid per destination,
         # not per input message. Their offsets are committed once all of them are handled.
+        # A take is priced in parts of at most METER_PART_BYTES of usage.raw, each part's output
+        # sent before the next is priced: behind a backlog a take can hold 1,000 messages of 500
+        # events, seconds of CPU that would hold the event loop, and the budget agent and its
+        # crossings with it.
         async for events in stream.take_events(METER_TAKE, within=METER_WAIT):  # type: ignore[attr-defined]  # on Stream, not StreamT
-            batch = MeterBatch(n)
-            now = _now_us()
-            stage.model_globs = budget_feed.model_globs
             messages = [event.message for event in events]
             for msg in messages:
                 await follow_on(msg.partition, msg.offset)
-            results = stage.process_many(
-                [(msg.partition, msg.key, msg.value or b"") for msg in messages], now
-            )  # a tombstone is undecodable
-            for msg, result in zip(messages, results, strict=True):
-                for dead in result.dead:
-                    await dead_letter(
-                        dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload
-                    )
-                for project, payload in result.rekey:
-                    await raw_topic.send(key=project.encode(), value=payload)
-                for status, count in result.statuses.items():
-                    metrics[f"events|{status}"] += count
-                if result.unbudgeted:
-                    metrics["unbudgeted|beyond_dedupe_horizon"] += result.unbudgeted
-                batch.add(result, msg.partition, msg.offset)
-            # The ids counted go out with the deltas they moved, so a restarted meter knows them.
-            for partition, record in batch.seen_records():
-                await seen_topic.send(
-                    key=str(partition).encode(), value=codec.encode("SeenIds", record), partition=partition
-                )
-            for partition, deltas in batch.delta_batches():
-                await deltas_topic.send(
-                    key=deltas[0]["scope"].encode(),
-                    value=codec.encode("SpendDeltaBatch", {"deltas": deltas}),
-                    partition=partition,
-                )
-            # History after enforcement: yield between PricedBatches, so the budget agent can
-            # take the deltas just sent while the rest of the batch is encoded.
-            for project, priced in batch.priced_batches():
+            for part in parts_by_size(messages, lambda msg: len(msg.value or b""), METER_PART_BYTES):
+                await meter_part(part)
                 await asyncio.sleep(0)
-                await send_priced(project, priced)
+
+    async def meter_part(messages: list[Any]) -> None:
+        """Price usage.raw messages together and send their output, coalesced per destination."""
+        batch = MeterBatch(n)
+        now = _now_us()
+        stage.model_globs = budget_feed.model_globs
+        results = stage.process_many(
+            [(msg.partition, msg.key, msg.value or b"") for msg in messages], now
+        )  # a tombstone is undecodable
+        for msg, result in zip(messages, results, strict=True):
+            for dead in result.dead:
+                await dead_letter(
+                    dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload
+                )
+            for project, payload in result.rekey:
+                await raw_topic.send(key=project.encode(), value=payload)
+            for status, count in result.statuses.items():
+                metrics[f"events|{status}"] += count
+            if result.unbudgeted:
+                metrics["unbudgeted|beyond_dedupe_horizon"] += result.unbudgeted
+            batch.add(result, msg.partition, msg.offset)
+        # The ids counted go out with the deltas they moved, so a restarted meter knows them.
+        for partition, record in batch.seen_records():
+            await seen_topic.send(
+                key=str(partition).encode(), value=codec.encode("SeenIds", record), partition=partition
+            )
+        for partition, deltas in batch.delta_batches():
+            await deltas_topic.send(
+                key=deltas[0]["scope"].encode(),
+                value=codec.encode("SpendDeltaBatch", {"deltas": deltas}),
+                partition=partition,
+            )
+        # History after enforcement: yield between PricedBatches, so the budget agent can
+        # take the deltas just sent while the rest of the batch is encoded.
+        for project, priced in batch.priced_batches():
+            await asyncio.sleep(0)
+            await send_priced(project, priced)
 
     @app.agent(budget_input, name="budget")
     async def budget(stream: faust.StreamT[bytes]) -> None:

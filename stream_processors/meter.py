@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from aiokafka.partitioner import murmur2
@@ -33,13 +33,32 @@ from stream_processors.dedupe import SeenIds, event_key
 from stream_processors.gc_pauses import cyclic_gc_paused
 from stream_processors.pricing import Catalogue
 
-__all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for"]
+__all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for", "parts_by_size"]
 
 PRICED_BATCH_EVENTS = 2_000  # events per PricedBatch message (well under the 8 MiB request size)
 MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per scope is split above
 # (scope, minute) pairs one usage.raw message may move: its deltas must fit one spend.deltas message
 # (~45 bytes each), since a scope applies all deltas of a source message together.
 MAX_DELTAS_PER_MESSAGE = 50_000
+T = TypeVar("T")
+
+
+def parts_by_size(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
+    """`items` in order, cut into parts of at most `limit` total size (an item larger than the
+    limit is a part of its own); no part is empty."""
+    parts: list[list[T]] = []
+    part: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if part and total + n > limit:
+            parts.append(part)
+            part, total = [], 0
+        part.append(item)
+        total += n
+    if part:
+        parts.append(part)
+    return parts
 
 
 @lru_cache(maxsize=65536)

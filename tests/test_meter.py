@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from producers import build_event
 from spendstream.usage import KEY_TAG, METERS
@@ -383,3 +387,16 @@ def test_priced_events_refuses_a_source_that_is_not_usage_or_a_price_without_its
         batch = {"events": [], "sources": [{"usage": usage, "priced_at": NOW, "prices": [price]}]}
         with pytest.raises(DecodeError, match=message):
             list(priced_events(CODEC.decode(CODEC.encode("PricedBatch", batch))[1], CODEC))
+
+
+@given(st.lists(st.integers(min_value=0, max_value=50)), st.integers(min_value=1, max_value=60))
+def test_parts_by_size_keeps_order_and_cuts_only_where_the_next_item_would_pass_the_limit(
+    sizes: list[int], limit: int
+) -> None:
+    from stream_processors.meter import parts_by_size
+
+    parts = parts_by_size(sizes, lambda n: n, limit)
+    assert [n for part in parts for n in part] == sizes  # nothing lost, doubled or reordered
+    assert all(part for part in parts)
+    assert all(sum(part) <= limit or len(part) == 1 for part in parts)
+    assert all(sum(a) + b[0] > limit for a, b in pairwise(parts))  # greedy: no cut before it was needed
