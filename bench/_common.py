@@ -1,7 +1,7 @@
 """Plumbing shared by the benchmarks: the bench broker, workloads, statistics, result files.
 
 Every benchmark starts its own single-node Kafka in `<repo>/.spendstream/bench/kafka` on ports
-19392/19393 (never the developer's 9092; `SPENDSTREAM_BENCH_KAFKA_PORT` moves them, +1 the controller), uses topic names unique to the run, deletes those topics
+19392/19393 (SPENDSTREAM_BENCH_KAFKA_PORT; never the developer's 9092), uses topic names unique to the run, deletes those topics
 at the end and stops the broker. A file lock serialises benchmarks: they share that broker.
 """
 
@@ -34,6 +34,8 @@ from stream_processors.gc_pauses import GcPauses
 REPO = Path(__file__).resolve().parents[1]
 BENCH_HOME = REPO / ".spendstream" / "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
+# SPENDSTREAM_BENCH_KAFKA_PORT moves the bench broker (controller on the next port), so benches of
+# several checkouts on one machine do not share a broker.
 KAFKA_PORT = int(os.environ.get("SPENDSTREAM_BENCH_KAFKA_PORT", "19392"))
 KAFKA_CONTROLLER_PORT = KAFKA_PORT + 1
 BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"

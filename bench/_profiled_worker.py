@@ -15,7 +15,12 @@ from __future__ import annotations
 import cProfile
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
+
+# Run as a script, this file's folder leads sys.path, and bench/gateway.py would hide the gateway
+# package the CLI imports: the repository goes first instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 PROFILE_START = signal.SIGRTMAX - 2
 PROFILE_STOP = signal.SIGRTMAX - 1

@@ -4,17 +4,22 @@ Pure logic (no Kafka, no tables) so it is unit-tested directly; `app.py` wires i
 meter agent. Per Kafka message, not per event, is where the Faust overhead goes, so the agent takes
 the messages waiting for it together and `MeterBatch` coalesces their output: one `PricedBatch`
 per project and one `SpendDeltaBatch` per owning partition, however many messages came in.
+
+Each event is decoded once and never re-encoded: a `PricedBatch` (v5) carries every usage.raw
+message as it arrived, next to one small `UsagePrice` per priced event (`sources`), instead of
+every event re-encoded inside a `PricedUsage` (measured in bench/README.md: the re-encoding was a
+third of the meter's CPU). `spendstream.priced.priced_events` turns either form back into records.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from aiokafka.partitioner import murmur2
@@ -25,15 +30,35 @@ from spendstream.usage import KEY_TAG, MAX_EVENT_PICO, usage_problem
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
 from stream_processors.dedupe import SeenIds, event_key
+from stream_processors.gc_pauses import cyclic_gc_paused
 from stream_processors.pricing import Catalogue
 
-__all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for"]
+__all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for", "parts_by_size"]
 
 PRICED_BATCH_EVENTS = 2_000  # events per PricedBatch message (well under the 8 MiB request size)
 MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per scope is split above
 # (scope, minute) pairs one usage.raw message may move: its deltas must fit one spend.deltas message
 # (~45 bytes each), since a scope applies all deltas of a source message together.
 MAX_DELTAS_PER_MESSAGE = 50_000
+T = TypeVar("T")
+
+
+def parts_by_size(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
+    """`items` in order, cut into parts of at most `limit` total size (an item larger than the
+    limit is a part of its own); no part is empty."""
+    parts: list[list[T]] = []
+    part: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if part and total + n > limit:
+            parts.append(part)
+            part, total = [], 0
+        part.append(item)
+        total += n
+    if part:
+        parts.append(part)
+    return parts
 
 
 @lru_cache(maxsize=65536)
@@ -52,7 +77,11 @@ class DeadLetter:
 @dataclass
 class MeterResult:
     project: str | None = None  # the project of every priced event (= the message key)
-    priced: list[dict[str, Any]] = field(default_factory=list)  # PricedUsage records
+    # PricedUsage records plus "index" (the event's position in the message): written as UsagePrice
+    # records next to the message itself (PricedSource), which leaves out "usage" and "priced_at".
+    priced: list[dict[str, Any]] = field(default_factory=list)
+    usage: bytes = b""  # the usage.raw message value the priced events are in
+    priced_at: int = 0
     # (scope, event minute) -> pico-USD and event count: what this message adds to each budget scope
     spend: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     # (scope, minute, pico-USD, events): spend that filled a delta up to MAX_DELTA_PICO
@@ -106,24 +135,31 @@ class MeterStage:
         Copies of an event already counted (same project and event_id, within the dedupe horizon)
         are skipped; the ids are checked per partition for all messages together.
         """
-        results = [MeterResult() for _ in messages]
-        owned: list[tuple[MeterResult, int, dict[str, Any]]] = []  # (result, partition, event)
+        with cyclic_gc_paused():
+            return self._process_many(messages, now_us)
+
+    def _process_many(
+        self, messages: Sequence[tuple[int, bytes | None, bytes]], now_us: int
+    ) -> list[MeterResult]:
+        results = [MeterResult(usage=value, priced_at=now_us) for _, _, value in messages]
+        owned: list[tuple[MeterResult, int, int, dict[str, Any]]] = []  # (result, partition, index, event)
         for result, (partition, key, value) in zip(results, messages, strict=True):
-            owned += [(result, partition, e) for e in self._events(key, value, now_us, result)]
-        for (result, _, event), dedupe_key in zip(owned, self._dedupe(owned, now_us), strict=True):
+            owned += [(result, partition, i, e) for i, e in self._events(key, value, now_us, result)]
+        for (result, _, index, event), dedupe_key in zip(owned, self._dedupe(owned, now_us), strict=True):
             if dedupe_key is None:
                 result.statuses["duplicate"] += 1
                 continue
             try:
-                self._price_one(event, dedupe_key, now_us, result)
+                self._price_one(event, index, dedupe_key, now_us, result)
             except Exception as exc:  # a bug must cost this event only, and say so
                 result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
         return results
 
     def _events(
         self, key: bytes | None, value: bytes, now_us: int, result: MeterResult
-    ) -> list[dict[str, Any]]:
-        """The valid events of one message that belong to its key; dead letters and re-keys aside."""
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """(position in the message, event) of the valid events of one message that belong to its
+        key; dead letters and re-keys aside."""
         try:
             name, record = self.codec.decode(value)
         except DecodeError as exc:
@@ -140,7 +176,7 @@ class MeterStage:
             return []
         message_project = key.decode("utf-8", "replace") if key is not None else None
         valid = []
-        for event in events:
+        for index, event in enumerate(events):
             try:
                 problem = usage_problem(event, now_us=now_us)
             except Exception as exc:
@@ -152,16 +188,18 @@ class MeterStage:
                 # (or none) is forwarded with the right key instead of being counted by the wrong owner.
                 result.rekey.append((event["project"], self._single(event)))
             else:
-                valid.append(event)
+                valid.append((index, event))
         return valid
 
-    def _dedupe(self, owned: list[tuple[MeterResult, int, dict[str, Any]]], now_us: int) -> list[int | None]:
+    def _dedupe(
+        self, owned: list[tuple[MeterResult, int, int, dict[str, Any]]], now_us: int
+    ) -> list[int | None]:
         """Per owned event: its dedupe key if it is the first copy, None for a copy already counted,
         -1 for an event older than the horizon (it moves no budget, so it cannot count twice)."""
         oldest = now_us - self.dedupe_horizon_us
         keys: list[int | None] = [-1] * len(owned)
         by_partition: dict[int, list[int]] = defaultdict(list)
-        for i, (_, partition, event) in enumerate(owned):
+        for i, (_, partition, _, event) in enumerate(owned):
             if event["event_time"] >= oldest:
                 keys[i] = event_key(event["project"], event["event_id"])
                 by_partition[partition].append(i)
@@ -172,7 +210,9 @@ class MeterStage:
                     keys[i] = None
         return keys
 
-    def _price_one(self, event: dict[str, Any], dedupe_key: int, now_us: int, result: MeterResult) -> None:
+    def _price_one(
+        self, event: dict[str, Any], index: int, dedupe_key: int, now_us: int, result: MeterResult
+    ) -> None:
         priced = self.catalogue.price(event)
         saved = 0
         if event.get("usage_source") == "cache":  # replayed from the gateway's cache: free, and what it saved
@@ -216,6 +256,7 @@ class MeterStage:
         result.statuses[priced.status] += 1
         result.priced.append(
             {
+                "index": index,
                 "usage": event,
                 "cost_pico_usd": priced.cost_pico,
                 "price_card": card.id if card else "",
@@ -264,7 +305,7 @@ class MeterBatch:
 
     def __init__(self, partitions: int) -> None:
         self.partitions = partitions
-        self.priced: dict[str, list[dict[str, Any]]] = defaultdict(list)  # project -> PricedUsage
+        self.priced: dict[str, list[dict[str, Any]]] = defaultdict(list)  # project -> PricedSource records
         self.deltas: dict[int, list[dict[str, Any]]] = defaultdict(list)  # spend.deltas partition -> deltas
         self._starts: dict[int, list[int]] = defaultdict(list)  # where each source message's deltas start
         # usage.raw partition -> (offsets, dedupe keys) of the events counted: for usage.seen
@@ -272,7 +313,9 @@ class MeterBatch:
 
     def add(self, result: MeterResult, source_partition: int, source_offset: int) -> None:
         if result.project is not None:
-            self.priced[result.project].extend(result.priced)
+            self.priced[result.project].append(
+                {"usage": result.usage, "priced_at": result.priced_at, "prices": result.priced}
+            )
         if result.seen:
             offsets, keys = self.seen[source_partition]
             offsets.extend([source_offset] * len(result.seen))
@@ -324,9 +367,17 @@ class MeterBatch:
         ]
 
     def priced_batches(self) -> list[tuple[str, list[dict[str, Any]]]]:
-        """(project, PricedUsage records) per message, at most PRICED_BATCH_EVENTS each."""
-        return [
-            (project, events[i : i + PRICED_BATCH_EVENTS])
-            for project, events in self.priced.items()
-            for i in range(0, len(events), PRICED_BATCH_EVENTS)
-        ]
+        """(project, PricedSource records) per PricedBatch message: whole sources, cut before a
+        source that would take a message past PRICED_BATCH_EVENTS priced events."""
+        out = []
+        for project, sources in self.priced.items():
+            chunk: list[dict[str, Any]] = []
+            events = 0
+            for source in sources:
+                if chunk and events + len(source["prices"]) > PRICED_BATCH_EVENTS:
+                    out.append((project, chunk))
+                    chunk, events = [], 0
+                chunk.append(source)
+                events += len(source["prices"])
+            out.append((project, chunk))
+        return out

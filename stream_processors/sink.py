@@ -21,9 +21,11 @@ from mode import Service
 
 from spendstream.errors import DecodeError
 from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
+from spendstream.priced import priced_events
 from spendstream.topics import Topics
 from spendstream.usage import priced_problem
 from spendstream.wire import Codec
+from stream_processors.gc_pauses import cyclic_gc_paused
 from stream_processors.pricing import audio_micros, pico_to_usd
 from stream_processors.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
 
@@ -143,7 +145,8 @@ class Sink(Service):
                 batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_rows)
                 for tp, messages in batches.items():
                     for msg in messages:
-                        self._add(tp, msg)
+                        with cyclic_gc_paused():  # rows are trees, freed by reference counting
+                            self._add(tp, msg)
                         # Decoding is the sink's CPU: yield after each message so the history
                         # process's /health, /sql and /flush never wait behind a whole fetch.
                         await asyncio.sleep(0)
@@ -165,7 +168,12 @@ class Sink(Service):
         except DecodeError as exc:
             record, name = {}, str(exc)
         if tp.topic == self._topics.usage_priced and name == "PricedBatch":
-            for priced in record["events"]:
+            try:
+                events = list(priced_events(record, self._codec))
+            except DecodeError as exc:  # a foreign writer's message: kept whole, as a dead letter
+                events = []
+                self._dead.append(self._sink_dead_letter(tp, msg, "sink_undecodable", str(exc), value))
+            for priced in events:
                 problem = priced_problem(priced)  # a foreign writer's row must not stall the inserts
                 if problem is None:
                     self._usage.append(usage_row(priced))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from producers import build_event
 from spendstream.usage import KEY_TAG, METERS
@@ -148,7 +152,8 @@ def test_a_take_of_messages_is_coalesced_per_project_and_per_owning_partition() 
         events = [ev(project=project, event_time=datetime.fromtimestamp(NOW / 1e6, UTC)) for _ in range(3)]
         result = STAGE.process(project.encode(), CODEC.encode("UsageBatch", {"events": events}), NOW)
         batch.add(result, partition, offset)
-    assert {p: len(e) for p, e in batch.priced.items()} == {"a": 6, "b": 3}  # one PricedBatch per project
+    # one PricedBatch per project, carrying each usage.raw message whole with its prices
+    assert {p: [len(s["prices"]) for s in ss] for p, ss in batch.priced.items()} == {"a": [3, 3], "b": [3]}
     deltas = [d for ds in batch.deltas.values() for d in ds]
     assert all(partition_for(d["scope"], 4) == owner for owner, ds in batch.deltas.items() for d in ds)
     # every delta remembers the usage.raw message it came from: re-delivery stays exactly-once
@@ -162,17 +167,20 @@ def test_a_take_of_messages_is_coalesced_per_project_and_per_owning_partition() 
             ("project:a", 0, 11),
         ]
     )
-    one_event_cost = batch.priced["a"][0]["cost_pico_usd"]
+    one_event_cost = batch.priced["a"][0]["prices"][0]["cost_pico_usd"]
     assert {d["pico_usd"] for d in deltas} == {3 * one_event_cost}
     encoded = CODEC.encode("SpendDeltaBatch", {"deltas": deltas})
     assert CODEC.decode(encoded)[1]["deltas"] == deltas
 
+    # whole sources per message, cut before the one that would pass PRICED_BATCH_EVENTS events
     big = MeterBatch(partitions=4)
-    big.priced["a"] = [{"n": i} for i in range(2 * PRICED_BATCH_EVENTS + 1)]
-    assert [len(events) for _, events in big.priced_batches()] == [
-        PRICED_BATCH_EVENTS,
-        PRICED_BATCH_EVENTS,
-        1,
+    sizes = [PRICED_BATCH_EVENTS // 2, PRICED_BATCH_EVENTS // 2, 1, PRICED_BATCH_EVENTS + 1, 3]
+    big.priced["a"] = [{"prices": [{}] * n} for n in sizes]
+    assert [[len(s["prices"]) for s in ss] for _, ss in big.priced_batches()] == [
+        sizes[:2],
+        [1],
+        [PRICED_BATCH_EVENTS + 1],
+        [3],
     ]
 
 
@@ -326,3 +334,69 @@ def test_a_cache_hit_costs_nothing_moves_no_budget_and_records_its_list_price_as
     ]
     row = usage_row(CODEC.decode(CODEC.encode("PricedUsage", cached))[1])
     assert row[14:15] + row[-2:] == (Decimal(0), "cache", Decimal("0.0035"))  # cost_usd, source, saved_usd
+
+
+def test_a_priced_batch_carries_the_usage_message_as_sent_and_reads_back_as_priced_usage() -> None:
+    """v5: each event is decoded once and never re-encoded; priced_events gives the records a v4
+    PricedBatch held (the sink's rows are the same either way), duplicates and dead events left out."""
+    from spendstream.priced import priced_events
+
+    good, bad, other = ev(), {**ev(), "output_tokens": -1}, ev(project="b")
+    value = CODEC.encode("UsageBatch", {"events": [good, bad, other, good, ev(model="gpt-4o-mini")]})
+    result = STAGE.process(b"a", value, NOW, partition=3)
+    batch = MeterBatch(partitions=4)
+    batch.add(result, 3, 0)
+    [(project, sources)] = batch.priced_batches()
+    assert project == "a"
+    assert [s["usage"] for s in sources] == [value]
+    assert [p["index"] for p in sources[0]["prices"]] == [0, 4]  # bad dead, other re-keyed, copy skipped
+    encoded = CODEC.encode("PricedBatch", {"sources": sources})
+    name, decoded = CODEC.decode(encoded)
+    assert name == "PricedBatch"
+    assert decoded["events"] == []
+    records = list(priced_events(decoded, CODEC))
+    as_v4 = CODEC.decode(CODEC.encode("PricedBatch", {"events": result.priced}))[1]["events"]
+    assert records == as_v4  # what a v4 meter wrote for the same message
+    assert [usage_row(r) for r in records] == [usage_row(p) for p in result.priced]
+    assert [r["priced_at"] for r in records] == [NOW, NOW]
+
+
+def test_priced_events_refuses_a_source_that_is_not_usage_or_a_price_without_its_event() -> None:
+    import pytest
+
+    from spendstream.errors import DecodeError
+    from spendstream.priced import priced_events
+
+    price = {
+        "index": 1,
+        "cost_pico_usd": 1,
+        "price_card": "c",
+        "pricing_status": "priced",
+        "card_version": "v",
+        "itemised": {},
+        "unpriced_reason": "",
+        "saved_pico_usd": 0,
+    }
+    one_event = CODEC.encode("UsageEvent", ev())
+    cases = [
+        (one_event, "a price for event 1 of a source with 1 events"),
+        (CODEC.encode("SeenIds", {"source_partition": 0, "offsets": b"", "ids": b""}), "holds a SeenIds"),
+        (b"junk", "not an Avro single-object message"),
+    ]
+    for usage, message in cases:
+        batch = {"events": [], "sources": [{"usage": usage, "priced_at": NOW, "prices": [price]}]}
+        with pytest.raises(DecodeError, match=message):
+            list(priced_events(CODEC.decode(CODEC.encode("PricedBatch", batch))[1], CODEC))
+
+
+@given(st.lists(st.integers(min_value=0, max_value=50)), st.integers(min_value=1, max_value=60))
+def test_parts_by_size_keeps_order_and_cuts_only_where_the_next_item_would_pass_the_limit(
+    sizes: list[int], limit: int
+) -> None:
+    from stream_processors.meter import parts_by_size
+
+    parts = parts_by_size(sizes, lambda n: n, limit)
+    assert [n for part in parts for n in part] == sizes  # nothing lost, doubled or reordered
+    assert all(part for part in parts)
+    assert all(sum(part) <= limit or len(part) == 1 for part in parts)
+    assert all(sum(a) + b[0] > limit for a, b in pairwise(parts))  # greedy: no cut before it was needed

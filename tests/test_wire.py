@@ -226,4 +226,27 @@ def test_a_priced_batch_of_the_v3_schema_decodes_with_nothing_saved(tmp_path: Pa
     old = Codec(tmp_path).encode("PricedBatch", {"events": [priced]})
     codec = default_codec()
     assert old[2:10] != codec.fingerprint("PricedBatch")
-    assert codec.decode(old) == ("PricedBatch", {"events": [{**priced, "saved_pico_usd": 0}]})
+    assert codec.decode(old) == ("PricedBatch", {"events": [{**priced, "saved_pico_usd": 0}], "sources": []})
+
+
+def test_a_priced_batch_of_the_v4_schema_decodes_as_events_with_no_sources(tmp_path: Path) -> None:
+    """PricedBatch v5 added `sources` (default []): what a v4 meter wrote before an upgrade is
+    still read, whole PricedUsage records in `events`."""
+    (tmp_path / "dev.spendstream.PricedBatch.avsc").write_text(
+        (SCHEMAS / "history" / "dev.spendstream.PricedBatch.v4.avsc").read_text()
+    )
+    priced = {
+        "usage": EVENT_V2,
+        "cost_pico_usd": 3_500_000_000,
+        "price_card": "openai/gpt-4o@2024-10-02",
+        "priced_at": 1_764_201_600_000_001,
+        "pricing_status": "priced",
+        "card_version": "2024-10-02",
+        "itemised": {"input": 2_500_000_000, "output": 1_000_000_000},
+        "unpriced_reason": "",
+        "saved_pico_usd": 7,
+    }
+    old = Codec(tmp_path).encode("PricedBatch", {"events": [priced]})
+    codec = default_codec()
+    assert old[2:10] != codec.fingerprint("PricedBatch")
+    assert codec.decode(old) == ("PricedBatch", {"events": [priced], "sources": []})
