@@ -140,7 +140,9 @@ def metered(meters: list[Meter]) -> int:
     return total
 
 
-def run_workers(count: int, topics: Topics, group: str, budgets: Path, scratch: Path, workload: Any) -> dict[str, Any]:
+def run_workers(
+    count: int, topics: Topics, group: str, budgets: Path, scratch: Path, workload: Any
+) -> dict[str, Any]:
     meters = start_meters(count, topics, group, budgets, scratch)
     try:
         settle_s = wait_assigned(meters)
@@ -150,7 +152,9 @@ def run_workers(count: int, topics: Topics, group: str, budgets: Path, scratch: 
         done = 0
         while done < workload.events:
             if time.monotonic() - started > DEADLINE_S:
-                raise meters[0].failed(f"{done:,} of {workload.events:,} events metered in {DEADLINE_S:.0f} s")
+                raise meters[0].failed(
+                    f"{done:,} of {workload.events:,} events metered in {DEADLINE_S:.0f} s"
+                )
             time.sleep(0.05)
             done = metered(meters)
         seconds = time.monotonic() - started
@@ -192,20 +196,25 @@ def measure(args: argparse.Namespace, run_id: str, scratch: Path) -> dict[str, A
         )
         runs.append(run)
     say("baseline: raw getmany loop + decode of every event, one process...")
-    base_s, base_events = asyncio.run(consume(sets[0].usage_raw, len(workload.messages), None))
+    base_s, base_events, base_cpu = asyncio.run(consume(sets[0].usage_raw, len(workload.messages), None))
     assert base_events == args.events, (base_events, args.events)
-    base_rate = args.events / base_s
-    say(f"  {base_rate:,.0f} events/s ({base_s / args.events * 1e6:.1f} CPU s per million events at most)")
+    base_rate, base_cpu_per_m = args.events / base_s, base_cpu / args.events * 1e6
+    say(f"  {base_rate:,.0f} events/s, {base_cpu_per_m:.1f} CPU s per million events")
     for run in runs:
         run["ratio_to_baseline"] = round(run["events_per_s"] / base_rate, 3)
         run["speedup_over_one_worker"] = round(run["events_per_s"] / runs[0]["events_per_s"], 2)
+        run["ratio_to_baseline_by_cpu"] = round(base_cpu_per_m / run["cpu_seconds_per_million_events"], 3)
     return {
         "events": args.events,
         "projects": args.projects,
         "partitions": PARTITIONS,
         "usage_raw_messages": len(workload.messages),
         "cores": os.cpu_count(),
-        "baseline": {"seconds": round(base_s, 3), "events_per_s": round(base_rate)},
+        "baseline": {
+            "seconds": round(base_s, 3),
+            "events_per_s": round(base_rate),
+            "cpu_seconds_per_million_events": round(base_cpu_per_m, 1),
+        },
         "runs": runs,
     }
 
@@ -217,12 +226,15 @@ def report(result: dict[str, Any]) -> None:
         f"Scale, {result['events']:,} events, {result['partitions']} partitions, "
         f"{result['cores']} cores shared by the workers, the broker and this script:"
     )
-    say(f"  raw getmany + decode, one process (baseline)  {base:>9,} events/s   1.00x")
+    base_cpu = result["baseline"]["cpu_seconds_per_million_events"]
+    say(
+        f"  raw getmany + decode, one process (baseline)  {base:>9,} events/s   1.00x   {base_cpu:>6} CPU s / M events"
+    )
     for r in result["runs"]:
         say(
             f"  {r['workers']} meter worker(s)                            {r['events_per_s']:>9,} events/s   "
             f"{r['ratio_to_baseline']:.3f}x   {r['speedup_over_one_worker']:.2f}x one worker   "
-            f"{r['cpu_seconds_per_million_events']:>6} CPU s / M events"
+            f"{r['cpu_seconds_per_million_events']:>6} CPU s / M events ({r['ratio_to_baseline_by_cpu']:.3f}x by CPU)"
         )
 
 
