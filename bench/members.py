@@ -182,8 +182,16 @@ def restart(worker: Worker, topics: Topics, probe: str) -> dict[str, float]:
     """Stop the worker, emit the probe's $12 call while it is down, start it again: seconds to
     /health answering with the feeds caught up, and to the probe's `blocked` on spend.control."""
     worker.stop()
+    return start_timed(worker, topics, probe)
+
+
+def start_timed(worker: Worker, topics: Topics, probe: str) -> dict[str, float]:
+    """With the worker stopped: emit the probe's $12 call, start it again, and time /health
+    answering with the feeds caught up, the probe's `blocked`, and the CPU until then
+    (`started_at`: the wall clock at the start)."""
     since = asyncio.run(control_end(topics))
     emit(topics, [(probe, "12")])
+    started_at = time.time()
     started = worker.start()
     health = {"at": 0.0}
 
@@ -202,6 +210,7 @@ def restart(worker: Worker, topics: Topics, probe: str) -> dict[str, float]:
         "enforcing_s": round(blocked - started, 2),
         # CPU the new process spent until then: what the start costs, whatever else the machine does
         "cpu_s": round(cpu_seconds(worker.pid), 2),
+        "started_at": started_at,
     }
 
 

@@ -49,7 +49,7 @@ from bench._common import (
     say,
     write_result,
 )
-from bench.members import Worker, checkout, control_end, emit, rss_mib, wait_blocked
+from bench.members import Worker, checkout, rss_mib, start_timed
 from producers import build_event
 from spendstream.topics import Topics, ensure_topics
 from spendstream.wire import default_codec
@@ -151,26 +151,10 @@ def restart(worker: Worker, topics: Topics, probe: str, *, kill: bool) -> dict[s
     assert worker.process is not None
     worker.signal(signal.SIGKILL if kill else signal.SIGTERM)
     worker.process.wait(timeout=900)  # a clean stop under load takes minutes here (the sink flushes)
-    since = asyncio.run(control_end(topics))
-    emit(topics, [(probe, "12")])
-    wall, started = time.time(), worker.start()
-    ready = {"at": 0.0}
-
-    async def both() -> float:
-        async def wait_ready() -> None:
-            ready["at"] = await asyncio.to_thread(worker.wait_ready)
-
-        task = asyncio.create_task(wait_ready())
-        blocked = await wait_blocked(topics, f"user:{probe}", since)
-        await task
-        return blocked
-
-    blocked = asyncio.run(both())
-    cpu = cpu_seconds(worker.pid)
+    timed = start_timed(worker, topics, probe)
+    wall = timed.pop("started_at")
     return {
-        "ready_s": round(ready["at"] - started, 2),
-        "enforcing_s": round(blocked - started, 2),
-        "cpu_s": round(cpu, 2),  # what the start cost, whatever else the machine did meanwhile
+        **timed,
         "rss_mib": rss_mib(worker.pid),
         **timeline(worker.log, worker.pid, wall),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from spendstream.cli.kafka_local import LocalCluster, LocalKafka
 from spendstream.topics import Topics
@@ -334,3 +336,18 @@ def wait_healthy(process: subprocess.Popen[bytes], url: str, log: Path, what: st
             process.wait()
             raise AssertionError(f"{what} not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
+
+
+async def describe_partitions(bootstrap: str, names: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Partitions per topic, once the metadata knows them all (a moment after creation)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        for _ in range(50):
+            described: list[dict[str, Any]] = await admin.describe_topics(names)
+            if all(t["partitions"] for t in described):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+    return {t["topic"]: t["partitions"] for t in described}

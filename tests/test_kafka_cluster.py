@@ -31,7 +31,7 @@ from spendstream.cli.up import prepare, replication_factor
 from spendstream.errors import KafkaLocalError
 from spendstream.settings import Settings
 from spendstream.topics import Topics, ensure_topics, replication_for
-from tests.conftest import REPO, TEST_KAFKA_PORT, own_cluster, start_worker
+from tests.conftest import REPO, TEST_KAFKA_PORT, describe_partitions, own_cluster, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -46,21 +46,6 @@ def cluster() -> Iterator[LocalCluster]:
     with own_cluster("cluster", 500) as c:
         print(f"\n3-node cluster started in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         yield c
-
-
-async def _describe(bootstrap: str, names: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Partitions per topic, once the metadata knows them all (a moment after creation)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        for _ in range(50):
-            described: list[dict[str, Any]] = await admin.describe_topics(names)
-            if all(t["partitions"] for t in described):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await admin.close()
-    return {t["topic"]: t["partitions"] for t in described}
 
 
 async def _min_isr(bootstrap: str, names: list[str]) -> dict[str, str]:
@@ -186,7 +171,7 @@ def test_topics_replicated_three_times_min_insync_two(cluster: LocalCluster) -> 
     topics = Topics("rf.")
     created = asyncio.run(ensure_topics(cluster.bootstrap, topics, 4))  # factor derived: 3 brokers
     assert sorted(created) == sorted(topics.all())
-    described = asyncio.run(_describe(cluster.bootstrap, topics.all()))
+    described = asyncio.run(describe_partitions(cluster.bootstrap, topics.all()))
     for name, partitions in described.items():
         assert len(partitions) == 4, name
         for p in partitions:
@@ -209,7 +194,7 @@ def test_up_prepares_the_local_cluster(cluster: LocalCluster) -> None:
     datadir = prepare(settings, said.append)
     assert said[0].startswith(f"Kafka cluster already running at {cluster.bootstrap} (node 1 pid ")
     assert datadir.endswith(f"/worker/{cluster.cluster_id()}")
-    described = asyncio.run(_describe(cluster.bootstrap, settings.topics.all()))
+    described = asyncio.run(describe_partitions(cluster.bootstrap, settings.topics.all()))
     assert {len(p["replicas"]) for parts in described.values() for p in parts} == {3}
 
 
@@ -225,7 +210,7 @@ def test_worker_topics_replicated(cluster: LocalCluster, tmp_path: Path) -> None
             assert time.monotonic() < deadline, names
             time.sleep(0.5)
         names = [n for n in names if n.startswith(worker_id)]
-        described = asyncio.run(_describe(cluster.bootstrap, [*names, *worker.topics.all()]))
+        described = asyncio.run(describe_partitions(cluster.bootstrap, [*names, *worker.topics.all()]))
         replicas = {n: {len(p["replicas"]) for p in parts} for n, parts in described.items()}
         assert replicas == {n: {3} for n in described}
         assert set(asyncio.run(_min_isr(cluster.bootstrap, [*names, *worker.topics.all()])).values()) == {"2"}
@@ -315,7 +300,7 @@ async def _read_all(bootstrap: str, topic: str, partitions: int) -> list[bytes]:
 async def _wait_full_isr(bootstrap: str, topic: str, bound: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < bound:
-        partitions = (await _describe(bootstrap, [topic]))[topic]
+        partitions = (await describe_partitions(bootstrap, [topic]))[topic]
         if partitions and all(len(p["isr"]) == 3 for p in partitions):
             return time.monotonic() - t0
         await asyncio.sleep(0.25)
@@ -364,7 +349,9 @@ def test_status_per_node(cluster: LocalCluster) -> None:
         assert lines[i].endswith(" partitions, 0 under-replicated"), lines[i]
         leaders += int(lines[i].split(", leads ")[1].split()[0])
     names = asyncio.run(_topic_names(cluster.bootstrap))
-    partitions = sum(len(parts) for parts in asyncio.run(_describe(cluster.bootstrap, names)).values())
+    partitions = sum(
+        len(parts) for parts in asyncio.run(describe_partitions(cluster.bootstrap, names)).values()
+    )
     assert leaders == partitions > 0  # every partition of every topic has a leader
 
     out = _cli(cluster, "stop", "--node", "3")  # SIGTERM: a controlled shutdown

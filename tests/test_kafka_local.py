@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
@@ -17,6 +16,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from spendstream.cli.kafka_local import KAFKA_VERSION, LocalKafka
 from spendstream.errors import ConfigError, KafkaLocalError
 from spendstream.topics import DLQ_RETENTION_MS, Topics, ensure_topics, wait_for_broker
+from tests.conftest import describe_partitions
 
 pytestmark = pytest.mark.integration
 
@@ -48,21 +48,6 @@ async def _topic_configs(names: list[str]) -> dict[str, dict[str, str]]:
             assert res["error_code"] == 0, res
             out[res["resource_name"]] = {e["config_names"]: e["config_value"] for e in res["config_entries"]}
     return out
-
-
-async def _partition_counts(names: list[str]) -> dict[str, int]:
-    """Partitions per topic, once the broker's metadata knows them (a moment after creation)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
-    try:
-        for _ in range(50):
-            described: list[dict[str, Any]] = await admin.describe_topics(names)
-            if all(t["partitions"] for t in described):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await admin.close()
-    return {t["topic"]: len(t["partitions"]) for t in described}
 
 
 def test_not_running_before_start(kafka: LocalKafka) -> None:
@@ -105,7 +90,8 @@ def test_lifecycle_and_topics(kafka: LocalKafka) -> None:
     created = asyncio.run(ensure_topics(BOOTSTRAP, topics, partitions=3))
     assert sorted(created) == sorted(topics.all())
     assert len(created) == 10
-    assert asyncio.run(_partition_counts(topics.all())) == dict.fromkeys(topics.all(), 3)
+    described = asyncio.run(describe_partitions(BOOTSTRAP, topics.all()))
+    assert {t: len(parts) for t, parts in described.items()} == dict.fromkeys(topics.all(), 3)
 
     configs = asyncio.run(_topic_configs(topics.all()))
     assert configs[topics.spend_control]["cleanup.policy"] == "compact"
