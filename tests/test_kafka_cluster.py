@@ -182,7 +182,8 @@ def test_topics_replicated_three_times_min_insync_two(cluster: LocalCluster) -> 
 
 def test_up_prepares_the_local_cluster(cluster: LocalCluster) -> None:
     """`spendstream up`'s first half with SPENDSTREAM_KAFKA_BROKERS=3: the running cluster is left
-    alone, the topics get 3 replicas, the worker's state is tied to the cluster's id."""
+    alone, the topics get 3 replicas, and the cluster's id (the worker's state dir is under it)
+    comes back."""
     settings = Settings(
         state_dir=cluster.home.parent,
         kafka_port=cluster.port,
@@ -191,9 +192,9 @@ def test_up_prepares_the_local_cluster(cluster: LocalCluster) -> None:
         topic_prefix="up.",
     )
     said: list[str] = []
-    datadir = prepare(settings, said.append)
+    cluster_name = prepare(settings, said.append)
     assert said[0].startswith(f"Kafka cluster already running at {cluster.bootstrap} (node 1 pid ")
-    assert datadir.endswith(f"/worker/{cluster.cluster_id()}")
+    assert cluster_name == cluster.cluster_id()
     described = asyncio.run(describe_partitions(cluster.bootstrap, settings.topics.all()))
     assert {len(p["replicas"]) for parts in described.values() for p in parts} == {3}
 
