@@ -137,14 +137,15 @@ def test_sql_is_read_only_bounded_and_never_stalls_the_sink(kafka: str, tmp_path
 def test_the_history_port_answers_its_worker_only(kafka: str, tmp_path: Path) -> None:
     w = start_worker(kafka, tmp_path / "t", "budgets: {}\n")
     try:
-        port = re.search(r"history process serving on 127\.0\.0\.1:(\d+)", w.log.read_text())
+        port = re.search(r"history writer serving on 127\.0\.0\.1:(\d+)", w.log.read_text())
         assert port is not None, w.log.read_text()[-2000:]
         private = f"http://127.0.0.1:{port.group(1)}"
         for headers in ({}, {"Authorization": "Bearer guessed"}, {"Authorization": ""}):
             for path, body in (("/sql", {"query": "SELECT 1"}), ("/flush", {}), ("/reprice", {})):
                 answer = httpx.post(private + path, json=body, headers=headers, timeout=10)
                 assert answer.status_code == 401, (path, headers, answer.text)
-            assert httpx.get(private + "/health", headers=headers, timeout=10).status_code == 401
+            health = httpx.get(private + "/health", headers=headers, timeout=10)  # open: probes need it
+            assert (health.status_code, set(health.json())) == (200, {"pid", "sink_rows_written"})
         assert w.sql("SELECT 1") == [[1]]  # the worker's own port, with the token it holds
         w.flush()
         assert w.health()["status"] == "ok"
