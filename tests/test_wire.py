@@ -207,22 +207,26 @@ def test_crc64_avro_matches_the_spec_test_vector() -> None:
     assert _crc64_avro(b'"null"') == 7195948357588979594
 
 
+# A PricedUsage as a v3 meter wrote it (v4 added saved_pico_usd, PricedBatch v5 added sources).
+PRICED_V3 = {
+    "usage": EVENT_V2,
+    "cost_pico_usd": 3_500_000_000,
+    "price_card": "openai/gpt-4o@2024-10-02",
+    "priced_at": 1_764_201_600_000_001,
+    "pricing_status": "priced",
+    "card_version": "2024-10-02",
+    "itemised": {"input": 2_500_000_000, "output": 1_000_000_000},
+    "unpriced_reason": "",
+}
+
+
 def test_a_priced_batch_of_the_v3_schema_decodes_with_nothing_saved(tmp_path: Path) -> None:
     """PricedUsage v4 added saved_pico_usd (default 0): usage.priced messages a v3 meter wrote
     before an upgrade are still stored, as events that saved nothing."""
     (tmp_path / "dev.spendstream.PricedBatch.avsc").write_text(
         (SCHEMAS / "history" / "dev.spendstream.PricedBatch.v3.avsc").read_text()
     )
-    priced = {
-        "usage": EVENT_V2,
-        "cost_pico_usd": 3_500_000_000,
-        "price_card": "openai/gpt-4o@2024-10-02",
-        "priced_at": 1_764_201_600_000_001,
-        "pricing_status": "priced",
-        "card_version": "2024-10-02",
-        "itemised": {"input": 2_500_000_000, "output": 1_000_000_000},
-        "unpriced_reason": "",
-    }
+    priced = PRICED_V3
     old = Codec(tmp_path).encode("PricedBatch", {"events": [priced]})
     codec = default_codec()
     assert old[2:10] != codec.fingerprint("PricedBatch")
@@ -235,17 +239,7 @@ def test_a_priced_batch_of_the_v4_schema_decodes_as_events_with_no_sources(tmp_p
     (tmp_path / "dev.spendstream.PricedBatch.avsc").write_text(
         (SCHEMAS / "history" / "dev.spendstream.PricedBatch.v4.avsc").read_text()
     )
-    priced = {
-        "usage": EVENT_V2,
-        "cost_pico_usd": 3_500_000_000,
-        "price_card": "openai/gpt-4o@2024-10-02",
-        "priced_at": 1_764_201_600_000_001,
-        "pricing_status": "priced",
-        "card_version": "2024-10-02",
-        "itemised": {"input": 2_500_000_000, "output": 1_000_000_000},
-        "unpriced_reason": "",
-        "saved_pico_usd": 7,
-    }
+    priced = {**PRICED_V3, "saved_pico_usd": 7}
     old = Codec(tmp_path).encode("PricedBatch", {"events": [priced]})
     codec = default_codec()
     assert old[2:10] != codec.fingerprint("PricedBatch")
