@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -139,3 +140,57 @@ def test_a_missing_internal_refuses_to_start_and_another_version_warns(monkeypat
         ConfigError, match=r"internals that spendstream patches are missing: faust types.tuples.ack_lock;"
     ):
         faust_fixes.check_internals()
+
+
+def test_the_worker_producer_coalesces_a_takes_sends_to_one_partition(kafka: str, tmp_path: Any) -> None:
+    """A take's output (PricedBatches of tens of KiB, several to one partition) must not queue
+    one produce round trip per message: aiokafka keeps one request in flight per broker and a
+    send to a partition whose batch is full waits for that batch to go out. With the worker's
+    producer settings, 20 sends of 40 KiB to one partition go out in at most 2 requests (with
+    Faust's default 16 KiB batches: 20, and the meter waited out each one's round trip)."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.producer.sender import Sender
+
+    from spendstream.settings import Settings
+    from spendstream.topics import ensure_topics
+    from stream_processors.app import create_app
+
+    settings = Settings(topic_prefix=f"coalesce-{uuid.uuid4().hex[:8]}.")
+    asyncio.run(ensure_topics(kafka, settings.topics, 1))
+    conf = create_app(settings, datadir=str(tmp_path), history=None).conf
+
+    async def requests_for(batch_size: int) -> tuple[int, int]:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka,
+            acks="all",
+            linger_ms=int(conf.producer_linger_ms * 1000),
+            max_batch_size=batch_size,
+            max_request_size=conf.producer_max_request_size,
+        )
+        await producer.start()
+        sent = Sender._send_produce_req
+        calls = 0
+
+        def counted(self: Any, *args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return sent(self, *args)
+
+        Sender._send_produce_req = counted  # type: ignore[method-assign]
+        try:
+            futures = [
+                await producer.send(settings.topics.usage_priced, b"x" * 40_000, partition=0)
+                for _ in range(20)
+            ]
+            delivered = len(await asyncio.gather(*futures))
+        finally:
+            Sender._send_produce_req = sent  # type: ignore[method-assign]
+            await producer.stop()
+        return calls, delivered
+
+    assert conf.producer_max_batch_size >= 1 << 20
+    worker_requests, delivered = asyncio.run(requests_for(conf.producer_max_batch_size))
+    faust_default_requests, _ = asyncio.run(requests_for(16_384))
+    assert delivered == 20
+    assert worker_requests <= 2, worker_requests
+    assert faust_default_requests == 20, faust_default_requests
