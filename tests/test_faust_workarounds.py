@@ -142,7 +142,7 @@ def test_a_missing_internal_refuses_to_start_and_another_version_warns(monkeypat
         faust_fixes.check_internals()
 
 
-def test_the_worker_producer_coalesces_a_takes_sends_to_one_partition(kafka: str, tmp_path: Any) -> None:
+def test_the_worker_never_stalls_delivery_on_its_producer_or_commits(kafka: str, tmp_path: Any) -> None:
     """A take's output (PricedBatches of tens of KiB, several to one partition) must not queue
     one produce round trip per message: aiokafka keeps one request in flight per broker and a
     send to a partition whose batch is full waits for that batch to go out. With the worker's
@@ -189,6 +189,10 @@ def test_the_worker_producer_coalesces_a_takes_sends_to_one_partition(kafka: str
         return calls, delivered
 
     assert conf.producer_max_batch_size >= 1 << 20
+    # Faust's delivery loop commits inline every broker_commit_every records, stopping delivery
+    # for a flush and a commit; the 1 s timer commits instead, beside the delivery loop.
+    assert conf.broker_commit_every >= 1_000_000
+    assert conf.broker_commit_interval == 1.0
     worker_requests, delivered = asyncio.run(requests_for(conf.producer_max_batch_size))
     faust_default_requests, _ = asyncio.run(requests_for(16_384))
     assert delivered == 20
