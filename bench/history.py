@@ -10,10 +10,14 @@ of the same rows in the same run.
 2. Baseline: the same rows, already built as Python tuples (`sink.usage_row`), inserted with
    `ClickHouseStore.insert` in chunks of the sink's batch size into a fresh chDB database: what
    storing them costs when nothing has to be read or decoded.
-3. The sink (`stream_processors.sink.Sink`, what the history process runs) on another fresh
-   database of the same chDB engine, from start to all N rows written.
+3. ClickHouse parsing the Avro alone: the same messages framed by `AvroRows` (the sink's fast
+   path) and inserted with `ClickHouseStore.insert_avro`, in chunks of the sink's batch size.
+4. The sink's per-row path (`Sink(avro_inserts=False)`: decode, `priced_problem`, tuples, insert;
+   what the sink did before the fast path), then the sink as the history process runs it (the fast
+   path), each on a fresh database of the same chDB engine and its own consumer group, from the
+   first fetched message to all N rows written (and, for reference, from `start()`: the group join).
 
-Elapsed seconds and this process's CPU seconds (chDB runs in it: its threads count too) for both;
+Elapsed seconds and this process's CPU seconds (chDB runs in it: its threads count too) for each;
 ClickHouse's row count, distinct event ids and sum(cost_usd) are checked against the workload.
 """
 
@@ -24,6 +28,7 @@ import asyncio
 import tempfile
 import time
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from bench._common import (
@@ -39,6 +44,7 @@ from producers import build_event
 from spendstream.priced import priced_events
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
+from stream_processors.avro_rows import STRUCTURE, AvroRows
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue, pico_to_usd
 from stream_processors.sink import Sink, usage_row
@@ -93,26 +99,43 @@ def totals(store: ClickHouseStore) -> tuple[int, int, Decimal]:
     return int(count), int(unique), Decimal(str(cost))
 
 
-async def run_sink(settings: Settings, store: ClickHouseStore, n: int, max_rows: int) -> tuple[float, float]:
+async def run_sink(
+    settings: Settings, store: ClickHouseStore, n: int, max_rows: int, *, avro: bool
+) -> tuple[float, float, float]:
+    """(seconds from the first fetched message, CPU seconds, seconds from start()) to n rows written."""
     sink = Sink(
         bootstrap=BOOTSTRAP,
         topics=settings.topics,
-        group_id=f"{settings.worker_id}-sink",
+        group_id=f"{settings.worker_id}-{store.database}",
         store=store,
         codec=default_codec(),
         max_rows=max_rows,
         max_seconds=settings.sink_max_seconds,
+        avro_inserts=avro,
     )
     started, cpu = time.perf_counter(), time.process_time()
+    first = None
     await sink.start()
     try:
         while sink.rows_written < n:
+            if first is None and sink._offsets:  # the first fetch is buffered
+                first = time.perf_counter()
             if time.perf_counter() - started > 600:
                 raise RuntimeError(f"the sink wrote {sink.rows_written:,} of {n:,} rows in 600 s")
-            await asyncio.sleep(0.02)
-        return time.perf_counter() - started, time.process_time() - cpu
+            await asyncio.sleep(0.005)
+        end = time.perf_counter()
+        return end - (first or started), time.process_time() - cpu, end - started
     finally:
         await sink.stop()
+
+
+def figures(n: int, seconds: float, cpu: float) -> dict[str, Any]:
+    return {
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(n / seconds),
+        "cpu_s_per_million_rows": round(cpu * 1e6 / n, 2),
+        "rows_per_cpu_s": round(n / cpu),
+    }
 
 
 def main() -> None:
@@ -144,44 +167,73 @@ def main() -> None:
         assert totals(bare) == expected, (totals(bare), expected)
         say(f"  {base_s:.2f} s ({n / base_s:,.0f} rows/s), CPU {base_cpu:.2f} s")
 
+        say(
+            f"ClickHouse parsing the Avro alone: {len(messages):,} messages framed, {max_rows:,} rows per insert..."
+        )
+        avro, alone = AvroRows(codec), ClickHouseStore(dsn, "avro_alone")
+        alone.migrate()
+        started, cpu = time.perf_counter(), time.process_time()
+        framed = [avro.record(value) for _, value in messages]
+        chunks: list[list[bytes]] = [[]]
+        rows_in_chunk = 0
+        for record in framed:
+            assert record is not None
+            if rows_in_chunk >= max_rows:
+                chunks.append([])
+                rows_in_chunk = 0
+            chunks[-1].append(record[0])
+            rows_in_chunk += record[1]
+        for chunk in chunks:
+            select = partial(avro.select, now_us=time.time_ns() // 1000)
+            alone.insert_avro("usage_events", USAGE_COLUMNS, select, STRUCTURE, avro.container(chunk))
+        alone_s, alone_cpu = time.perf_counter() - started, time.process_time() - cpu
+        assert totals(alone) == expected, (totals(alone), expected)
+        say(f"  {alone_s:.2f} s ({n / alone_s:,.0f} rows/s), CPU {alone_cpu:.2f} s")
+
+        sinks: dict[str, tuple[float, float, float, tuple[int, int, Decimal]]] = {}
         with bench_broker(run_id):
             asyncio.run(create_topics([settings.topics.prefix], PARTITIONS))
             asyncio.run(produce(settings.topics.usage_priced, messages))
-            say(f"sink: {len(messages):,} PricedBatch messages on usage.priced -> ClickHouse...")
-            store = ClickHouseStore(dsn, "sink")
-            store.migrate()
-            sink_s, sink_cpu = asyncio.run(run_sink(settings, store, n, max_rows))
-            stored = totals(store)
-            say(f"  {sink_s:.2f} s ({n / sink_s:,.0f} rows/s), CPU {sink_cpu:.2f} s")
+            for name, fast in (("per_row", False), ("sink", True)):
+                say(f"{name}: {len(messages):,} PricedBatch messages on usage.priced -> ClickHouse...")
+                store = ClickHouseStore(dsn, name)
+                store.migrate()
+                sink_s, sink_cpu, from_start = asyncio.run(run_sink(settings, store, n, max_rows, avro=fast))
+                sinks[name] = (sink_s, sink_cpu, from_start, totals(store))
+                say(
+                    f"  {sink_s:.2f} s ({n / sink_s:,.0f} rows/s; {from_start:.2f} s from start), CPU {sink_cpu:.2f} s"
+                )
 
-    per_million = 1e6 / n
+    sink_s, sink_cpu, _, stored = sinks["sink"]
+    slow_s, slow_cpu, _, slow_stored = sinks["per_row"]
     result: dict[str, Any] = {
         "events": n,
         "priced_messages": len(messages),
         "rows_per_insert": max_rows,
-        "baseline_bare_insert": {
-            "seconds": round(base_s, 3),
-            "rows_per_s": round(n / base_s),
-            "cpu_s_per_million_rows": round(base_cpu * per_million, 2),
+        "sink_max_seconds": settings.sink_max_seconds,
+        "baseline_bare_insert": figures(n, base_s, base_cpu),
+        "clickhouse_parsing_avro_alone": figures(n, alone_s, alone_cpu),
+        "sink_per_row_path": {
+            **figures(n, slow_s, slow_cpu),
+            "seconds_from_start": round(sinks["per_row"][2], 3),
         },
-        "sink": {
-            "seconds": round(sink_s, 3),
-            "rows_per_s": round(n / sink_s),
-            "cpu_s_per_million_rows": round(sink_cpu * per_million, 2),
-            "rows_per_cpu_s": round(n / sink_cpu),
-        },
+        "sink": {**figures(n, sink_s, sink_cpu), "seconds_from_start": round(sinks["sink"][2], 3)},
         "ratio_sink_to_bare_insert": round(base_s / sink_s, 3),
         "ratio_sink_to_bare_insert_by_cpu": round(base_cpu / sink_cpu, 3),
+        "ratio_sink_to_per_row_path": round(slow_s / sink_s, 3),
+        "ratio_sink_to_per_row_path_by_cpu": round(slow_cpu / sink_cpu, 3),
         "clickhouse": {"rows": stored[0], "unique_event_ids": stored[1], "cost_usd": str(stored[2])},
-        "clickhouse_matches_workload": stored == expected,
+        "clickhouse_matches_workload": stored == expected and slow_stored == expected,
         "target_rows_per_s": TARGET,
     }
+    per_million = 1e6 / n
     say(
         f"history writer: {n / sink_s:,.0f} rows/s ({result['ratio_sink_to_bare_insert']:.2f}x a bare insert "
-        f"of the same rows: {n / base_s:,.0f} rows/s); CPU {sink_cpu * per_million:.1f} s per million rows "
-        f"({result['ratio_sink_to_bare_insert_by_cpu']:.2f}x the bare insert's {base_cpu * per_million:.1f}); "
-        f"target {TARGET:,} rows/s: {n / sink_s / TARGET:.2f}x; ClickHouse holds {stored[0]:,} rows, "
-        f"{stored[1]:,} ids, ${stored[2]} (as expected: {stored == expected})"
+        f"of the same rows: {n / base_s:,.0f} rows/s; {result['ratio_sink_to_per_row_path']:.2f}x the per-row "
+        f"path: {n / slow_s:,.0f} rows/s); CPU {sink_cpu * per_million:.1f} s per million rows (bare insert "
+        f"{base_cpu * per_million:.1f}, per-row path {slow_cpu * per_million:.1f}, ClickHouse parsing the Avro "
+        f"alone {alone_cpu * per_million:.1f}); target {TARGET:,} rows/s: {n / sink_s / TARGET:.2f}x; ClickHouse "
+        f"holds {stored[0]:,} rows, {stored[1]:,} ids, ${stored[2]} (as expected: {result['clickhouse_matches_workload']})"
     )
     say(f"results: {write_result('history', result)}")
 

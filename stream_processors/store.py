@@ -197,7 +197,13 @@ class ClickHouseStore:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
             source = f"file({sql_literal(path)}, 'Avro', {sql_literal(structure)})"
-            sql = f"INSERT INTO {self.database}.{table} ({', '.join(columns)}) {select(source)}"
+            # No ReplacingMergeTree merge of the block at insert (optimize_on_insert): measured at
+            # ~45% of the CPU of such an insert. Ids repeated within it collapse at merge time and
+            # under FINAL, exactly as those repeated across two inserts always have.
+            sql = (
+                f"INSERT INTO {self.database}.{table} ({', '.join(columns)}) {select(source)} "
+                "SETTINGS optimize_on_insert = 0"
+            )
             with self._lock:
                 self._client.command(sql)
         finally:
