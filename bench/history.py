@@ -188,6 +188,7 @@ def main() -> None:
             alone.insert_avro("usage_events", USAGE_COLUMNS, select, STRUCTURE, avro.container(chunk))
         alone_s, alone_cpu = time.perf_counter() - started, time.process_time() - cpu
         assert totals(alone) == expected, (totals(alone), expected)
+        alone.close()
         say(f"  {alone_s:.2f} s ({n / alone_s:,.0f} rows/s), CPU {alone_cpu:.2f} s")
 
         sinks: dict[str, tuple[float, float, float, tuple[int, int, Decimal]]] = {}
@@ -200,6 +201,7 @@ def main() -> None:
                 store.migrate()
                 sink_s, sink_cpu, from_start = asyncio.run(run_sink(settings, store, n, max_rows, avro=fast))
                 sinks[name] = (sink_s, sink_cpu, from_start, totals(store))
+                store.close()
                 say(
                     f"  {sink_s:.2f} s ({n / sink_s:,.0f} rows/s; {from_start:.2f} s from start), CPU {sink_cpu:.2f} s"
                 )

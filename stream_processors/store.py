@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
@@ -186,12 +187,13 @@ class ClickHouseStore:
         """`INSERT INTO table (columns) select(source)`, where `source` is a table function reading
         `data` (an Avro Object Container File) with `structure`: ClickHouse parses it and builds
         the rows. The file lives in a private temp dir (0700, in memory under /dev/shm when there is
-        one) only while the insert runs. Raises what ClickHouse raises (clickhouse-connect's types)."""
+        one) only while the insert runs; a process killed meanwhile leaves it, and the next store to
+        insert removes the dirs of processes no longer running. Raises what ClickHouse raises
+        (clickhouse-connect's types)."""
         if not self.inserts_avro:
             raise QueryError("insert_avro needs embedded ClickHouse (a chdb:// DSN)")
         if self._avro_dir is None:
-            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-            self._avro_dir = tempfile.mkdtemp(prefix="spendstream-sink-", dir=shm)
+            self._avro_dir = _private_temp_dir()
         fd, path = tempfile.mkstemp(suffix=".avro", dir=self._avro_dir)
         try:
             with os.fdopen(fd, "wb") as file:
@@ -299,6 +301,27 @@ class ClickHouseStore:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else repr(exc)
+
+
+def _private_temp_dir() -> str:
+    """A new `spendstream-sink-<pid>-*` dir (0700) for insert_avro's files, after removing those of
+    processes that no longer run (killed during an insert: nothing of users' data stays behind)."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    for stale in Path(base).glob("spendstream-sink-*-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"spendstream-sink-{os.getpid()}-", dir=base)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def sql_literal(text: str) -> str:

@@ -6,6 +6,7 @@ neighbours stored); and the SQL checks never accept a row `priced_problem` refus
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,6 +46,10 @@ def stores() -> Iterator[tuple[ClickHouseStore, ClickHouseStore]]:
     yield pair[0], pair[1]
     for store in pair:
         store.close()
+
+
+def _shm_or_tmp() -> str:
+    return "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
 
 
 def event(i: int, **kw: Any) -> dict[str, Any]:
@@ -193,7 +198,13 @@ def test_clickhouse_parsing_the_avro_stores_exactly_the_per_row_paths_rows(
     kafka: str, stores: tuple[ClickHouseStore, ClickHouseStore]
 ) -> None:
     fast_store, slow_store = stores
+    # what a history process killed during an insert left behind (its pid no longer runs)
+    stale = Path(tempfile.mkdtemp(prefix="spendstream-sink-999999999-", dir=_shm_or_tmp()))
+    (stale / "left.avro").write_bytes(b"users' data")
     fast, slow = sink_both(kafka, stores, varied_messages(), rows=10, dead=0)
+    assert not stale.exists()
+    assert fast_store._avro_dir is not None
+    assert list(Path(fast_store._avro_dir).iterdir()) == []  # each insert's file is gone with it
     fast_rows, slow_rows = usage_rows(fast_store), usage_rows(slow_store)
     print(
         f"sent 11 priced rows (10 events) in 4 messages; fast path stored {len(fast_rows)}, per-row {len(slow_rows)}"
