@@ -168,12 +168,14 @@ class Sink(Service):
                         await asyncio.sleep(0)
                 pending = len(self._usage) + len(self._dead) + self._fast_rows
             if pending >= self._max_rows or (pending and time.monotonic() - last_flush >= self._max_seconds):
+                # Flushes start every max_seconds (the insert's own time is not added to the wait).
+                last_flush = time.monotonic()
                 try:
                     await self.flush()
                 except Exception:
                     log.exception("sink flush failed; the rows are kept and retried in 1 s")
                     await asyncio.sleep(1)
-                last_flush = time.monotonic()
+                    last_flush = time.monotonic()
 
     def _add(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]) -> None:
         """Buffer one fetched message's rows and, with them, its offset: a flush (`/flush`) may run
