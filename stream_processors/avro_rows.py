@@ -296,6 +296,10 @@ class AvroRows:
         find, batch, single = value.find, self._batch, self._single
         pos = _HEADER + 1
         try:
+            # The sources array's first block count: a meter writes one block, so every source.
+            # A source the search below does not find (usage written with an older schema) makes
+            # the counts differ: such a message goes the per-row path.
+            expected, _ = _varint(value, pos)
             while True:
                 at_batch, at_single = find(batch, pos), find(single, pos)
                 start = (
@@ -321,6 +325,8 @@ class AvroRows:
                 sources += 1
                 pos = end
         except (IndexError, ValueError):
+            return None
+        if sources != expected:
             return None
         head = _zigzag(sources) if sources else b""
         return b"".join((head, *parts, b"\x00", value[_HEADER + 1 :], self._nonce)), total

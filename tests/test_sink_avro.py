@@ -224,6 +224,20 @@ def test_clickhouse_parsing_the_avro_stores_exactly_the_per_row_paths_rows(
     assert (audio, saved) == (Decimal("12.345678"), Decimal("0.987654321012"))
 
 
+def test_messages_the_fast_path_cannot_frame_go_the_per_row_path_from_the_start() -> None:
+    """v4-style `events`, usage written with a schema other than the current one and other messages
+    are not framed (so no flush fails and falls back for them)."""
+    avro = AvroRows(CODEC)
+    good = source([event(0), event(1)], [price(0), price(1)])
+    assert avro.record(batch(good, source([event(2)], [price(0)], single=True))) is not None
+    old = dict(good, usage=good["usage"][:2] + bytes(8) + good["usage"][10:])  # another fingerprint
+    assert avro.record(batch(good, old)) is None
+    assert avro.record(batch(old)) is None
+    legacy = {"usage": event(3), "priced_at": NOW_US, **{k: v for k, v in price(0).items() if k != "index"}}
+    assert avro.record(CODEC.encode("PricedBatch", {"events": [legacy]})) is None
+    assert avro.record(CODEC.encode("UsageBatch", {"events": [event(4)]})) is None
+
+
 # One bad row of each kind, next to good ones; (field of the event or the price, value).
 BAD = [
     ("price", "cost_pico_usd", MAX_EVENT_PICO + 1),
