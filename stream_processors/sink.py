@@ -261,7 +261,9 @@ class Sink(Service):
                         )
                         usage, dead = list(usage), list(dead)
                         for framed in fast:
-                            self._rows(framed.tp, framed.msg, usage, dead)
+                            with cyclic_gc_paused():
+                                self._rows(framed.tp, framed.msg, usage, dead)
+                            await asyncio.sleep(0)  # as in _consume: /health and /sql stay answered
                         fast, fast_rows = [], 0
                 if usage:
                     await asyncio.to_thread(self._store.insert, "usage_events", usage, USAGE_COLUMNS)
