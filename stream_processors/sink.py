@@ -6,6 +6,13 @@ Flush, in order (at least once):
   3. commit the consumed Kafka offsets.
 A crash between 2 and 3 re-inserts the same rows on restart; `usage_events` is a
 ReplacingMergeTree keyed by event_id, so the duplicates collapse (query with FINAL).
+
+Fast path (embedded ClickHouse): a v5 PricedBatch is not decoded in Python at all. Step 1 only
+frames it as an Avro record (stream_processors/avro_rows.py) and ClickHouse parses, checks and
+converts its rows in one `INSERT ... SELECT`. If that insert fails for any reason (a row failing the
+checks, a parse or type error), the same messages go the per-row path below in the same flush: it
+dead-letters exactly the rows it cannot store, with their reasons, and stores the rest. Rows the
+failed insert had already written are written again, identical, and collapse like any replay.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -25,6 +33,7 @@ from spendstream.priced import priced_events
 from spendstream.topics import Topics
 from spendstream.usage import priced_problem
 from spendstream.wire import Codec
+from stream_processors.avro_rows import STRUCTURE, AvroRows
 from stream_processors.gc_pauses import cyclic_gc_paused
 from stream_processors.pricing import audio_micros, pico_to_usd
 from stream_processors.store import DEAD_LETTER_COLUMNS, USAGE_COLUMNS, ClickHouseStore
@@ -100,8 +109,11 @@ class Sink(Service):
         max_rows: int,
         max_seconds: float,
         kafka_auth: KafkaAuth = PLAINTEXT,
+        avro_inserts: bool = True,
         **kwargs: Any,
     ) -> None:
+        """`avro_inserts=False` stores every message through the per-row path (for comparisons);
+        the fast path is only taken where the store has it (embedded ClickHouse)."""
         super().__init__(**kwargs)
         self._topics = topics
         self._store = store
@@ -118,11 +130,15 @@ class Sink(Service):
             **kafka_auth.client_kwargs(),
         }
         self._consumer: AIOKafkaConsumer | None = None
+        self._avro = AvroRows(codec) if avro_inserts and store.inserts_avro else None
         self._usage: list[tuple[Any, ...]] = []
         self._dead: list[tuple[Any, ...]] = []
+        self._fast: list[_Framed] = []  # messages ClickHouse will parse (the fast path)
+        self._fast_rows = 0
         self._offsets: dict[TopicPartition, int] = {}  # next offset to commit, per partition
         self._flush_lock = asyncio.Lock()
         self.rows_written = 0
+        self.rows_parsed = 0  # of rows_written, those ClickHouse parsed from Avro (the fast path)
 
     async def on_start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -140,7 +156,7 @@ class Sink(Service):
         assert self._consumer is not None
         last_flush = time.monotonic()
         while not self.should_stop:
-            pending = len(self._usage) + len(self._dead)
+            pending = len(self._usage) + len(self._dead) + self._fast_rows
             if pending < 4 * self._max_rows:  # bounded memory while ClickHouse is unavailable
                 batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_rows)
                 for tp, messages in batches.items():
@@ -150,18 +166,38 @@ class Sink(Service):
                         # Decoding is the sink's CPU: yield after each message so the history
                         # process's /health, /sql and /flush never wait behind a whole fetch.
                         await asyncio.sleep(0)
-                pending = len(self._usage) + len(self._dead)
+                pending = len(self._usage) + len(self._dead) + self._fast_rows
             if pending >= self._max_rows or (pending and time.monotonic() - last_flush >= self._max_seconds):
+                # Flushes start every max_seconds (the insert's own time is not added to the wait).
+                last_flush = time.monotonic()
                 try:
                     await self.flush()
                 except Exception:
                     log.exception("sink flush failed; the rows are kept and retried in 1 s")
                     await asyncio.sleep(1)
-                last_flush = time.monotonic()
+                    last_flush = time.monotonic()
 
     def _add(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]) -> None:
         """Buffer one fetched message's rows and, with them, its offset: a flush (`/flush`) may run
         while `_consume` yields, and it must commit exactly the offsets of the rows it takes."""
+        framed = None
+        if self._avro is not None and tp.topic == self._topics.usage_priced:
+            framed = self._avro.record(msg.value or b"")
+        if framed is not None:
+            self._fast.append(_Framed(tp, msg, *framed))
+            self._fast_rows += framed[1]
+        else:
+            self._rows(tp, msg, self._usage, self._dead)
+        self._offsets[tp] = msg.offset + 1
+
+    def _rows(
+        self,
+        tp: TopicPartition,
+        msg: ConsumerRecord[bytes, bytes],
+        usage: list[tuple[Any, ...]],
+        dead: list[tuple[Any, ...]],
+    ) -> None:
+        """The per-row path: one message's usage_events rows to `usage`, dead letters to `dead`."""
         value = msg.value or b""
         try:
             name, record = self._codec.decode(value)
@@ -172,19 +208,18 @@ class Sink(Service):
                 events = list(priced_events(record, self._codec))
             except DecodeError as exc:  # a foreign writer's message: kept whole, as a dead letter
                 events = []
-                self._dead.append(self._sink_dead_letter(tp, msg, "sink_undecodable", str(exc), value))
+                dead.append(self._sink_dead_letter(tp, msg, "sink_undecodable", str(exc), value))
             for priced in events:
                 problem = priced_problem(priced)  # a foreign writer's row must not stall the inserts
                 if problem is None:
-                    self._usage.append(usage_row(priced))
+                    usage.append(usage_row(priced))
                 else:
                     detail = f"event {str(priced['usage'].get('event_id'))[:40]}: {problem}"
-                    self._dead.append(self._sink_dead_letter(tp, msg, "sink_invalid_row", detail, b""))
+                    dead.append(self._sink_dead_letter(tp, msg, "sink_invalid_row", detail, b""))
         elif tp.topic == self._topics.usage_dlq and name == "DeadLetter":
-            self._dead.append(dead_letter_row(record))
+            dead.append(dead_letter_row(record))
         else:  # keep what we could not read: it is a dead letter of the sink itself
-            self._dead.append(self._sink_dead_letter(tp, msg, "sink_undecodable", name, value))
-        self._offsets[tp] = msg.offset + 1
+            dead.append(self._sink_dead_letter(tp, msg, "sink_undecodable", name, value))
 
     @staticmethod
     def _sink_dead_letter(
@@ -207,28 +242,69 @@ class Sink(Service):
         async with self._flush_lock:
             # Take the buffers before awaiting: rows consumed meanwhile go to the next flush,
             # and their offsets are not committed by this one.
-            usage, dead, offsets = self._usage, self._dead, self._offsets
-            self._usage, self._dead, self._offsets = [], [], {}
-            if not usage and not dead:
+            usage, dead, fast, offsets = self._usage, self._dead, self._fast, self._offsets
+            self._usage, self._dead, self._fast, self._offsets = [], [], [], {}
+            fast_rows, self._fast_rows = self._fast_rows, 0
+            if not usage and not dead and not fast:
                 return
             started = time.perf_counter()
             try:
-                if usage:  # 1. persist
+                if fast:  # 1. persist: ClickHouse parses the framed messages (module docstring)
+                    try:
+                        await asyncio.to_thread(self._insert_framed, fast)
+                    except Exception as exc:
+                        log.warning(
+                            "sink: ClickHouse did not take %d framed messages (%s); "
+                            "storing them through the per-row path",
+                            len(fast),
+                            str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc),
+                        )
+                        usage, dead = list(usage), list(dead)
+                        for framed in fast:
+                            with cyclic_gc_paused():
+                                self._rows(framed.tp, framed.msg, usage, dead)
+                            await asyncio.sleep(0)  # as in _consume: /health and /sql stay answered
+                        fast, fast_rows = [], 0
+                if usage:
                     await asyncio.to_thread(self._store.insert, "usage_events", usage, USAGE_COLUMNS)
                 if dead:
                     await asyncio.to_thread(self._store.insert, "dead_letters", dead, DEAD_LETTER_COLUMNS)
             except BaseException:
                 # Not written: put the rows back in front so the next flush retries them.
                 self._usage, self._dead = usage + self._usage, dead + self._dead
+                self._fast, self._fast_rows = fast + self._fast, fast_rows + self._fast_rows
                 self._offsets = {**offsets, **self._offsets}
                 raise
             assert self._consumer is not None
             await self._consumer.commit(offsets)  # 2. only then store the offsets
-            self.rows_written += len(usage)
+            self.rows_written += len(usage) + fast_rows
+            self.rows_parsed += fast_rows
             log.info(
-                "sink flush: %d usage rows, %d dead letters, offsets %s in %.0f ms",
-                len(usage),
+                "sink flush: %d usage rows (%d parsed by ClickHouse), %d dead letters, offsets %s in %.0f ms",
+                len(usage) + fast_rows,
+                fast_rows,
                 len(dead),
                 {f"{tp.topic}[{tp.partition}]": o for tp, o in offsets.items()},
                 (time.perf_counter() - started) * 1000,
             )
+
+    def _insert_framed(self, fast: list[_Framed]) -> None:
+        assert self._avro is not None
+        avro, now_us = self._avro, time.time_ns() // 1000
+        self._store.insert_avro(
+            "usage_events",
+            USAGE_COLUMNS,
+            lambda source: avro.select(source, now_us),
+            STRUCTURE,
+            avro.container([framed.record for framed in fast]),
+        )
+
+
+@dataclass(frozen=True)
+class _Framed:
+    """A message on the fast path: kept whole, for the per-row path if ClickHouse refuses it."""
+
+    tp: TopicPartition
+    msg: ConsumerRecord[bytes, bytes]
+    record: bytes  # its AvroRows record
+    rows: int
