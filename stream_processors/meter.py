@@ -13,7 +13,6 @@ third of the meter's CPU). `spendstream.priced.priced_events` turns either form 
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +25,10 @@ from aiokafka.partitioner import murmur2
 
 from spendstream.errors import DecodeError
 from spendstream.topics import DEDUPE_HORIZON_S
-from spendstream.usage import KEY_TAG, MAX_EVENT_PICO, usage_problem
+from spendstream.usage import KEY_TAG, MAX_EVENT_PICO, DecodedUsageCheck
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
-from stream_processors.dedupe import SeenIds, event_key
+from stream_processors.dedupe import SeenIds, event_keys
 from stream_processors.gc_pauses import cyclic_gc_paused
 from stream_processors.pricing import Catalogue
 
@@ -114,6 +113,7 @@ class MeterStage:
         self.budgeted = budgeted
         self.dedupe_horizon_us = dedupe_horizon_us
         self.seen: dict[int, SeenIds] = {}  # usage.raw partition -> the event ids it counted
+        self._check = DecodedUsageCheck()
 
     def seen_ids(self, partition: int) -> SeenIds:
         seen = self.seen.get(partition)
@@ -145,12 +145,13 @@ class MeterStage:
         owned: list[tuple[MeterResult, int, int, dict[str, Any]]] = []  # (result, partition, index, event)
         for result, (partition, key, value) in zip(results, messages, strict=True):
             owned += [(result, partition, i, e) for i, e in self._events(key, value, now_us, result)]
+        scopes_of: dict[tuple[Any, ...], list[str]] = {}
         for (result, _, index, event), dedupe_key in zip(owned, self._dedupe(owned, now_us), strict=True):
             if dedupe_key is None:
                 result.statuses["duplicate"] += 1
                 continue
             try:
-                self._price_one(event, index, dedupe_key, now_us, result)
+                self._price_one(event, index, dedupe_key, now_us, result, scopes_of)
             except Exception as exc:  # a bug must cost this event only, and say so
                 result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
         return results
@@ -176,11 +177,14 @@ class MeterStage:
             return []
         message_project = key.decode("utf-8", "replace") if key is not None else None
         valid = []
+        all_valid, check = self._check.all_valid(events, now_us), self._check.problem
         for index, event in enumerate(events):
-            try:
-                problem = usage_problem(event, now_us=now_us)
-            except Exception as exc:
-                problem = f"cannot be checked: {exc!r}"[:1000]
+            problem = None
+            if not all_valid:  # find the invalid ones
+                try:
+                    problem = check(event, now_us)
+                except Exception as exc:
+                    problem = f"cannot be checked: {exc!r}"[:1000]
             if problem is not None:
                 result.dead.append(DeadLetter("invalid_event", problem, self._single_or_raw(event, value)))
             elif event["project"] != message_project:
@@ -201,27 +205,35 @@ class MeterStage:
         by_partition: dict[int, list[int]] = defaultdict(list)
         for i, (_, partition, _, event) in enumerate(owned):
             if event["event_time"] >= oldest:
-                keys[i] = event_key(event["project"], event["event_id"])
                 by_partition[partition].append(i)
         for partition, indexes in by_partition.items():
-            batch = np.fromiter((keys[i] for i in indexes), dtype=np.uint64, count=len(indexes))
-            for i, first in zip(indexes, self.seen_ids(partition).first_seen(batch, now_us), strict=True):
-                if not first:
-                    keys[i] = None
+            events = [owned[i][3] for i in indexes]
+            batch = event_keys([e["project"] for e in events], [e["event_id"] for e in events])
+            firsts = self.seen_ids(partition).first_seen(batch, now_us)
+            for i, key, first in zip(indexes, batch.tolist(), firsts.tolist(), strict=True):
+                keys[i] = key if first else None
         return keys
 
     def _price_one(
-        self, event: dict[str, Any], index: int, dedupe_key: int, now_us: int, result: MeterResult
+        self,
+        event: dict[str, Any],
+        index: int,
+        dedupe_key: int,
+        now_us: int,
+        result: MeterResult,
+        scopes_of: dict[tuple[Any, ...], list[str]],
     ) -> None:
-        priced = self.catalogue.price(event)
+        """Price one valid event into `result`; `scopes_of` remembers the scopes of each (project,
+        team, user, key, model) for one process_many call (budgets may change between calls)."""
+        status, cost, card, itemised, reason = self.catalogue.price_fields(event)
         saved = 0
         if event.get("usage_source") == "cache":  # replayed from the gateway's cache: free, and what it saved
-            saved, priced = priced.cost_pico or 0, dataclasses.replace(priced, cost_pico=0, itemised={})
-        if priced.cost_pico is not None and priced.cost_pico > MAX_EVENT_PICO:
+            saved, cost, itemised = cost or 0, 0, {}
+        if cost is not None and cost > MAX_EVENT_PICO:
             result.dead.append(
                 DeadLetter(
                     "cost_out_of_bounds",
-                    f"cost {priced.cost_pico} pico-USD is above the maximum of {MAX_EVENT_PICO} "
+                    f"cost {cost} pico-USD is above the maximum of {MAX_EVENT_PICO} "
                     "(1,000,000 USD) per event",
                     self._single(event),
                 )
@@ -229,15 +241,12 @@ class MeterStage:
             return
         project = event["project"]
         scopes: list[str] = []
-        if priced.cost_pico and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
-            globs = self.model_globs.get(project, ())
-            budgeted = self.budgeted
-            team, user = event["team"], event["user"]
-            key = event["tags"].get(KEY_TAG)
-            team = team if team and ("team:*" in budgeted or f"team:{team}" in budgeted) else None
-            user = user if user and ("user:*" in budgeted or f"user:{user}" in budgeted) else None
-            key = key if key and ("key:*" in budgeted or f"key:{key}" in budgeted) else None
-            scopes = scopes_for_event(project, team, user, event["model"], globs, key)
+        if cost and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
+            who = (project, event["team"], event["user"], event["tags"].get(KEY_TAG), event["model"])
+            found = scopes_of.get(who)
+            scopes = self._scopes(*who) if found is None else found
+            if found is None:
+                scopes_of[who] = scopes
             minute = event["event_time"] // MINUTE_US
             if len(result.spend) + len(scopes) > MAX_DELTAS_PER_MESSAGE and any(
                 (s, minute) not in result.spend for s in scopes
@@ -251,20 +260,19 @@ class MeterStage:
                     )
                 )
                 return
-        card = priced.card
         result.project = project
-        result.statuses[priced.status] += 1
+        result.statuses[status] += 1
         result.priced.append(
             {
                 "index": index,
                 "usage": event,
-                "cost_pico_usd": priced.cost_pico,
+                "cost_pico_usd": cost,
                 "price_card": card.id if card else "",
                 "priced_at": now_us,
-                "pricing_status": priced.status,
+                "pricing_status": status,
                 "card_version": card.version if card else "",
-                "itemised": priced.itemised,
-                "unpriced_reason": priced.reason,
+                "itemised": itemised,
+                "unpriced_reason": reason,
                 "saved_pico_usd": saved,
             }
         )
@@ -272,17 +280,28 @@ class MeterStage:
             result.unbudgeted += 1
             return
         result.seen.append(dedupe_key)
-        cost = priced.cost_pico or 0  # scopes is empty when unpriced
+        cost = cost or 0  # scopes is empty when unpriced
+        spend = result.spend
         for scope in scopes:
-            slot = result.spend.get((scope, minute))
+            slot = spend.get((scope, minute))
             if slot is None:
-                result.spend[(scope, minute)] = [cost, 1]
+                spend[(scope, minute)] = [cost, 1]
             elif slot[0] + cost > MAX_DELTA_PICO:  # a delta is an Avro long
                 result.full_deltas.append((scope, minute, slot[0], slot[1]))
                 slot[0], slot[1] = cost, 1
             else:
                 slot[0] += cost
                 slot[1] += 1
+
+    def _scopes(
+        self, project: str, team: str | None, user: str | None, key: str | None, model: str
+    ) -> list[str]:
+        """The budget scopes an event of these counts against (see `budgeted` in __init__)."""
+        budgeted = self.budgeted
+        team = team if team and ("team:*" in budgeted or f"team:{team}" in budgeted) else None
+        user = user if user and ("user:*" in budgeted or f"user:{user}" in budgeted) else None
+        key = key if key and ("key:*" in budgeted or f"key:{key}" in budgeted) else None
+        return scopes_for_event(project, team, user, model, self.model_globs.get(project, ()), key)
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)
