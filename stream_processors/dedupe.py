@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 from functools import lru_cache
 from hashlib import blake2b
+from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
@@ -64,10 +65,10 @@ def event_key(project: str, event_id: str) -> int:
 def event_keys(projects: Sequence[str], event_ids: Sequence[str]) -> Ids:
     """`event_key` of each (project, event_id) pair, computed at once (a fraction of the CPU per
     event). Each id must be a UUID as `usage_problem` accepts it: 32 hex digits, dashes optional."""
-    digits = "".join(event_ids).replace("-", "")
-    if len(digits) != 32 * len(event_ids):  # not all UUIDs: a caller's bug, but still every key right
+    digits = list(map(str.replace, event_ids, repeat("-"), repeat("")))
+    if digits and set(map(len, digits)) != {32}:  # not all UUIDs: a caller's bug, but every key right
         return np.fromiter(map(event_key, projects, event_ids), dtype=np.uint64, count=len(event_ids))
-    halves = np.frombuffer(bytes.fromhex(digits), dtype=">u8").reshape(-1, 2)  # x >> 64, x & _U64
+    halves = np.frombuffer(bytes.fromhex("".join(digits)), dtype=">u8").reshape(-1, 2)  # x >> 64, x & _U64
     hashes = np.fromiter(map(_project_hash, projects), dtype=np.uint64, count=len(projects))
     keys: Ids = halves[:, 0] ^ halves[:, 1] ^ hashes
     return keys
