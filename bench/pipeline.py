@@ -68,6 +68,7 @@ from spendstream.cli.kafka_local import LocalKafka
 from spendstream.topics import Topics
 from spendstream.wire import default_codec
 from stream_processors.meter import MeterBatch, MeterStage
+from stream_processors.priced_writer import PricedBatchWriter
 from stream_processors.pricing import Catalogue, pico_to_usd
 
 PARTITIONS = 4
@@ -153,6 +154,7 @@ async def consume(topic: str, messages: int, stage: MeterStage | None) -> tuple[
     """Read `messages` messages of `topic`: decode each (or run the meter stage);
     (seconds, events, CPU seconds of this process meanwhile)."""
     codec = default_codec()
+    writer = PricedBatchWriter(codec)
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=BOOTSTRAP,
@@ -176,7 +178,7 @@ async def consume(topic: str, messages: int, stage: MeterStage | None) -> tuple[
                         output = MeterBatch(PARTITIONS)
                         output.add(result, msg.partition, msg.offset)
                         for _, sources in output.priced_batches():
-                            codec.encode("PricedBatch", {"sources": sources})
+                            writer.write(sources)
                         events += len(result.priced)
                 seen += len(batch)
         return time.perf_counter() - started, events, time.process_time() - cpu

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,7 @@ from spendstream.usage import (
 from spendstream.wire import default_codec
 from stream_processors.dedupe import event_key, event_keys
 from stream_processors.meter import MeterStage
+from stream_processors.priced_writer import PricedBatchWriter
 from stream_processors.pricing import Catalogue, card_from_mapping, parse_instant
 
 CODEC = default_codec()
@@ -242,3 +244,62 @@ def test_a_meter_with_its_fast_paths_gives_what_one_without_them_gives(
                 b.unbudgeted,
                 b.project,
             )
+
+
+longs = st.one_of(
+    st.integers(0, 5_000), st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 63, 64, 4095, 4096])
+)
+prices = st.fixed_dictionaries(
+    {
+        "index": st.one_of(st.integers(0, 600), st.integers(-(2**31), 2**31 - 1)),
+        "cost_pico_usd": st.one_of(st.none(), longs),
+        "price_card": st.sampled_from(["", "openai/gpt-4o@2024-10-02", "ü/ß@x"]),
+        "pricing_status": st.sampled_from(["priced", "fallback", "unpriced"]),
+        "card_version": st.sampled_from(["", "2024-10-02"]),
+        "itemised": st.dictionaries(st.sampled_from(["input", "output", "images", "ö"]), longs, max_size=4),
+        "unpriced_reason": st.text(max_size=20),
+        "saved_pico_usd": longs,
+    }
+)
+sources = st.lists(
+    st.fixed_dictionaries(
+        {"usage": st.binary(max_size=300), "priced_at": longs, "prices": st.lists(prices, max_size=6)}
+    ),
+    max_size=5,
+)
+WRITER = PricedBatchWriter(CODEC)
+
+
+@settings(max_examples=400, deadline=None)
+@given(sources)
+def test_the_priced_writer_writes_what_fastavro_writes(batch: list[dict[str, Any]]) -> None:
+    assert WRITER.exact
+    assert WRITER.write(batch) == CODEC.encode("PricedBatch", {"sources": batch})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("cost_pico_usd", 2**63), ("cost_pico_usd", 1.5), ("saved_pico_usd", "5"), ("index", None)],
+)
+def test_the_priced_writer_leaves_what_it_cannot_write_to_fastavro_and_its_error(
+    field: str, value: Any
+) -> None:
+    price = {
+        "index": 0,
+        "cost_pico_usd": 1,
+        "price_card": "",
+        "pricing_status": "priced",
+        "card_version": "",
+        "itemised": {},
+        "unpriced_reason": "",
+        "saved_pico_usd": 0,
+    }
+    batch = [{"usage": b"x", "priced_at": 1, "prices": [{**price, field: value}]}]
+    errors = []
+    for encode in (WRITER.write, lambda b: CODEC.encode("PricedBatch", {"sources": b})):
+        try:
+            encode(batch)
+        except Exception as exc:  # whatever fastavro raises, the writer raises too
+            errors.append((type(exc), str(exc)))
+    assert len(errors) == 2
+    assert errors[0] == errors[1]
