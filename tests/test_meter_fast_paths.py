@@ -54,7 +54,7 @@ event_ids = st.one_of(
 audio = st.sampled_from(
     [b"\x00", b"", b"\x01", b"\xff", b"\x0f\x42\x40", b"\x01" * 9, b"\x00\xe8\xd4\xa5\x10\x00"]
 )
-tags = st.one_of(
+tags: st.SearchStrategy[dict[str, str]] = st.one_of(
     st.just({}),
     st.dictionaries(st.sampled_from(["env", "spendstream.key", "k", "", LONG]), text, max_size=3),
     st.just({f"t{i}": "v" for i in range(65)}),
