@@ -18,6 +18,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import pairwise
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,6 +41,9 @@ MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per
 # (~45 bytes each), since a scope applies all deltas of a source message together.
 MAX_DELTAS_PER_MESSAGE = 50_000
 T = TypeVar("T")
+_PROJECT, _EVENT_ID, _EVENT_TIME = itemgetter("project"), itemgetter("event_id"), itemgetter("event_time")
+# (result, usage.raw partition, positions in the message, events): a message's valid events of its key
+_Owned = tuple["MeterResult", int, Sequence[int], list[dict[str, Any]]]
 
 
 def parts_by_size(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
@@ -142,30 +146,33 @@ class MeterStage:
         self, messages: Sequence[tuple[int, bytes | None, bytes]], now_us: int
     ) -> list[MeterResult]:
         results = [MeterResult(usage=value, priced_at=now_us) for _, _, value in messages]
-        owned: list[tuple[MeterResult, int, int, dict[str, Any]]] = []  # (result, partition, index, event)
+        owned: list[_Owned] = []
         for result, (partition, key, value) in zip(results, messages, strict=True):
-            owned += [(result, partition, i, e) for i, e in self._events(key, value, now_us, result)]
+            indexes, events = self._events(key, value, now_us, result)
+            if events:
+                owned.append((result, partition, indexes, events))
         scopes_of: dict[tuple[Any, ...], list[str]] = {}
-        for (result, _, index, event), dedupe_key in zip(owned, self._dedupe(owned, now_us), strict=True):
-            if dedupe_key is None:
-                result.statuses["duplicate"] += 1
-                continue
-            try:
-                self._price_one(event, index, dedupe_key, now_us, result, scopes_of)
-            except Exception as exc:  # a bug must cost this event only, and say so
-                result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
+        for (result, _, indexes, events), keys in zip(owned, self._dedupe(owned, now_us), strict=True):
+            for index, event, dedupe_key in zip(indexes, events, keys, strict=True):
+                if dedupe_key is None:
+                    result.statuses["duplicate"] += 1
+                    continue
+                try:
+                    self._price_one(event, index, dedupe_key, now_us, result, scopes_of)
+                except Exception as exc:  # a bug must cost this event only, and say so
+                    result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
         return results
 
     def _events(
         self, key: bytes | None, value: bytes, now_us: int, result: MeterResult
-    ) -> list[tuple[int, dict[str, Any]]]:
-        """(position in the message, event) of the valid events of one message that belong to its
-        key; dead letters and re-keys aside."""
+    ) -> tuple[Sequence[int], list[dict[str, Any]]]:
+        """(positions in the message, events) of the valid events of one message that belong to
+        its key; dead letters and re-keys aside."""
         try:
             name, record = self.codec.decode(value)
         except DecodeError as exc:
             result.dead.append(DeadLetter("undecodable", str(exc), value))
-            return []
+            return (), []
         if name == "UsageEvent":
             events = [record]
         elif name == "UsageBatch":
@@ -174,10 +181,12 @@ class MeterStage:
             result.dead.append(
                 DeadLetter("wrong_schema", f"usage.raw takes UsageEvent or UsageBatch, not {name}", value)
             )
-            return []
+            return (), []
         message_project = key.decode("utf-8", "replace") if key is not None else None
-        valid = []
         all_valid, check = self._check.all_valid(events, now_us), self._check.problem
+        if all_valid and set(map(_PROJECT, events)) == {message_project}:  # the common case
+            return range(len(events)), events
+        indexes, valid = [], []
         for index, event in enumerate(events):
             problem = None
             if not all_valid:  # find the invalid ones
@@ -192,26 +201,37 @@ class MeterStage:
                 # (or none) is forwarded with the right key instead of being counted by the wrong owner.
                 result.rekey.append((event["project"], self._single(event)))
             else:
-                valid.append((index, event))
-        return valid
+                indexes.append(index)
+                valid.append(event)
+        return indexes, valid
 
-    def _dedupe(
-        self, owned: list[tuple[MeterResult, int, int, dict[str, Any]]], now_us: int
-    ) -> list[int | None]:
-        """Per owned event: its dedupe key if it is the first copy, None for a copy already counted,
-        -1 for an event older than the horizon (it moves no budget, so it cannot count twice)."""
+    def _dedupe(self, owned: list[_Owned], now_us: int) -> list[list[int | None]]:
+        """Per owned event (by message): its dedupe key if it is the first copy, None for a copy
+        already counted, -1 for an event older than the horizon (it moves no budget, so it cannot
+        count twice). The keys of a partition's events are made and looked up all at once."""
         oldest = now_us - self.dedupe_horizon_us
-        keys: list[int | None] = [-1] * len(owned)
-        by_partition: dict[int, list[int]] = defaultdict(list)
-        for i, (_, partition, _, event) in enumerate(owned):
-            if event["event_time"] >= oldest:
-                by_partition[partition].append(i)
-        for partition, indexes in by_partition.items():
-            events = [owned[i][3] for i in indexes]
-            batch = event_keys([e["project"] for e in events], [e["event_id"] for e in events])
-            firsts = self.seen_ids(partition).first_seen(batch, now_us)
-            for i, key, first in zip(indexes, batch.tolist(), firsts.tolist(), strict=True):
-                keys[i] = key if first else None
+        keys: list[list[int | None]] = []
+        # partition -> (keys of a message, its events, the positions of those within the horizon)
+        fresh: dict[int, list[tuple[list[int | None], list[dict[str, Any]], Sequence[int]]]] = defaultdict(
+            list
+        )
+        for _, partition, _, events in owned:
+            times = list(map(_EVENT_TIME, events))
+            message_keys: list[int | None] = [-1] * len(events)
+            keys.append(message_keys)
+            if min(times) >= oldest:
+                fresh[partition].append((message_keys, events, range(len(events))))
+            elif young := [i for i, t in enumerate(times) if t >= oldest]:
+                fresh[partition].append((message_keys, events, young))
+        for partition, members in fresh.items():
+            chosen = [events[i] for _, events, young in members for i in young]
+            batch = event_keys(list(map(_PROJECT, chosen)), list(map(_EVENT_ID, chosen)))
+            found = zip(
+                batch.tolist(), self.seen_ids(partition).first_seen(batch, now_us).tolist(), strict=True
+            )
+            for message_keys, _, young in members:
+                for i, (key, first) in zip(young, found):  # noqa: B905 (`found` runs on over messages)
+                    message_keys[i] = key if first else None
         return keys
 
     def _price_one(
