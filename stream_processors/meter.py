@@ -221,8 +221,8 @@ class MeterStage:
             keys.append(message_keys)
             if min(times) >= oldest:
                 fresh[partition].append((message_keys, events, range(len(events))))
-            elif young := [i for i, t in enumerate(times) if t >= oldest]:
-                fresh[partition].append((message_keys, events, young))
+            elif within := [i for i, t in enumerate(times) if t >= oldest]:
+                fresh[partition].append((message_keys, events, within))
         for partition, members in fresh.items():
             chosen = [events[i] for _, events, young in members for i in young]
             batch = event_keys(list(map(_PROJECT, chosen)), list(map(_EVENT_ID, chosen)))
