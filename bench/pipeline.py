@@ -68,7 +68,6 @@ from spendstream.cli.kafka_local import LocalKafka
 from spendstream.topics import Topics
 from spendstream.wire import default_codec
 from stream_processors.meter import MeterBatch, MeterStage
-from stream_processors.priced_writer import PricedBatchWriter
 from stream_processors.pricing import Catalogue, pico_to_usd
 
 PARTITIONS = 4
@@ -157,7 +156,15 @@ async def consume(topic: str, messages: int, stage: MeterStage | None) -> tuple[
     """Read `messages` messages of `topic`: decode each (or run the meter stage);
     (seconds, events, CPU seconds of this process meanwhile)."""
     codec = default_codec()
-    writer = PricedBatchWriter(codec)
+    try:  # the meter's own PricedBatch writer, where the checkout has one (for --compare runs)
+        from stream_processors.priced_writer import PricedBatchWriter
+
+        encode_sources = PricedBatchWriter(codec).write
+    except ImportError:
+
+        def encode_sources(sources: list[dict[str, Any]]) -> bytes:
+            return codec.encode("PricedBatch", {"sources": sources})
+
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=BOOTSTRAP,
@@ -181,7 +188,7 @@ async def consume(topic: str, messages: int, stage: MeterStage | None) -> tuple[
                         output = MeterBatch(PARTITIONS)
                         output.add(result, msg.partition, msg.offset)
                         for _, sources in output.priced_batches():
-                            writer.write(sources)
+                            encode_sources(sources)
                         events += len(result.priced)
                 seen += len(batch)
         return time.perf_counter() - started, events, time.process_time() - cpu
