@@ -151,9 +151,16 @@ class MeterStage:
             indexes, events = self._events(key, value, now_us, result)
             if events:
                 owned.append((result, partition, indexes, events))
-        scopes_of: dict[tuple[Any, ...], tuple[str, ...]] = {}
+        scopes_of: dict[tuple[Any, ...], list[str]] = {}
         for (result, _, indexes, events), keys in zip(owned, self._dedupe(owned, now_us), strict=True):
-            self._price_message(result, indexes, events, keys, now_us, scopes_of)
+            for index, event, dedupe_key in zip(indexes, events, keys, strict=True):
+                if dedupe_key is None:
+                    result.statuses["duplicate"] += 1
+                    continue
+                try:
+                    self._price_one(event, index, dedupe_key, now_us, result, scopes_of)
+                except Exception as exc:  # a bug must cost this event only, and say so
+                    result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
         return results
 
     def _events(
@@ -227,133 +234,94 @@ class MeterStage:
                     message_keys[i] = key if first else None
         return keys
 
-    def _price_message(
+    def _price_one(
         self,
-        result: MeterResult,
-        indexes: Sequence[int],
-        events: list[dict[str, Any]],
-        keys: list[int | None],
+        event: dict[str, Any],
+        index: int,
+        dedupe_key: int,
         now_us: int,
-        scopes_of: dict[tuple[Any, ...], tuple[str, ...]],
+        result: MeterResult,
+        scopes_of: dict[tuple[Any, ...], list[str]],
     ) -> None:
-        """Price one message's valid events of its key into `result`; `scopes_of` remembers the
-        scopes of each (project, team, user, key, model) for one process_many call (budgets may
-        change between calls).
-
-        Spend is summed per (scopes, minute) and spread over the scopes at the end, which gives
-        exactly the per-(scope, minute) sums of adding event by event while no delta can fill up
-        (the message's spend so far is within MAX_DELTA_PICO) and its pairs cannot pass
-        MAX_DELTAS_PER_MESSAGE; from the first event that could, the rest of the message is added
-        per scope, event by event (`_add_spend`), as before any grouping.
-        """
-        price, priced, statuses, seen = (
-            self.catalogue.price_fields,
-            result.priced,
-            result.statuses,
-            result.seen,
-        )
-        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}  # (scopes, minute) -> [pico, events]
-        grouped = True
-        total = pairs = 0  # pico-USD in the groups; (scope, minute) pairs they make at most
-        for index, event, dedupe_key in zip(indexes, events, keys, strict=True):
-            if dedupe_key is None:
-                statuses["duplicate"] += 1
-                continue
-            try:
-                status, cost, card, itemised, reason = price(event)
-                saved = 0
-                if event.get("usage_source") == "cache":  # from the gateway's cache: free, and what it saved
-                    saved, cost, itemised = cost or 0, 0, {}
-                if cost is not None and cost > MAX_EVENT_PICO:
-                    result.dead.append(
-                        DeadLetter(
-                            "cost_out_of_bounds",
-                            f"cost {cost} pico-USD is above the maximum of {MAX_EVENT_PICO} "
-                            "(1,000,000 USD) per event",
-                            self._single(event),
-                        )
-                    )
-                    continue
-                project = event["project"]
-                scopes: tuple[str, ...] = ()
-                minute = 0
-                if cost and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
-                    who = (project, event["team"], event["user"], event["tags"].get(KEY_TAG), event["model"])
-                    found = scopes_of.get(who)
-                    if found is None:
-                        found = scopes_of[who] = self._scopes(*who)
-                    scopes, minute = found, event["event_time"] // MINUTE_US
-                    if grouped and (
-                        total + cost > MAX_DELTA_PICO or pairs + len(scopes) > MAX_DELTAS_PER_MESSAGE
-                    ):
-                        grouped = False
-                        _spread(groups, result.spend)
-                    if not grouped and self._too_many_windows(result, scopes, minute, event):
-                        continue
-                result.project = project
-                statuses[status] += 1
-                priced.append(
-                    {
-                        "index": index,
-                        "usage": event,
-                        "cost_pico_usd": cost,
-                        "price_card": card.id if card else "",
-                        "priced_at": now_us,
-                        "pricing_status": status,
-                        "card_version": card.version if card else "",
-                        "itemised": itemised,
-                        "unpriced_reason": reason,
-                        "saved_pico_usd": saved,
-                    }
+        """Price one valid event into `result`; `scopes_of` remembers the scopes of each (project,
+        team, user, key, model) for one process_many call (budgets may change between calls)."""
+        status, cost, card, itemised, reason = self.catalogue.price_fields(event)
+        saved = 0
+        if event.get("usage_source") == "cache":  # replayed from the gateway's cache: free, and what it saved
+            saved, cost, itemised = cost or 0, 0, {}
+        if cost is not None and cost > MAX_EVENT_PICO:
+            result.dead.append(
+                DeadLetter(
+                    "cost_out_of_bounds",
+                    f"cost {cost} pico-USD is above the maximum of {MAX_EVENT_PICO} "
+                    "(1,000,000 USD) per event",
+                    self._single(event),
                 )
-                if dedupe_key < 0:
-                    result.unbudgeted += 1
-                    continue
-                seen.append(dedupe_key)
-                if not scopes or not cost:  # unpriced, or free: scopes are found for a cost only
-                    continue
-                if not grouped:
-                    _add_spend(result, scopes, minute, cost)
-                    continue
-                group = groups.get((scopes, minute))
-                if group is None:
-                    groups[(scopes, minute)] = [cost, 1]
-                    pairs += len(scopes)
-                else:
-                    group[0] += cost
-                    group[1] += 1
-                total += cost
-            except Exception as exc:  # a bug must cost this event only, and say so
-                result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
-        _spread(groups, result.spend)
-
-    def _too_many_windows(
-        self, result: MeterResult, scopes: tuple[str, ...], minute: int, event: dict[str, Any]
-    ) -> bool:
-        """Dead-letter `event` if its spend would take its message past MAX_DELTAS_PER_MESSAGE."""
-        if len(result.spend) + len(scopes) <= MAX_DELTAS_PER_MESSAGE or all(
-            (s, minute) in result.spend for s in scopes
-        ):
-            return False
-        result.dead.append(
-            DeadLetter(
-                "too_many_windows",
-                f"its message already spreads spend over {len(result.spend)} (scope, minute) "
-                f"pairs, the most one message may; send events of far-apart times separately",
-                self._single(event),
             )
+            return
+        project = event["project"]
+        scopes: list[str] = []
+        if cost and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
+            who = (project, event["team"], event["user"], event["tags"].get(KEY_TAG), event["model"])
+            found = scopes_of.get(who)
+            scopes = self._scopes(*who) if found is None else found
+            if found is None:
+                scopes_of[who] = scopes
+            minute = event["event_time"] // MINUTE_US
+            if len(result.spend) + len(scopes) > MAX_DELTAS_PER_MESSAGE and any(
+                (s, minute) not in result.spend for s in scopes
+            ):
+                result.dead.append(
+                    DeadLetter(
+                        "too_many_windows",
+                        f"its message already spreads spend over {len(result.spend)} (scope, minute) "
+                        f"pairs, the most one message may; send events of far-apart times separately",
+                        self._single(event),
+                    )
+                )
+                return
+        result.project = project
+        result.statuses[status] += 1
+        result.priced.append(
+            {
+                "index": index,
+                "usage": event,
+                "cost_pico_usd": cost,
+                "price_card": card.id if card else "",
+                "priced_at": now_us,
+                "pricing_status": status,
+                "card_version": card.version if card else "",
+                "itemised": itemised,
+                "unpriced_reason": reason,
+                "saved_pico_usd": saved,
+            }
         )
-        return True
+        if dedupe_key < 0:
+            result.unbudgeted += 1
+            return
+        result.seen.append(dedupe_key)
+        cost = cost or 0  # scopes is empty when unpriced
+        spend = result.spend
+        for scope in scopes:
+            slot = spend.get((scope, minute))
+            if slot is None:
+                spend[(scope, minute)] = [cost, 1]
+            elif slot[0] + cost > MAX_DELTA_PICO:  # a delta is an Avro long
+                result.full_deltas.append((scope, minute, slot[0], slot[1]))
+                slot[0], slot[1] = cost, 1
+            else:
+                slot[0] += cost
+                slot[1] += 1
 
     def _scopes(
         self, project: str, team: str | None, user: str | None, key: str | None, model: str
-    ) -> tuple[str, ...]:
+    ) -> list[str]:
         """The budget scopes an event of these counts against (see `budgeted` in __init__)."""
         budgeted = self.budgeted
         team = team if team and ("team:*" in budgeted or f"team:{team}" in budgeted) else None
         user = user if user and ("user:*" in budgeted or f"user:{user}" in budgeted) else None
         key = key if key and ("key:*" in budgeted or f"key:{key}" in budgeted) else None
-        return tuple(scopes_for_event(project, team, user, model, self.model_globs.get(project, ()), key))
+        return scopes_for_event(project, team, user, model, self.model_globs.get(project, ()), key)
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)
@@ -364,37 +332,6 @@ class MeterStage:
             return self._single(event)
         except Exception:
             return raw
-
-
-def _add_spend(result: MeterResult, scopes: tuple[str, ...], minute: int, cost: int) -> None:
-    """One event's cost to each of its scopes' (scope, minute) deltas, a full one set aside."""
-    spend = result.spend
-    for scope in scopes:
-        slot = spend.get((scope, minute))
-        if slot is None:
-            spend[(scope, minute)] = [cost, 1]
-        elif slot[0] + cost > MAX_DELTA_PICO:  # a delta is an Avro long
-            result.full_deltas.append((scope, minute, slot[0], slot[1]))
-            slot[0], slot[1] = cost, 1
-        else:
-            slot[0] += cost
-            slot[1] += 1
-
-
-def _spread(
-    groups: dict[tuple[tuple[str, ...], int], list[int]], spend: dict[tuple[str, int], list[int]]
-) -> None:
-    """Add (scopes, minute) sums to each scope's (scope, minute) delta, in the order the events
-    came (whose sums stay within one delta), and empty `groups`."""
-    for (scopes, minute), (pico, count) in groups.items():
-        for scope in scopes:
-            slot = spend.get((scope, minute))
-            if slot is None:
-                spend[(scope, minute)] = [pico, count]
-            else:
-                slot[0] += pico
-                slot[1] += count
-    groups.clear()
 
 
 class MeterBatch:
