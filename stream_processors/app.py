@@ -47,6 +47,7 @@ from stream_processors.feeds import BudgetFeed, PriceFeed
 from stream_processors.gc_pauses import GcPauses
 from stream_processors.history import HistoryEndpoint, HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage, parts_by_size
+from stream_processors.priced_writer import PricedBatchWriter
 from stream_processors.pricing import Catalogue
 from stream_processors.restore import RestoredTable
 from stream_processors.web import HistoryClient, add_views
@@ -239,6 +240,7 @@ def create_app(
         budget_feed.specs,
         dedupe_horizon_us=settings.dedupe_horizon_seconds * 1_000_000,
     )
+    priced_writer = PricedBatchWriter(codec)
     next_offset: dict[int, int] = {}  # usage.raw partition -> the offset the meter handles next
 
     async def follow_on(partition: int, offset: int) -> None:
@@ -262,7 +264,7 @@ def create_app(
         MAX_PRICED_BATCH_BYTES each (halved until they fit). A single message too large to travel
         with its prices goes as whole PricedUsage records instead (`events`, send_priced_events)."""
         try:
-            value: bytes | None = codec.encode("PricedBatch", {"sources": sources})
+            value: bytes | None = priced_writer.write(sources)
         except Exception:  # a bug: each event is tried alone below, and dead-lettered with the reason
             value = None
         if value is not None and len(value) <= MAX_PRICED_BATCH_BYTES:

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from functools import lru_cache
 from hashlib import blake2b
+from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +43,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from spendstream.kafka_auth import PLAINTEXT, KafkaAuth
 from spendstream.wire import Codec
 
-__all__ = ["SeenIds", "event_key", "reload_seen"]
+__all__ = ["SeenIds", "event_key", "event_keys", "reload_seen"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,18 @@ def event_key(project: str, event_id: str) -> int:
     """
     x = int(event_id.replace("-", ""), 16)
     return (x ^ (x >> 64) ^ _project_hash(project)) & _U64
+
+
+def event_keys(projects: Sequence[str], event_ids: Sequence[str]) -> Ids:
+    """`event_key` of each (project, event_id) pair, computed at once (a fraction of the CPU per
+    event). Each id must be a UUID as `usage_problem` accepts it: 32 hex digits, dashes optional."""
+    digits = list(map(str.replace, event_ids, repeat("-"), repeat("")))
+    if digits and set(map(len, digits)) != {32}:  # not all UUIDs: a caller's bug, but every key right
+        return np.fromiter(map(event_key, projects, event_ids), dtype=np.uint64, count=len(event_ids))
+    halves = np.frombuffer(bytes.fromhex("".join(digits)), dtype=">u8").reshape(-1, 2)  # x >> 64, x & _U64
+    hashes = np.fromiter(map(_project_hash, projects), dtype=np.uint64, count=len(projects))
+    keys: Ids = halves[:, 0] ^ halves[:, 1] ^ hashes
+    return keys
 
 
 @lru_cache(maxsize=65536)

@@ -13,12 +13,12 @@ third of the meter's CPU). `spendstream.priced.priced_events` turns either form 
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import pairwise
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,10 +26,10 @@ from aiokafka.partitioner import murmur2
 
 from spendstream.errors import DecodeError
 from spendstream.topics import DEDUPE_HORIZON_S
-from spendstream.usage import KEY_TAG, MAX_EVENT_PICO, usage_problem
+from spendstream.usage import KEY_TAG, MAX_EVENT_PICO, DecodedUsageCheck
 from spendstream.wire import Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
-from stream_processors.dedupe import SeenIds, event_key
+from stream_processors.dedupe import SeenIds, event_keys
 from stream_processors.gc_pauses import cyclic_gc_paused
 from stream_processors.pricing import Catalogue
 
@@ -41,6 +41,9 @@ MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per
 # (~45 bytes each), since a scope applies all deltas of a source message together.
 MAX_DELTAS_PER_MESSAGE = 50_000
 T = TypeVar("T")
+_PROJECT, _EVENT_ID, _EVENT_TIME = itemgetter("project"), itemgetter("event_id"), itemgetter("event_time")
+# (result, usage.raw partition, positions in the message, events): a message's valid events of its key
+_Owned = tuple["MeterResult", int, Sequence[int], list[dict[str, Any]]]
 
 
 def parts_by_size(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
@@ -114,6 +117,7 @@ class MeterStage:
         self.budgeted = budgeted
         self.dedupe_horizon_us = dedupe_horizon_us
         self.seen: dict[int, SeenIds] = {}  # usage.raw partition -> the event ids it counted
+        self._check = DecodedUsageCheck()
 
     def seen_ids(self, partition: int) -> SeenIds:
         seen = self.seen.get(partition)
@@ -142,29 +146,33 @@ class MeterStage:
         self, messages: Sequence[tuple[int, bytes | None, bytes]], now_us: int
     ) -> list[MeterResult]:
         results = [MeterResult(usage=value, priced_at=now_us) for _, _, value in messages]
-        owned: list[tuple[MeterResult, int, int, dict[str, Any]]] = []  # (result, partition, index, event)
+        owned: list[_Owned] = []
         for result, (partition, key, value) in zip(results, messages, strict=True):
-            owned += [(result, partition, i, e) for i, e in self._events(key, value, now_us, result)]
-        for (result, _, index, event), dedupe_key in zip(owned, self._dedupe(owned, now_us), strict=True):
-            if dedupe_key is None:
-                result.statuses["duplicate"] += 1
-                continue
-            try:
-                self._price_one(event, index, dedupe_key, now_us, result)
-            except Exception as exc:  # a bug must cost this event only, and say so
-                result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
+            indexes, events = self._events(key, value, now_us, result)
+            if events:
+                owned.append((result, partition, indexes, events))
+        scopes_of: dict[tuple[Any, ...], list[str]] = {}
+        for (result, _, indexes, events), keys in zip(owned, self._dedupe(owned, now_us), strict=True):
+            for index, event, dedupe_key in zip(indexes, events, keys, strict=True):
+                if dedupe_key is None:
+                    result.statuses["duplicate"] += 1
+                    continue
+                try:
+                    self._price_one(event, index, dedupe_key, now_us, result, scopes_of)
+                except Exception as exc:  # a bug must cost this event only, and say so
+                    result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
         return results
 
     def _events(
         self, key: bytes | None, value: bytes, now_us: int, result: MeterResult
-    ) -> list[tuple[int, dict[str, Any]]]:
-        """(position in the message, event) of the valid events of one message that belong to its
-        key; dead letters and re-keys aside."""
+    ) -> tuple[Sequence[int], list[dict[str, Any]]]:
+        """(positions in the message, events) of the valid events of one message that belong to
+        its key; dead letters and re-keys aside."""
         try:
             name, record = self.codec.decode(value)
         except DecodeError as exc:
             result.dead.append(DeadLetter("undecodable", str(exc), value))
-            return []
+            return (), []
         if name == "UsageEvent":
             events = [record]
         elif name == "UsageBatch":
@@ -173,14 +181,19 @@ class MeterStage:
             result.dead.append(
                 DeadLetter("wrong_schema", f"usage.raw takes UsageEvent or UsageBatch, not {name}", value)
             )
-            return []
+            return (), []
         message_project = key.decode("utf-8", "replace") if key is not None else None
-        valid = []
+        all_valid, check = self._check.all_valid(events, now_us), self._check.problem
+        if all_valid and set(map(_PROJECT, events)) == {message_project}:  # the common case
+            return range(len(events)), events
+        indexes, valid = [], []
         for index, event in enumerate(events):
-            try:
-                problem = usage_problem(event, now_us=now_us)
-            except Exception as exc:
-                problem = f"cannot be checked: {exc!r}"[:1000]
+            problem = None
+            if not all_valid:  # find the invalid ones
+                try:
+                    problem = check(event, now_us)
+                except Exception as exc:
+                    problem = f"cannot be checked: {exc!r}"[:1000]
             if problem is not None:
                 result.dead.append(DeadLetter("invalid_event", problem, self._single_or_raw(event, value)))
             elif event["project"] != message_project:
@@ -188,40 +201,59 @@ class MeterStage:
                 # (or none) is forwarded with the right key instead of being counted by the wrong owner.
                 result.rekey.append((event["project"], self._single(event)))
             else:
-                valid.append((index, event))
-        return valid
+                indexes.append(index)
+                valid.append(event)
+        return indexes, valid
 
-    def _dedupe(
-        self, owned: list[tuple[MeterResult, int, int, dict[str, Any]]], now_us: int
-    ) -> list[int | None]:
-        """Per owned event: its dedupe key if it is the first copy, None for a copy already counted,
-        -1 for an event older than the horizon (it moves no budget, so it cannot count twice)."""
+    def _dedupe(self, owned: list[_Owned], now_us: int) -> list[list[int | None]]:
+        """Per owned event (by message): its dedupe key if it is the first copy, None for a copy
+        already counted, -1 for an event older than the horizon (it moves no budget, so it cannot
+        count twice). The keys of a partition's events are made and looked up all at once."""
         oldest = now_us - self.dedupe_horizon_us
-        keys: list[int | None] = [-1] * len(owned)
-        by_partition: dict[int, list[int]] = defaultdict(list)
-        for i, (_, partition, _, event) in enumerate(owned):
-            if event["event_time"] >= oldest:
-                keys[i] = event_key(event["project"], event["event_id"])
-                by_partition[partition].append(i)
-        for partition, indexes in by_partition.items():
-            batch = np.fromiter((keys[i] for i in indexes), dtype=np.uint64, count=len(indexes))
-            for i, first in zip(indexes, self.seen_ids(partition).first_seen(batch, now_us), strict=True):
-                if not first:
-                    keys[i] = None
+        keys: list[list[int | None]] = []
+        # partition -> (keys of a message, its events, the positions of those within the horizon)
+        fresh: dict[int, list[tuple[list[int | None], list[dict[str, Any]], Sequence[int]]]] = defaultdict(
+            list
+        )
+        for _, partition, _, events in owned:
+            times = list(map(_EVENT_TIME, events))
+            message_keys: list[int | None] = [-1] * len(events)
+            keys.append(message_keys)
+            if min(times) >= oldest:
+                fresh[partition].append((message_keys, events, range(len(events))))
+            elif within := [i for i, t in enumerate(times) if t >= oldest]:
+                fresh[partition].append((message_keys, events, within))
+        for partition, members in fresh.items():
+            chosen = [events[i] for _, events, young in members for i in young]
+            batch = event_keys(list(map(_PROJECT, chosen)), list(map(_EVENT_ID, chosen)))
+            found = zip(
+                batch.tolist(), self.seen_ids(partition).first_seen(batch, now_us).tolist(), strict=True
+            )
+            for message_keys, _, young in members:
+                for i, (key, first) in zip(young, found):  # noqa: B905 (`found` runs on over messages)
+                    message_keys[i] = key if first else None
         return keys
 
     def _price_one(
-        self, event: dict[str, Any], index: int, dedupe_key: int, now_us: int, result: MeterResult
+        self,
+        event: dict[str, Any],
+        index: int,
+        dedupe_key: int,
+        now_us: int,
+        result: MeterResult,
+        scopes_of: dict[tuple[Any, ...], list[str]],
     ) -> None:
-        priced = self.catalogue.price(event)
+        """Price one valid event into `result`; `scopes_of` remembers the scopes of each (project,
+        team, user, key, model) for one process_many call (budgets may change between calls)."""
+        status, cost, card, itemised, reason = self.catalogue.price_fields(event)
         saved = 0
         if event.get("usage_source") == "cache":  # replayed from the gateway's cache: free, and what it saved
-            saved, priced = priced.cost_pico or 0, dataclasses.replace(priced, cost_pico=0, itemised={})
-        if priced.cost_pico is not None and priced.cost_pico > MAX_EVENT_PICO:
+            saved, cost, itemised = cost or 0, 0, {}
+        if cost is not None and cost > MAX_EVENT_PICO:
             result.dead.append(
                 DeadLetter(
                     "cost_out_of_bounds",
-                    f"cost {priced.cost_pico} pico-USD is above the maximum of {MAX_EVENT_PICO} "
+                    f"cost {cost} pico-USD is above the maximum of {MAX_EVENT_PICO} "
                     "(1,000,000 USD) per event",
                     self._single(event),
                 )
@@ -229,15 +261,12 @@ class MeterStage:
             return
         project = event["project"]
         scopes: list[str] = []
-        if priced.cost_pico and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
-            globs = self.model_globs.get(project, ())
-            budgeted = self.budgeted
-            team, user = event["team"], event["user"]
-            key = event["tags"].get(KEY_TAG)
-            team = team if team and ("team:*" in budgeted or f"team:{team}" in budgeted) else None
-            user = user if user and ("user:*" in budgeted or f"user:{user}" in budgeted) else None
-            key = key if key and ("key:*" in budgeted or f"key:{key}" in budgeted) else None
-            scopes = scopes_for_event(project, team, user, event["model"], globs, key)
+        if cost and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
+            who = (project, event["team"], event["user"], event["tags"].get(KEY_TAG), event["model"])
+            found = scopes_of.get(who)
+            scopes = self._scopes(*who) if found is None else found
+            if found is None:
+                scopes_of[who] = scopes
             minute = event["event_time"] // MINUTE_US
             if len(result.spend) + len(scopes) > MAX_DELTAS_PER_MESSAGE and any(
                 (s, minute) not in result.spend for s in scopes
@@ -251,20 +280,19 @@ class MeterStage:
                     )
                 )
                 return
-        card = priced.card
         result.project = project
-        result.statuses[priced.status] += 1
+        result.statuses[status] += 1
         result.priced.append(
             {
                 "index": index,
                 "usage": event,
-                "cost_pico_usd": priced.cost_pico,
+                "cost_pico_usd": cost,
                 "price_card": card.id if card else "",
                 "priced_at": now_us,
-                "pricing_status": priced.status,
+                "pricing_status": status,
                 "card_version": card.version if card else "",
-                "itemised": priced.itemised,
-                "unpriced_reason": priced.reason,
+                "itemised": itemised,
+                "unpriced_reason": reason,
                 "saved_pico_usd": saved,
             }
         )
@@ -272,17 +300,28 @@ class MeterStage:
             result.unbudgeted += 1
             return
         result.seen.append(dedupe_key)
-        cost = priced.cost_pico or 0  # scopes is empty when unpriced
+        cost = cost or 0  # scopes is empty when unpriced
+        spend = result.spend
         for scope in scopes:
-            slot = result.spend.get((scope, minute))
+            slot = spend.get((scope, minute))
             if slot is None:
-                result.spend[(scope, minute)] = [cost, 1]
+                spend[(scope, minute)] = [cost, 1]
             elif slot[0] + cost > MAX_DELTA_PICO:  # a delta is an Avro long
                 result.full_deltas.append((scope, minute, slot[0], slot[1]))
                 slot[0], slot[1] = cost, 1
             else:
                 slot[0] += cost
                 slot[1] += 1
+
+    def _scopes(
+        self, project: str, team: str | None, user: str | None, key: str | None, model: str
+    ) -> list[str]:
+        """The budget scopes an event of these counts against (see `budgeted` in __init__)."""
+        budgeted = self.budgeted
+        team = team if team and ("team:*" in budgeted or f"team:{team}" in budgeted) else None
+        user = user if user and ("user:*" in budgeted or f"user:{user}" in budgeted) else None
+        key = key if key and ("key:*" in budgeted or f"key:{key}" in budgeted) else None
+        return scopes_for_event(project, team, user, model, self.model_globs.get(project, ()), key)
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)
