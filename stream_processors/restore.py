@@ -10,8 +10,9 @@ uses: Faust's recovery then replays only the records after that offset (none, on
 Guarantees (one writer per scope holds through rebalances):
 1. A changelog partition that becomes active here (start, rebalance, a standby promoted) is
    restored from its first record: the keys this store held for that partition are dropped
-   first (a standby's copy, or an old one from before the partition left), then every record
-   up to the partition's end offset is applied in offset order, tombstones deleting.
+   first (a standby's copy, or an old one from before the partition left), then the records
+   up to the partition's end offset are applied as in offset order, tombstones deleting: only
+   each key's last record is decoded (what applying all of them in order leaves).
 2. The offset reported to Faust is the last one applied: the end read, then each record this
    worker writes to the partition (acknowledged in order; as active, it is the only writer).
    Records someone wrote after the read (a previous owner's last writes) are replayed by
@@ -86,27 +87,35 @@ class RestoredStore(MemoryStore):  # type: ignore[type-arg]
             left = {tp for tp in wanted if firsts[tp] < ends[tp]}
             for tp in left:
                 consumer.seek(tp, firsts[tp])
-            decode_key, decode_value = self._decode_key, self._decode_value
-            data, key_partition = self.data, self._key_partition
+            # A scope's changelog holds a record per update (compaction only reaches rolled
+            # segments): keep each key's last record, in the order of last writes, and decode only
+            # those, once the partitions are read.
+            latest: dict[tuple[int, bytes | None], bytes | None] = {}
             while left:
                 fetched = await consumer.getmany(*left, timeout_ms=500)
                 for tp, messages in fetched.items():
                     for m in messages:
                         if m.offset >= ends[tp]:
                             break  # written after the end was read: Faust's recovery replays it
-                        key = decode_key(m.key)
-                        if m.value is None:
-                            data.pop(key, None)
-                            key_partition.pop(key, None)
-                        else:
-                            data[key] = decode_value(m.value)
-                            key_partition[key] = tp.partition
+                        raw = (tp.partition, m.key)
+                        latest.pop(raw, None)
+                        latest[raw] = m.value
                         records += 1
                 for tp in list(left):
                     if await consumer.position(tp) >= ends[tp]:
                         left.discard(tp)
         finally:
             await consumer.stop()
+        decode_key, decode_value = self._decode_key, self._decode_value
+        data, key_partition = self.data, self._key_partition
+        for (partition, raw_key), raw_value in latest.items():
+            key = decode_key(raw_key)
+            if raw_value is None:
+                data.pop(key, None)
+                key_partition.pop(key, None)
+            else:
+                data[key] = decode_value(raw_value)
+                key_partition[key] = partition
         for tp in tps:
             self.restored[tp] = ends[TopicPartition(tp.topic, tp.partition)] - 1
         log.info(

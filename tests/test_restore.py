@@ -10,6 +10,7 @@ import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import faust
 import httpx
@@ -74,8 +75,18 @@ def test_a_restore_applies_each_partition_to_its_end_and_resumes_faust_there(kaf
         # what a store could hold before: a standby's stale copy of partition 0, a key of partition 1
         store.data.update({"user:stale@0": "{}", "user:kept@1": "{}"})
         store._key_partition.update({"user:stale@0": 0, "user:kept@1": 1})
+        decoded: list[bytes | None] = []
+        decode_value = store._decode_value
+
+        def counted(value: bytes | None) -> Any:
+            decoded.append(value)
+            return decode_value(value)
+
+        store._decode_value = counted  # type: ignore[method-assign]
         read = await store.restore([p0])
         assert read == len(records[0])
+        # ~1,500 records of 30 keys: only each key's last value is decoded (tombstones need none)
+        assert len(decoded) == len(model[0])
         assert {k: v for k, v in store.data.items() if k.endswith("@0")} == model[0]
         assert store.data["user:kept@1"] == "{}"  # another partition's keys are not touched
         assert (store.persisted_offset(p0), store.persisted_offset(p1)) == (len(records[0]) - 1, None)
