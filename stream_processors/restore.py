@@ -31,9 +31,10 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.stores.memory import Store as MemoryStore
+from faust.tables import TableManager
 from faust.types import TP, StoreT
 
-__all__ = ["RestoredStore", "RestoredTable"]
+__all__ = ["PromptTableManager", "RestoredStore", "RestoredTable"]
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +152,15 @@ class RestoredTable(faust.Table):  # type: ignore[type-arg]  # faust.Table is ge
             loop=self.loop,
             options=self.options,
         )
+
+
+class PromptTableManager(TableManager):
+    """Faust's table manager without the second it sleeps when it starts (for tables added
+    after the app started, which Faust then refuses anyway: "Too late to add tables"). Every
+    table of the worker is added as the app is built, and the sleep held up every start: the
+    subscription, and so the partitions' assignment and the recovery, waited for it."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()

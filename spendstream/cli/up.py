@@ -123,7 +123,6 @@ def run_worker(
     """Run the worker until SIGINT/SIGTERM; `with_history`: and its history process as its child,
     whose sink flushes what it holds on stop. Without: /sql, /reprice and /flush go to the writer
     at SPENDSTREAM_HISTORY_URL (503 if unset)."""
-    from stream_processors.app import create_app  # import faust's app lazily: it is heavy
     from stream_processors.history import HistoryEndpoint, HistoryProcess, RemoteHistory
 
     # Tie the worker's table state to this broker's life (a re-formatted broker gets a new cluster
@@ -136,11 +135,9 @@ def run_worker(
     child: HistoryProcess | None = None
     if with_history:
         history = child = HistoryProcess(settings, loglevel)
-        child.start()  # the sink and ClickHouse, in a process of their own
-        say(
-            f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
-            + (f": applied {', '.join(child.applied)}" if child.applied else ": schema up to date")
-        )
+        # The sink and ClickHouse, in a process of their own: it starts (imports ClickHouse,
+        # migrates) while this one imports Faust and builds the app, on the other core.
+        child.spawn()
     elif settings.history_url:
         token = settings.history_token.get_secret_value() if settings.history_token else None
         history = RemoteHistory(settings.history_url, token, settings.history_token_file)
@@ -148,9 +145,17 @@ def run_worker(
     else:
         say("no history writer (SPENDSTREAM_HISTORY_URL unset): /sql, /reprice and /flush answer 503")
     try:
+        from stream_processors.app import create_app  # import faust's app lazily: it is heavy
+
         app = create_app(
             settings, datadir=str(datadir), history=history, replication_factor=replication_factor(settings)
         )
+        if child is not None:
+            child.wait_ready()
+            say(
+                f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
+                + (f": applied {', '.join(child.applied)}" if child.applied else ": schema up to date")
+            )
         say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
         # What exists now (Faust, aiokafka, the catalogue, the schemas) lives as long as the
