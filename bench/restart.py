@@ -128,14 +128,19 @@ def state(worker: Worker) -> dict[str, Any]:
 
 
 def timeline(log: Path, pid: int, started: float) -> dict[str, Any]:
-    """Seconds from the process start (wall clock `started`) to Faust's worker starting (imports,
-    topics, the budgets import, the history process) and to its tables being ready, from the
-    worker's log (at --log-level info); what the restore and the dedupe re-load said they took."""
+    """Seconds from the process start (wall clock `started`) to its history process serving, to
+    Faust's worker starting (imports, topics, the budgets import, the history process) and to its
+    tables being ready, from the worker's log (at --log-level info); what the restore and the
+    dedupe re-load said they took."""
     out: dict[str, Any] = {"restored": [], "dedupe_reloaded": []}
     for line in log.read_text(errors="replace").splitlines():
-        if f"] [{pid}] [" not in line:
+        if not line.startswith("[20"):
             continue
         at = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + int(line[21:24]) / 1000
+        if "] [history " in line and "history writer serving on" in line and at >= started:
+            out.setdefault("history_serving_s", round(at - started, 2))  # its child's, this start's
+        if f"] [{pid}] [" not in line:
+            continue
         if "[^Worker]: Starting" in line:
             out["faust_start_s"] = round(at - started, 2)
         elif "[^Worker]: Ready" in line:

@@ -21,7 +21,7 @@ from faust.types import TP
 
 from producers import SyncEmitter
 from stream_processors.restore import RestoredStore, RestoredTable
-from tests.conftest import Worker, restart_worker, start_worker
+from tests.conftest import Worker, restart_worker, start_worker, topic_configs
 from tests.test_budgets_pipeline import signals, tokens, wait_signal
 
 pytestmark = pytest.mark.integration
@@ -175,6 +175,12 @@ def test_a_restarted_worker_has_every_scope_exact_and_signals_each_crossing_once
         want["user:*"] = f"{MEMBERS} members with spend, 1 blocked"
         assert spend_when(w, want) == want
         wait_signal(kafka, w, "user:u000", "blocked")
+        # the changelogs roll a segment a minute, so Kafka's cleaner compacts all but the last one
+        changelogs = [f"{w.env['SPENDSTREAM_WORKER_ID']}-{t}-changelog" for t in ("scopes", "specs")]
+        configs = asyncio.run(topic_configs(kafka, changelogs))
+        assert [(c["segment.ms"], c["cleanup.policy"]) for c in configs.values()] == [
+            ("60000", "compact")
+        ] * 2
 
         restart_worker(w, kill=True)  # what was not committed yet is delivered again
         assert restored_records(w.log) >= MEMBERS  # the scopes table came from the bulk read
