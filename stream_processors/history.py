@@ -41,6 +41,7 @@ import os
 import secrets
 import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,7 @@ class HistoryProcess:
         self.url = ""
         self.headers: dict[str, str] = {}  # carry the token of the current start
         self.applied: list[str] = []  # migrations the last start applied
+        self.served = threading.Event()  # set once the first start serves (url and headers set)
 
     def start(self) -> None:
         self.spawn()
@@ -158,6 +160,7 @@ class HistoryProcess:
         port, self.applied = detail
         self.url = f"http://127.0.0.1:{port}"
         self.headers = {"Authorization": f"Bearer {token}"}
+        self.served.set()
 
     @property
     def exitcode(self) -> int | None:

@@ -4,6 +4,7 @@ worker's own child (role all) or a writer of its own (role meter, SPENDSTREAM_HI
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ import httpx
 from faust.web import Request, Response, View
 
 from stream_processors.gc_pauses import GcPauses
-from stream_processors.history import HistoryEndpoint
+from stream_processors.history import HistoryEndpoint, HistoryProcess
 
 __all__ = ["HistoryClient", "add_views", "prometheus_text"]
 
@@ -54,6 +55,8 @@ class HistoryClient:
         history = self.history
         if history is None:
             return 503, {"error": NO_HISTORY}
+        if isinstance(history, HistoryProcess) and not history.served.is_set():
+            await asyncio.to_thread(history.served.wait)  # the worker's child is starting
         try:
             answer = await self._http.request(
                 method, history.url + path, content=body, headers=history.headers, timeout=within_s

@@ -8,15 +8,23 @@ import asyncio
 import gc
 import hashlib
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import faust
 
 from spendstream.cli.kafka_local import LocalCluster, LocalKafka
+from spendstream.errors import SpendstreamError
 from spendstream.settings import Settings
 from spendstream.topics import broker_count, ensure_topics, replication_for, wait_for_broker
 from stream_processors.budgets import Spec, load_specs
+
+if TYPE_CHECKING:
+    from stream_processors.history import HistoryProcess
 
 __all__ = ["ROLES", "local_kafka", "prepare", "publish_specs", "replication_factor", "run", "run_worker"]
 
@@ -150,22 +158,48 @@ def run_worker(
         app = create_app(
             settings, datadir=str(datadir), history=history, replication_factor=replication_factor(settings)
         )
+        failed: list[SpendstreamError] = []
         if child is not None:
-            child.wait_ready()
-            say(
-                f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
-                + (f": applied {', '.join(child.applied)}" if child.applied else ": schema up to date")
-            )
+            # Enforcement does not wait for ClickHouse: Faust starts (tables restored, budgets
+            # decided) while the history process still starts; the worker's /health, /sql, ...
+            # wait for it (stream_processors/web.py), and a history process that cannot start
+            # stops the worker with its error, as before.
+            threading.Thread(
+                target=_await_history, args=(child, settings, say, failed), name="history-start", daemon=True
+            ).start()
         say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
         # What exists now (Faust, aiokafka, the catalogue, the schemas) lives as long as the
         # worker: frozen, the garbage collector stops rescanning it on every full collection.
         gc.collect()
         gc.freeze()
-        worker.execute_from_commandline()
+        try:
+            worker.execute_from_commandline()
+        except SystemExit:
+            if failed:
+                raise failed[0] from None
+            raise
     finally:
         if child is not None:
             child.stop()  # the sink flushes what it holds
+
+
+def _await_history(
+    child: HistoryProcess, settings: Settings, say: Callable[[str], None], failed: list[SpendstreamError]
+) -> None:
+    """Wait for the history process to serve and say so; if it fails, keep the error in `failed`
+    and stop the worker (SIGTERM to this process: Faust stops cleanly, `run_worker` raises it)."""
+    try:
+        child.wait_ready()
+    except SpendstreamError as exc:
+        failed.append(exc)
+        say(f"{exc}: stopping the worker")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    say(
+        f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
+        + (f": applied {', '.join(child.applied)}" if child.applied else ": schema up to date")
+    )
 
 
 def _redact(dsn: str) -> str:
