@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from decimal import Decimal
@@ -20,8 +23,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faust.types import TP
 
 from producers import SyncEmitter
+from spendstream.topics import Topics
 from stream_processors.restore import RestoredStore, RestoredTable
-from tests.conftest import Worker, restart_worker, start_worker, topic_configs
+from tests.conftest import REPO, Worker, _fresh_env, free_port, restart_worker, start_worker, topic_configs
 from tests.test_budgets_pipeline import signals, tokens, wait_signal
 
 pytestmark = pytest.mark.integration
@@ -215,3 +219,46 @@ def test_a_restarted_worker_has_every_scope_exact_and_signals_each_crossing_once
         assert [s["state"] for s in signals(kafka, w, "user:u003")] == ["warn"]
     finally:
         w.stop()
+
+
+def test_budgets_are_enforced_while_the_history_process_cannot_serve(kafka: str, tmp_path: Path) -> None:
+    """A ClickHouse server that accepts connections and never answers keeps the history process
+    from serving: the worker still starts and signals a crossing (Faust does not wait for the
+    history process), while its /health waits for it (30 s, then says so)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = free_port()
+        env = _fresh_env(
+            kafka,
+            tmp_path / "w",
+            BUDGETS,
+            SPENDSTREAM_WEB_PORT=str(port),
+            SPENDSTREAM_CLICKHOUSE_DSN=f"http://127.0.0.1:{silent.getsockname()[1]}/",
+        )
+        log = tmp_path / "w" / "worker.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "spendstream", "up"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        w = Worker(env, port, Topics(env["SPENDSTREAM_TOPIC_PREFIX"]), process, log)
+        try:
+            deadline = time.monotonic() + 60
+            while "Ctrl-C stops" not in log.read_text():  # topics created, the app built
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            emit(kafka, w, [("r0", "u900", "6")])  # $6 of a member's $5/day
+            wait_signal(kafka, w, "user:u900", "blocked", timeout=60)
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=60).json()  # waits 30 s for it
+            assert (health["status"], health["history"]) == (
+                "degraded",
+                "the history process (ClickHouse) has not started in 30 s",
+            )
+            assert "history writer serving" not in log.read_text()
+        finally:
+            w.stop()
