@@ -260,5 +260,6 @@ def test_budgets_are_enforced_while_the_history_process_cannot_serve(kafka: str,
                 "the history process (ClickHouse) has not started in 30 s",
             )
             assert "history writer serving" not in log.read_text()
+            assert w.stop() == 0  # its history process stopped with it: no failure
         finally:
             w.stop()

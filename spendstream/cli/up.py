@@ -152,6 +152,7 @@ def run_worker(
         say(f"history writer: {settings.history_url}")
     else:
         say("no history writer (SPENDSTREAM_HISTORY_URL unset): /sql, /reprice and /flush answer 503")
+    stopping = threading.Event()  # set once this process stops: a child stopped then is no failure
     try:
         from stream_processors.app import create_app  # import faust's app lazily: it is heavy
 
@@ -165,7 +166,10 @@ def run_worker(
             # wait for it (stream_processors/web.py), and a history process that cannot start
             # stops the worker with its error, as before.
             threading.Thread(
-                target=_await_history, args=(child, settings, say, failed), name="history-start", daemon=True
+                target=_await_history,
+                args=(child, settings, say, failed, stopping),
+                name="history-start",
+                daemon=True,
             ).start()
         say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
@@ -180,18 +184,26 @@ def run_worker(
                 raise failed[0] from None
             raise
     finally:
+        stopping.set()
         if child is not None:
             child.stop()  # the sink flushes what it holds
 
 
 def _await_history(
-    child: HistoryProcess, settings: Settings, say: Callable[[str], None], failed: list[SpendstreamError]
+    child: HistoryProcess,
+    settings: Settings,
+    say: Callable[[str], None],
+    failed: list[SpendstreamError],
+    stopping: threading.Event,
 ) -> None:
-    """Wait for the history process to serve and say so; if it fails, keep the error in `failed`
-    and stop the worker (SIGTERM to this process: Faust stops cleanly, `run_worker` raises it)."""
+    """Wait for the history process to serve and say so; if it fails (and the worker is not
+    stopping anyway), keep the error in `failed` and stop the worker (SIGTERM to this process:
+    Faust stops cleanly, `run_worker` raises the error)."""
     try:
         child.wait_ready()
     except SpendstreamError as exc:
+        if stopping.is_set():
+            return
         failed.append(exc)
         say(f"{exc}: stopping the worker")
         os.kill(os.getpid(), signal.SIGTERM)
