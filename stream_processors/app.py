@@ -49,7 +49,7 @@ from stream_processors.history import HistoryEndpoint, HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage, parts_by_size
 from stream_processors.priced_writer import PricedBatchWriter
 from stream_processors.pricing import Catalogue
-from stream_processors.restore import RestoredTable
+from stream_processors.restore import PromptTableManager, RestoredTable
 from stream_processors.web import HistoryClient, add_views
 
 __all__ = ["create_app", "faust_credentials"]
@@ -126,6 +126,7 @@ def create_app(
         # until then nobody decides those scopes' budgets.
         broker_session_timeout=10.0,
         broker_heartbeat_interval=3.0,
+        TableManager=PromptTableManager,
     )
 
     for warning in check_internals():  # raises ConfigError if a patched name is gone

@@ -178,14 +178,29 @@ async def reload_seen(
         if found is None:
             return 0
         consumer.seek(tp, found.offset)
+        # The ids of one arrival slice are added together: one sort per slice, not a merge per
+        # message (what adding each message's ids at its own time leaves, at a fraction of the CPU).
+        pending: list[Ids] = []
+        pending_us = 0
+
+        def flush() -> int:
+            keys = np.unique(np.concatenate(pending)) if pending else np.empty(0, dtype=np.uint64)
+            pending.clear()
+            seen.add(keys, pending_us)
+            return len(keys)
+
         while await consumer.position(tp) < end:
             for msg in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                at_us = msg.timestamp * 1_000
+                if pending and at_us // seen.slice_us != pending_us // seen.slice_us:
+                    loaded += flush()
                 _, record = codec.decode(msg.value)
                 offsets = np.frombuffer(record["offsets"], dtype="<i8")
                 keys = np.frombuffer(record["ids"], dtype="<u8").astype(np.uint64)
-                keys = np.unique(keys[offsets < before_offset])
-                seen.add(keys, msg.timestamp * 1_000)
-                loaded += len(keys)
+                pending.append(keys[offsets < before_offset])
+                pending_us = max(pending_us, at_us)
+        if pending:
+            loaded += flush()
     finally:
         await consumer.stop()
     log.info(

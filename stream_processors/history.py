@@ -41,6 +41,7 @@ import os
 import secrets
 import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -110,11 +111,20 @@ class HistoryProcess:
         self._settings = settings
         self._loglevel = loglevel
         self._process: BaseProcess | None = None
+        self._pipe: Connection | None = None  # the spawned process's "ready" comes on it
+        self._token = ""
         self.url = ""
         self.headers: dict[str, str] = {}  # carry the token of the current start
         self.applied: list[str] = []  # migrations the last start applied
+        self.served = threading.Event()  # set once the first start serves (url and headers set)
 
     def start(self) -> None:
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process and return at once: the caller does other work (imports, its own
+        start) while the child imports ClickHouse and migrates, then calls `wait_ready()`."""
         ctx = multiprocessing.get_context("spawn")  # no fork: the parent has threads and sockets
         parent, child = ctx.Pipe(duplex=False)
         token = secrets.token_urlsafe(32)  # a new one per start; the spawn pipe carries it
@@ -126,7 +136,15 @@ class HistoryProcess:
         )
         process.start()
         child.close()
-        self._process = process
+        self._process, self._pipe, self._token = process, parent, token
+
+    def wait_ready(self) -> None:
+        """Return once the process spawned serves (`url`, `headers` and `applied` set);
+        SpendstreamError if it exits, reports a ClickHouse error, or is not ready in time."""
+        process, parent, token = self._process, self._pipe, self._token
+        if process is None or parent is None:
+            raise RuntimeError("wait_ready() before spawn()")
+        self._pipe = None
         deadline = time.monotonic() + _READY_TIMEOUT
         while not parent.poll(0.2):
             if not process.is_alive():
@@ -142,6 +160,7 @@ class HistoryProcess:
         port, self.applied = detail
         self.url = f"http://127.0.0.1:{port}"
         self.headers = {"Authorization": f"Bearer {token}"}
+        self.served.set()
 
     @property
     def exitcode(self) -> int | None:

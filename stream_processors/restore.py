@@ -10,8 +10,9 @@ uses: Faust's recovery then replays only the records after that offset (none, on
 Guarantees (one writer per scope holds through rebalances):
 1. A changelog partition that becomes active here (start, rebalance, a standby promoted) is
    restored from its first record: the keys this store held for that partition are dropped
-   first (a standby's copy, or an old one from before the partition left), then every record
-   up to the partition's end offset is applied in offset order, tombstones deleting.
+   first (a standby's copy, or an old one from before the partition left), then the records
+   up to the partition's end offset are applied as in offset order, tombstones deleting: only
+   each key's last record is decoded (what applying all of them in order leaves).
 2. The offset reported to Faust is the last one applied: the end read, then each record this
    worker writes to the partition (acknowledged in order; as active, it is the only writer).
    Records someone wrote after the read (a previous owner's last writes) are replayed by
@@ -30,11 +31,21 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.stores.memory import Store as MemoryStore
+from faust.tables import TableManager
 from faust.types import TP, StoreT
 
-__all__ = ["RestoredStore", "RestoredTable"]
+__all__ = ["CHANGELOG_TOPIC_CONFIGS", "PromptTableManager", "RestoredStore", "RestoredTable"]
 
 log = logging.getLogger(__name__)
+
+# Kafka compacts only segments that have rolled, and rolls one at 1 GiB or after 7 days by
+# default: a changelog then keeps every update of the week, and a restore reads them all (about
+# 10 per scope after 1,000,000 events over 100,000 scopes in bench/restart.py). Rolled every
+# minute, the log cleaner leaves at most about two records per key (it cleans once the dirty part
+# is half the log) plus the last minute's updates. Set when the changelog is created: an existing
+# one keeps its configs (`kafka-configs.sh --alter --entity-type topics --entity-name
+# <worker id>-scopes-changelog --add-config segment.ms=60000`).
+CHANGELOG_TOPIC_CONFIGS = {"segment.ms": "60000"}
 
 
 class RestoredStore(MemoryStore):  # type: ignore[type-arg]
@@ -86,27 +97,35 @@ class RestoredStore(MemoryStore):  # type: ignore[type-arg]
             left = {tp for tp in wanted if firsts[tp] < ends[tp]}
             for tp in left:
                 consumer.seek(tp, firsts[tp])
-            decode_key, decode_value = self._decode_key, self._decode_value
-            data, key_partition = self.data, self._key_partition
+            # A scope's changelog holds a record per update (compaction only reaches rolled
+            # segments): keep each key's last record, in the order of last writes, and decode only
+            # those, once the partitions are read.
+            latest: dict[tuple[int, bytes | None], bytes | None] = {}
             while left:
                 fetched = await consumer.getmany(*left, timeout_ms=500)
                 for tp, messages in fetched.items():
                     for m in messages:
                         if m.offset >= ends[tp]:
                             break  # written after the end was read: Faust's recovery replays it
-                        key = decode_key(m.key)
-                        if m.value is None:
-                            data.pop(key, None)
-                            key_partition.pop(key, None)
-                        else:
-                            data[key] = decode_value(m.value)
-                            key_partition[key] = tp.partition
+                        raw = (tp.partition, m.key)
+                        latest.pop(raw, None)
+                        latest[raw] = m.value
                         records += 1
                 for tp in list(left):
                     if await consumer.position(tp) >= ends[tp]:
                         left.discard(tp)
         finally:
             await consumer.stop()
+        decode_key, decode_value = self._decode_key, self._decode_value
+        data, key_partition = self.data, self._key_partition
+        for (partition, raw_key), raw_value in latest.items():
+            key = decode_key(raw_key)
+            if raw_value is None:
+                data.pop(key, None)
+                key_partition.pop(key, None)
+            else:
+                data[key] = decode_value(raw_value)
+                key_partition[key] = partition
         for tp in tps:
             self.restored[tp] = ends[TopicPartition(tp.topic, tp.partition)] - 1
         log.info(
@@ -120,12 +139,14 @@ class RestoredStore(MemoryStore):  # type: ignore[type-arg]
 
 
 class RestoredTable(faust.Table):  # type: ignore[type-arg]  # faust.Table is generic in its stubs only
-    """A `faust.Table` on a `RestoredStore`. `changelog_consumer` makes a fresh, unstarted
-    AIOKafkaConsumer (no group) with the worker's Kafka connection settings."""
+    """A `faust.Table` on a `RestoredStore`, its changelog created with CHANGELOG_TOPIC_CONFIGS.
+    `changelog_consumer` makes a fresh, unstarted AIOKafkaConsumer (no group) with the worker's
+    Kafka connection settings."""
 
     def __init__(
         self, app: faust.App, *, changelog_consumer: Callable[[], AIOKafkaConsumer], **kwargs: Any
     ) -> None:
+        kwargs["extra_topic_configs"] = {**CHANGELOG_TOPIC_CONFIGS, **kwargs.get("extra_topic_configs", {})}
         super().__init__(app, **kwargs)
         self.changelog_consumer = changelog_consumer
 
@@ -142,3 +163,15 @@ class RestoredTable(faust.Table):  # type: ignore[type-arg]  # faust.Table is ge
             loop=self.loop,
             options=self.options,
         )
+
+
+class PromptTableManager(TableManager):
+    """Faust's table manager without the second it sleeps when it starts (for tables added
+    after the app started, which Faust then refuses anyway: "Too late to add tables"). Every
+    table of the worker is added as the app is built, and the sleep held up every start: the
+    subscription, and so the partitions' assignment and the recovery, waited for it."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()

@@ -4,6 +4,8 @@ worker's own child (role all) or a writer of its own (role meter, SPENDSTREAM_HI
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +15,7 @@ import httpx
 from faust.web import Request, Response, View
 
 from stream_processors.gc_pauses import GcPauses
-from stream_processors.history import HistoryEndpoint
+from stream_processors.history import HistoryEndpoint, HistoryProcess
 
 __all__ = ["HistoryClient", "add_views", "prometheus_text"]
 
@@ -37,6 +39,9 @@ NO_HISTORY = (
 )
 
 
+HISTORY_START_WAIT_S = 30.0  # a request waits this long for the worker's history process to start
+
+
 class HistoryClient:
     """Requests to the history writer, with the token of its current start. `history` None: a
     meter worker with no writer configured, every request answers 503 saying what to set.
@@ -54,6 +59,17 @@ class HistoryClient:
         history = self.history
         if history is None:
             return 503, {"error": NO_HISTORY}
+        if isinstance(history, HistoryProcess) and not history.served.is_set():
+            # The worker's child is starting (Faust does not wait for it): wait for it a while.
+            # `served` is a threading.Event, polled rather than waited for in one of the loop's
+            # executor threads, which also resolve the Kafka clients' addresses.
+            deadline = time.monotonic() + HISTORY_START_WAIT_S
+            while not history.served.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            if not history.served.is_set():
+                return 503, {
+                    "error": f"the history process (ClickHouse) has not started in {HISTORY_START_WAIT_S:.0f} s"
+                }
         try:
             answer = await self._http.request(
                 method, history.url + path, content=body, headers=history.headers, timeout=within_s

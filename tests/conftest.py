@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from spendstream.cli.kafka_local import LocalCluster, LocalKafka
 from spendstream.topics import Topics
@@ -351,3 +352,19 @@ async def describe_partitions(bootstrap: str, names: list[str]) -> dict[str, lis
     finally:
         await admin.close()
     return {t["topic"]: t["partitions"] for t in described}
+
+
+async def topic_configs(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """Every config of each topic, as the broker reports it (its defaults included)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+    finally:
+        await admin.close()
+    out: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for res in response.to_object()["resources"]:
+            assert res["error_code"] == 0, res
+            out[res["resource_name"]] = {e["config_names"]: e["config_value"] for e in res["config_entries"]}
+    return out

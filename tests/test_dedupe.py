@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
 from datetime import UTC, datetime
 
 import numpy as np
+import numpy.typing as npt
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producers import build_event
 from spendstream.wire import default_codec
-from stream_processors.dedupe import SeenIds, event_key
+from stream_processors.dedupe import SeenIds, event_key, reload_seen
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue
 
@@ -111,3 +118,60 @@ def test_an_event_older_than_the_horizon_is_stored_but_moves_no_budget() -> None
     result = stage.process(b"a", CODEC.encode("UsageEvent", old), NOW + 2 * HOUR)
     assert [p["usage"]["event_id"] for p in result.priced] == [old["event_id"]]
     assert (result.spend, result.unbudgeted, result.seen) == ({}, 1, [])
+
+
+@pytest.mark.integration
+def test_a_reload_keeps_the_ids_counted_before_the_offset_in_the_slices_they_arrived_in(kafka: str) -> None:
+    """80 usage.seen records of 50 ids (10 past the horizon, the rest over 23 minutes, copies of
+    the record before in some) re-loaded up to usage.raw offset 302: the ids of messages before
+    it are known, once each, each in the slice it arrived in; the others are not."""
+    topic = f"t{uuid.uuid4().hex[:8]}.usage.seen"
+    now_ms = time.time_ns() // 1_000_000
+    rng = np.random.default_rng(14)
+    # (arrival ms, usage.raw offsets, ids) of each record
+    records: list[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.uint64]]] = []
+    for i in range(80):  # record i: the ids of usage.raw offsets 4i .. 4i+3
+        at_ms = now_ms - (90 * 60_000 if i < 10 else 30 * 60_000 - i * 20_000)
+        offsets = np.repeat(np.arange(4 * i, 4 * i + 4, dtype=np.int64), [12, 13, 12, 13])
+        ids = rng.integers(0, 2**63, 50, dtype=np.uint64)
+        if i % 7 == 3:
+            ids[:5] = records[-1][2][:5]  # re-delivered copies of 5 ids of the record before
+        records.append((at_ms, offsets, ids))
+
+    async def run(seen: SeenIds) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 1, 1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all")
+        await producer.start()
+        try:
+            for at_ms, offsets, ids in records:
+                record = {"source_partition": 0, "offsets": offsets.tobytes(), "ids": ids.tobytes()}
+                await producer.send(topic, CODEC.encode("SeenIds", record), key=b"0", timestamp_ms=at_ms)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        return await reload_seen(kafka, topic, 0, 302, seen, CODEC)
+
+    seen = SeenIds(HOUR)
+    loaded = asyncio.run(run(seen))
+    arrived: dict[int, int] = {}  # kept id -> the slice of its latest arrival
+    for at_ms, offsets, ids in records[10:]:
+        for key in ids[offsets < 302]:
+            arrived[int(key)] = at_ms * 1_000 // seen.slice_us
+    # records 10-74 whole, 25 ids of record 75 (offsets 300, 301), less 9 records' 5 copies
+    # (record 10's are of record 9, past the horizon)
+    assert loaded == len(seen) == len(arrived) == 65 * 50 + 25 - 9 * 5
+    every = np.array(sorted({int(k) for _, _, ids in records for k in ids}), dtype=np.uint64)
+    fresh = seen.first_seen(every, now_ms * 1_000)
+    assert {int(k) for k in every[~fresh]} == set(arrived)
+    # an hour after record 10's slice ended, that slice is pruned and only its ids are new again
+    later = (arrived[int(records[10][2][0])] + 1) * seen.slice_us + HOUR
+    seen.add(np.empty(0, dtype=np.uint64), later)
+    kept = np.array(sorted(arrived), dtype=np.uint64)
+    pruned = {int(k) for k in kept[seen.first_seen(kept, later)]}
+    assert pruned == {k for k, s in arrived.items() if s < later // seen.slice_us - 12}
+    assert 0 < len(pruned) < len(arrived)

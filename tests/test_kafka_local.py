@@ -10,13 +10,11 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from spendstream.cli.kafka_local import KAFKA_VERSION, LocalKafka
 from spendstream.errors import ConfigError, KafkaLocalError
 from spendstream.topics import DLQ_RETENTION_MS, Topics, ensure_topics, wait_for_broker
-from tests.conftest import describe_partitions
+from tests.conftest import describe_partitions, topic_configs
 
 pytestmark = pytest.mark.integration
 
@@ -33,21 +31,6 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
         yield broker
     finally:
         broker.wipe()
-
-
-async def _topic_configs(names: list[str]) -> dict[str, dict[str, str]]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
-    try:
-        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
-    finally:
-        await admin.close()
-    out: dict[str, dict[str, str]] = {}
-    for response in responses:
-        for res in response.to_object()["resources"]:
-            assert res["error_code"] == 0, res
-            out[res["resource_name"]] = {e["config_names"]: e["config_value"] for e in res["config_entries"]}
-    return out
 
 
 def test_not_running_before_start(kafka: LocalKafka) -> None:
@@ -93,7 +76,7 @@ def test_lifecycle_and_topics(kafka: LocalKafka) -> None:
     described = asyncio.run(describe_partitions(BOOTSTRAP, topics.all()))
     assert {t: len(parts) for t, parts in described.items()} == dict.fromkeys(topics.all(), 3)
 
-    configs = asyncio.run(_topic_configs(topics.all()))
+    configs = asyncio.run(topic_configs(BOOTSTRAP, topics.all()))
     assert configs[topics.spend_control]["cleanup.policy"] == "compact"
     assert configs[topics.prices]["cleanup.policy"] == "compact"
     assert configs[topics.usage_dlq]["retention.ms"] == str(DLQ_RETENTION_MS)

@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import faust
 import httpx
@@ -19,8 +23,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faust.types import TP
 
 from producers import SyncEmitter
+from spendstream.topics import Topics
 from stream_processors.restore import RestoredStore, RestoredTable
-from tests.conftest import Worker, restart_worker, start_worker
+from tests.conftest import REPO, Worker, _fresh_env, free_port, restart_worker, start_worker, topic_configs
 from tests.test_budgets_pipeline import signals, tokens, wait_signal
 
 pytestmark = pytest.mark.integration
@@ -74,8 +79,18 @@ def test_a_restore_applies_each_partition_to_its_end_and_resumes_faust_there(kaf
         # what a store could hold before: a standby's stale copy of partition 0, a key of partition 1
         store.data.update({"user:stale@0": "{}", "user:kept@1": "{}"})
         store._key_partition.update({"user:stale@0": 0, "user:kept@1": 1})
+        decoded: list[bytes | None] = []
+        decode_value = store._decode_value
+
+        def counted(value: bytes | None) -> Any:
+            decoded.append(value)
+            return decode_value(value)
+
+        store._decode_value = counted  # type: ignore[method-assign]
         read = await store.restore([p0])
         assert read == len(records[0])
+        # ~1,500 records of 30 keys: only each key's last value is decoded (tombstones need none)
+        assert len(decoded) == len(model[0])
         assert {k: v for k, v in store.data.items() if k.endswith("@0")} == model[0]
         assert store.data["user:kept@1"] == "{}"  # another partition's keys are not touched
         assert (store.persisted_offset(p0), store.persisted_offset(p1)) == (len(records[0]) - 1, None)
@@ -164,6 +179,12 @@ def test_a_restarted_worker_has_every_scope_exact_and_signals_each_crossing_once
         want["user:*"] = f"{MEMBERS} members with spend, 1 blocked"
         assert spend_when(w, want) == want
         wait_signal(kafka, w, "user:u000", "blocked")
+        # the changelogs roll a segment a minute, so Kafka's cleaner compacts all but the last one
+        changelogs = [f"{w.env['SPENDSTREAM_WORKER_ID']}-{t}-changelog" for t in ("scopes", "specs")]
+        configs = asyncio.run(topic_configs(kafka, changelogs))
+        assert [(c["segment.ms"], c["cleanup.policy"]) for c in configs.values()] == [
+            ("60000", "compact")
+        ] * 2
 
         restart_worker(w, kill=True)  # what was not committed yet is delivered again
         assert restored_records(w.log) >= MEMBERS  # the scopes table came from the bulk read
@@ -198,3 +219,47 @@ def test_a_restarted_worker_has_every_scope_exact_and_signals_each_crossing_once
         assert [s["state"] for s in signals(kafka, w, "user:u003")] == ["warn"]
     finally:
         w.stop()
+
+
+def test_budgets_are_enforced_while_the_history_process_cannot_serve(kafka: str, tmp_path: Path) -> None:
+    """A ClickHouse server that accepts connections and never answers keeps the history process
+    from serving: the worker still starts and signals a crossing (Faust does not wait for the
+    history process), while its /health waits for it (30 s, then says so)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = free_port()
+        env = _fresh_env(
+            kafka,
+            tmp_path / "w",
+            BUDGETS,
+            SPENDSTREAM_WEB_PORT=str(port),
+            SPENDSTREAM_CLICKHOUSE_DSN=f"http://127.0.0.1:{silent.getsockname()[1]}/",
+        )
+        log = tmp_path / "w" / "worker.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "spendstream", "up"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        w = Worker(env, port, Topics(env["SPENDSTREAM_TOPIC_PREFIX"]), process, log)
+        try:
+            deadline = time.monotonic() + 60
+            while "Ctrl-C stops" not in log.read_text():  # topics created, the app built
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            emit(kafka, w, [("r0", "u900", "6")])  # $6 of a member's $5/day
+            wait_signal(kafka, w, "user:u900", "blocked", timeout=60)
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=60).json()  # waits 30 s for it
+            assert (health["status"], health["history"]) == (
+                "degraded",
+                "the history process (ClickHouse) has not started in 30 s",
+            )
+            assert "history writer serving" not in log.read_text()
+            assert w.stop() == 0  # its history process stopped with it: no failure
+        finally:
+            w.stop()

@@ -8,15 +8,23 @@ import asyncio
 import gc
 import hashlib
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import faust
 
 from spendstream.cli.kafka_local import LocalCluster, LocalKafka
+from spendstream.errors import SpendstreamError
 from spendstream.settings import Settings
 from spendstream.topics import broker_count, ensure_topics, replication_for, wait_for_broker
 from stream_processors.budgets import Spec, load_specs
+
+if TYPE_CHECKING:
+    from stream_processors.history import HistoryProcess
 
 __all__ = ["ROLES", "local_kafka", "prepare", "publish_specs", "replication_factor", "run", "run_worker"]
 
@@ -123,7 +131,6 @@ def run_worker(
     """Run the worker until SIGINT/SIGTERM; `with_history`: and its history process as its child,
     whose sink flushes what it holds on stop. Without: /sql, /reprice and /flush go to the writer
     at SPENDSTREAM_HISTORY_URL (503 if unset)."""
-    from stream_processors.app import create_app  # import faust's app lazily: it is heavy
     from stream_processors.history import HistoryEndpoint, HistoryProcess, RemoteHistory
 
     # Tie the worker's table state to this broker's life (a re-formatted broker gets a new cluster
@@ -136,21 +143,34 @@ def run_worker(
     child: HistoryProcess | None = None
     if with_history:
         history = child = HistoryProcess(settings, loglevel)
-        child.start()  # the sink and ClickHouse, in a process of their own
-        say(
-            f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
-            + (f": applied {', '.join(child.applied)}" if child.applied else ": schema up to date")
-        )
+        # The sink and ClickHouse, in a process of their own: it starts (imports ClickHouse,
+        # migrates) while this one imports Faust and builds the app, on the other core.
+        child.spawn()
     elif settings.history_url:
         token = settings.history_token.get_secret_value() if settings.history_token else None
         history = RemoteHistory(settings.history_url, token, settings.history_token_file)
         say(f"history writer: {settings.history_url}")
     else:
         say("no history writer (SPENDSTREAM_HISTORY_URL unset): /sql, /reprice and /flush answer 503")
+    stopping = threading.Event()  # set once this process stops: a child stopped then is no failure
     try:
+        from stream_processors.app import create_app  # import faust's app lazily: it is heavy
+
         app = create_app(
             settings, datadir=str(datadir), history=history, replication_factor=replication_factor(settings)
         )
+        failed: list[SpendstreamError] = []
+        if child is not None:
+            # Enforcement does not wait for ClickHouse: Faust starts (tables restored, budgets
+            # decided) while the history process still starts; the worker's /health, /sql, ...
+            # wait for it (stream_processors/web.py), and a history process that cannot start
+            # stops the worker with its error, as before.
+            threading.Thread(
+                target=_await_history,
+                args=(child, settings, say, failed, stopping),
+                name="history-start",
+                daemon=True,
+            ).start()
         say(f"worker {settings.worker_id}: web http://127.0.0.1:{settings.web_port}/health; Ctrl-C stops")
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
         # Faust's start-up spinner turns the root logger to DEBUG for good (its handler spins per
@@ -162,10 +182,41 @@ def run_worker(
         # worker: frozen, the garbage collector stops rescanning it on every full collection.
         gc.collect()
         gc.freeze()
-        worker.execute_from_commandline()
+        try:
+            worker.execute_from_commandline()
+        except SystemExit:
+            if failed:
+                raise failed[0] from None
+            raise
     finally:
+        stopping.set()
         if child is not None:
             child.stop()  # the sink flushes what it holds
+
+
+def _await_history(
+    child: HistoryProcess,
+    settings: Settings,
+    say: Callable[[str], None],
+    failed: list[SpendstreamError],
+    stopping: threading.Event,
+) -> None:
+    """Wait for the history process to serve and say so; if it fails (and the worker is not
+    stopping anyway), keep the error in `failed` and stop the worker (SIGTERM to this process:
+    Faust stops cleanly, `run_worker` raises the error)."""
+    try:
+        child.wait_ready()
+    except SpendstreamError as exc:
+        if stopping.is_set():
+            return
+        failed.append(exc)
+        say(f"{exc}: stopping the worker")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    say(
+        f"ClickHouse {_redact(settings.dsn)} database {settings.clickhouse_database}"
+        + (f": applied {', '.join(child.applied)}" if child.applied else ": schema up to date")
+    )
 
 
 def _redact(dsn: str) -> str:
