@@ -178,29 +178,28 @@ async def reload_seen(
         if found is None:
             return 0
         consumer.seek(tp, found.offset)
-        # The ids of one arrival slice are added together: one sort per slice, not a merge per
-        # message (what adding each message's ids at its own time leaves, at a fraction of the CPU).
-        pending: list[Ids] = []
-        pending_us = 0
-
-        def flush() -> int:
-            keys = np.unique(np.concatenate(pending)) if pending else np.empty(0, dtype=np.uint64)
-            pending.clear()
-            seen.add(keys, pending_us)
-            return len(keys)
-
+        # Every id once, in the slice of its latest arrival (an id is written again when a message
+        # is re-read), each slice added whole in arrival order: one sort for the lot, not a merge
+        # per message.
+        keys_read: list[Ids] = []
+        slices_read: list[npt.NDArray[np.int64]] = []
         while await consumer.position(tp) < end:
             for msg in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
-                at_us = msg.timestamp * 1_000
-                if pending and at_us // seen.slice_us != pending_us // seen.slice_us:
-                    loaded += flush()
                 _, record = codec.decode(msg.value)
                 offsets = np.frombuffer(record["offsets"], dtype="<i8")
-                keys = np.frombuffer(record["ids"], dtype="<u8").astype(np.uint64)
-                pending.append(keys[offsets < before_offset])
-                pending_us = max(pending_us, at_us)
-        if pending:
-            loaded += flush()
+                keys = np.frombuffer(record["ids"], dtype="<u8").astype(np.uint64)[offsets < before_offset]
+                keys_read.append(keys)
+                slices_read.append(np.full(len(keys), msg.timestamp * 1_000 // seen.slice_us, dtype=np.int64))
+        if keys_read:
+            keys, slices = np.concatenate(keys_read), np.concatenate(slices_read)
+            order = np.lexsort((-slices, keys))  # by key, its latest slice first
+            keys, slices = keys[order], slices[order]
+            first = np.ones(len(keys), dtype=bool)
+            first[1:] = keys[1:] != keys[:-1]
+            keys, slices = keys[first], slices[first]
+            for slice_ in np.unique(slices):  # ascending: the horizon prunes as it goes
+                seen.add(keys[slices == slice_], int(slice_) * seen.slice_us)  # sorted: keys are
+            loaded = len(keys)
     finally:
         await consumer.stop()
     log.info(
