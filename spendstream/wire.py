@@ -26,7 +26,7 @@ from fastavro.schema import fingerprint, load_schema, to_parsing_canonical_form
 from spendstream.contracts import contract_dir
 from spendstream.errors import DecodeError
 
-__all__ = ["MAGIC", "Codec", "default_codec"]
+__all__ = ["MAGIC", "Codec", "avro_long", "default_codec"]
 
 MAGIC = b"\xc3\x01"
 _HEADER = len(MAGIC) + 8
@@ -74,6 +74,20 @@ def _load(path: Path) -> _Schema:
     return _Schema(
         full_name.removeprefix(_NAMESPACE), fp, parse_schema(plain, _write_hint=False), bytes_defaults
     )
+
+
+def avro_long(value: int) -> bytes:
+    """One Avro long: a zigzag varint (what the meter's PricedBatch writer and the sink's Avro
+    framing write around bytes they never decode)."""
+    if not -(2**63) <= value < 2**63:
+        raise OverflowError(f"{value} does not fit an Avro long")
+    z = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
 
 
 class Codec:

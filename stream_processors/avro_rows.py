@@ -53,7 +53,7 @@ from spendstream.usage import (
     SERVICE_TIERS,
     USAGE_SOURCES,
 )
-from spendstream.wire import MAGIC, Codec
+from spendstream.wire import MAGIC, Codec, avro_long
 from stream_processors.store import sql_literal
 
 __all__ = ["AvroRows"]
@@ -118,17 +118,6 @@ _COLUMNS = (
     "e.usage_source",
     f"toDecimal128(p.saved_pico_usd, 0) * {_PICO}",
 )
-
-
-def _zigzag(n: int) -> bytes:
-    """An Avro long (zigzag varint)."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -276,9 +265,9 @@ class AvroRows:
         out = io.BytesIO()
         out.write(b"Obj\x01")
         meta = {b"avro.schema": schema, b"avro.codec": b"null"}
-        out.write(_zigzag(len(meta)))
+        out.write(avro_long(len(meta)))
         for key, value in meta.items():
-            out.write(_zigzag(len(key)) + key + _zigzag(len(value)) + value)
+            out.write(avro_long(len(key)) + key + avro_long(len(value)) + value)
         out.write(b"\x00")
         return out.getvalue()
 
@@ -320,7 +309,7 @@ class AvroRows:
                     return None
                 raw = value[start:end]
                 body = raw[_HEADER:] if start == at_batch else b"\x02" + raw[_HEADER:] + b"\x00"
-                parts += (_zigzag(len(raw)), raw, _zigzag(rows), body, self._nonce)
+                parts += (avro_long(len(raw)), raw, avro_long(rows), body, self._nonce)
                 total += rows
                 sources += 1
                 pos = end
@@ -328,14 +317,14 @@ class AvroRows:
             return None
         if sources != expected:
             return None
-        head = _zigzag(sources) if sources else b""
+        head = avro_long(sources) if sources else b""
         return b"".join((head, *parts, b"\x00", value[_HEADER + 1 :], self._nonce)), total
 
     def container(self, records: list[bytes]) -> bytes:
         """An Avro Object Container File of `records` (one block, no compression)."""
         sync = os.urandom(16)
         body = b"".join(records)
-        return b"".join((self._header, sync, _zigzag(len(records)), _zigzag(len(body)), body, sync))
+        return b"".join((self._header, sync, avro_long(len(records)), avro_long(len(body)), body, sync))
 
     def select(self, source: str, now_us: int) -> str:
         """`SELECT` of usage_events rows (store.USAGE_COLUMNS) from `source` (a table function over a

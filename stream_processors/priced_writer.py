@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from spendstream.wire import MAGIC, Codec
+from spendstream.wire import MAGIC, Codec, avro_long
 
 __all__ = ["PricedBatchWriter"]
 
@@ -32,20 +32,7 @@ _SMALL = 4_096  # numbers below this come from a table
 MAX_TEXTS = 65_536  # distinct strings remembered at most (forgotten all at once beyond)
 
 
-def _long(value: int) -> bytes:
-    """One Avro long (zigzag varint)."""
-    if not -(2**63) <= value < 2**63:
-        raise OverflowError(f"{value} does not fit an Avro long")
-    z = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
-_LONGS = [_long(i) for i in range(_SMALL)]
+_LONGS = [avro_long(i) for i in range(_SMALL)]
 
 
 def _longs(values: list[int]) -> tuple[bytes, list[int]]:
@@ -93,7 +80,7 @@ class PricedBatchWriter:
             if len(self._texts) >= MAX_TEXTS:
                 self._texts.clear()
             raw = value.encode()  # UnicodeEncodeError for a lone surrogate: fastavro's turn
-            encoded = self._texts[value] = _long(len(raw)) + raw
+            encoded = self._texts[value] = avro_long(len(raw)) + raw
         return encoded
 
     def _fixed(self, card: str, status: str, version: str, items: int) -> bytes:
@@ -120,18 +107,18 @@ class PricedBatchWriter:
         # The message as a list of byte strings; each large number is a None in it, filled in below.
         if not sources:
             return self._header + b"\x00"
-        parts: list[bytes | None] = [self._header, _long(len(sources))]
+        parts: list[bytes | None] = [self._header, avro_long(len(sources))]
         large: list[int] = []
         at: list[int] = []
         put, text, small = parts.append, self._text, _LONGS
         for source in sources:
             usage, prices = source["usage"], source["prices"]
-            parts += (_long(len(usage)), bytes(usage), _long(source["priced_at"]))
+            parts += (avro_long(len(usage)), bytes(usage), avro_long(source["priced_at"]))
             if prices:
-                put(_long(len(prices)))
+                put(avro_long(len(prices)))
             for price in prices:
                 index, cost, itemised = price["index"], price["cost_pico_usd"], price["itemised"]
-                put(small[index] if 0 <= index < _SMALL else _long(index))
+                put(small[index] if 0 <= index < _SMALL else avro_long(index))
                 if cost is None:
                     put(b"\x00")
                 else:
@@ -154,7 +141,7 @@ class PricedBatchWriter:
                 else:
                     put(text(price["unpriced_reason"]))
                 saved = price["saved_pico_usd"]
-                put(small[saved] if 0 <= saved < _SMALL else _long(saved))
+                put(small[saved] if 0 <= saved < _SMALL else avro_long(saved))
             put(b"\x00")  # end of prices
         put(b"\x00")  # end of sources
         if large:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spendstream.usage import (
+    COUNT_FIELDS,
     MAX_FUTURE_US,
     MIN_EVENT_TIME_US,
     DecodedUsageCheck,
@@ -81,19 +82,7 @@ def events(draw: st.DrawFn) -> dict[str, Any]:
         "region": draw(st.sampled_from(["global", "global", "", "us", "eu"])),
         "usage_source": draw(st.sampled_from(["reported", "reported", "cache", "missing", "guessed"])),
     }
-    for field in (
-        "input_tokens",
-        "cached_input_tokens",
-        "cache_write_tokens",
-        "cache_write_1h_tokens",
-        "output_tokens",
-        "reasoning_tokens",
-        "input_audio_tokens",
-        "output_audio_tokens",
-        "characters",
-        "images",
-        "requests",
-    ):
+    for field in COUNT_FIELDS:
         record[field] = draw(counts) if draw(st.booleans()) else 0
     _, decoded = CODEC.decode(CODEC.encode("UsageEvent", record))
     return decoded
