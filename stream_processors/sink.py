@@ -130,6 +130,7 @@ class Sink(Service):
             **kafka_auth.client_kwargs(),
         }
         self._consumer: AIOKafkaConsumer | None = None
+        self._flushing: asyncio.Future[None] | None = None  # the flush under way, if any
         self._avro = AvroRows(codec) if avro_inserts and store.inserts_avro else None
         self._usage: list[tuple[Any, ...]] = []
         self._dead: list[tuple[Any, ...]] = []
@@ -147,6 +148,8 @@ class Sink(Service):
         await self._consumer.start()
 
     async def on_stop(self) -> None:
+        if self._flushing is not None:
+            await asyncio.wait({self._flushing})  # the insert under way, then what is left
         if self._consumer is not None:
             await self.flush()
             await self._consumer.stop()
@@ -167,15 +170,26 @@ class Sink(Service):
                         # process's /health, /sql and /flush never wait behind a whole fetch.
                         await asyncio.sleep(0)
                 pending = len(self._usage) + len(self._dead) + self._fast_rows
-            if pending >= self._max_rows or (pending and time.monotonic() - last_flush >= self._max_seconds):
+            flushing = self._flushing is not None and not self._flushing.done()
+            due = pending >= self._max_rows or (
+                pending and time.monotonic() - last_flush >= self._max_seconds
+            )
+            if due and not flushing:
                 # Flushes start every max_seconds (the insert's own time is not added to the wait).
+                # The insert runs while the next rows are read: ClickHouse parses and writes on one
+                # core while this process reads and frames on the other.
                 last_flush = time.monotonic()
-                try:
-                    await self.flush()
-                except Exception:
-                    log.exception("sink flush failed; the rows are kept and retried in 1 s")
-                    await asyncio.sleep(1)
-                    last_flush = time.monotonic()
+                self._flushing = asyncio.ensure_future(self._flush_or_wait())
+            elif flushing and pending >= 4 * self._max_rows:  # full: wait for the insert, not spin
+                assert self._flushing is not None
+                await asyncio.wait({self._flushing})
+
+    async def _flush_or_wait(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("sink flush failed; the rows are kept and retried in 1 s")
+            await asyncio.sleep(1)
 
     def _add(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]) -> None:
         """Buffer one fetched message's rows and, with them, its offset: a flush (`/flush`) may run
