@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -209,6 +210,8 @@ class WorkerRun:
     web_port: int
     profile_to: Path | None = None
     deadline_s: float = DEADLINE_S
+    role: str = "all"  # `spendstream up --role`
+    env: dict[str, str] = field(default_factory=dict)  # more SPENDSTREAM_* settings
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -229,14 +232,14 @@ class WorkerRun:
             "SPENDSTREAM_WEB_PORT": str(self.web_port),
             "SPENDSTREAM_WORKER_ID": self.worker_id,
             "SPENDSTREAM_BUDGETS_FILE": str(self.budgets),
-        }
+        } | self.env
         cmd = [sys.executable, "-m", "spendstream"]
         if self.profile_to is not None:
             cmd = [sys.executable, str(Path(__file__).with_name("_profiled_worker.py")), str(self.profile_to)]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*cmd, "up", "--log-level", "warning"],
+                [*cmd, "up", "--role", self.role, "--log-level", "warning"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -268,9 +271,11 @@ class WorkerRun:
 
 
 async def follow(
-    run: WorkerRun, workload: Workload, kafka: LocalKafka, *, clickhouse: bool
+    run: WorkerRun, workload: Workload, kafka: LocalKafka, *, clickhouse: bool, history: WorkerRun | None
 ) -> dict[str, Any]:
-    """Time the worker from /health ready to: all processed, all committed, all in ClickHouse."""
+    """Time the worker from /health ready to: all processed, all committed, all in ClickHouse.
+    With `history` (a `--role history` writer for a `--role meter` worker), the writer is started
+    once the worker has processed everything, and timed on its own from its /health ready."""
     assert run.proc is not None
     raw_messages = len(workload.messages)
     spawned = time.monotonic()
@@ -306,7 +311,8 @@ async def follow(
                 run.signal(PROFILE_START)
             cpu0 = cpu_seconds(run.proc.pid)
             history_pid = (await http.get(f"{run.base}/health", timeout=5)).json()["history_pid"]
-            history_cpu0 = cpu_seconds(history_pid)
+            history_cpu0 = cpu_seconds(history_pid) if history_pid else 0.0
+            writer_cpu0 = 0.0
             broker_cpu0 = cpu_seconds(broker_pid) if broker_pid else 0.0
             priced_at_ready = sum((await end_offsets(consumer, priced_tps)).values())
             cpu: dict[str, float] = {}
@@ -352,11 +358,15 @@ async def follow(
                 ):
                     marks["processed"] = now
                     cpu["worker"] = cpu_seconds(run.proc.pid) - cpu0
-                    cpu["history_process"] = cpu_seconds(history_pid) - history_cpu0
+                    if history_pid:
+                        cpu["history_process"] = cpu_seconds(history_pid) - history_cpu0
                     if broker_pid:
                         cpu["broker"] = cpu_seconds(broker_pid) - broker_cpu0
                     if run.profile_to is not None:
                         run.signal(PROFILE_STOP)
+                    if history is not None:
+                        history.start()
+                        marks["history_start"] = now
                 if "committed" not in marks:
                     done = await committed(admin, run.worker_id, raw_tps)
                     if done and "first_commit" not in marks:
@@ -364,13 +374,32 @@ async def follow(
                     if done >= raw_messages:
                         marks["committed"] = now
                 timeline.append((round(now - ready, 3), priced, done))
-                if clickhouse and "processed" in marks and "clickhouse" not in marks:
+                if history is not None and "history_start" in marks and "history_ready" not in marks:
+                    assert history.proc is not None
+                    if history.proc.poll() is not None:
+                        raise history.failed(f"exited with {history.proc.returncode}")
+                    if time.monotonic() - marks["history_start"] > 120:
+                        raise history.failed("not ready within 120 s")
+                    try:
+                        if (await http.get(f"{history.base}/health", timeout=1)).status_code == 200:
+                            marks["history_ready"] = time.monotonic()
+                            writer_cpu0 = cpu_seconds(history.proc.pid)
+                    except httpx.TransportError:
+                        pass
+                if (
+                    clickhouse
+                    and "processed" in marks
+                    and "clickhouse" not in marks
+                    and (history is None or "history_ready" in marks)
+                ):
                     # distinct ids: a sink that re-reads after a rebalance stores rows twice until
                     # ReplacingMergeTree merges them, and count() would reach N early
                     query = {"query": "SELECT uniqExact(event_id) FROM usage_events"}
-                    body = (await http.post(f"{run.base}/sql", json=query)).json()
-                    if int(body["rows"][0][0]) >= workload.events:
+                    answer = await http.post(f"{run.base}/sql", json=query)
+                    if answer.status_code == 200 and int(answer.json()["rows"][0][0]) >= workload.events:
                         marks["clickhouse"] = time.monotonic()
+                        if history is not None and history.proc is not None:
+                            cpu["history_writer"] = cpu_seconds(history.proc.pid) - writer_cpu0
                     else:
                         await asyncio.sleep(0.25 - POLL_S)
                 await asyncio.sleep(POLL_S)
@@ -421,12 +450,21 @@ async def committed(admin: AIOKafkaAdminClient, group: str, tps: list[TopicParti
     return sum(max(o.offset, 0) for o in offsets.values())
 
 
-def run_worker(run: WorkerRun, workload: Workload, kafka: LocalKafka, *, clickhouse: bool) -> dict[str, Any]:
+def run_worker(
+    run: WorkerRun,
+    workload: Workload,
+    kafka: LocalKafka,
+    *,
+    clickhouse: bool,
+    history: WorkerRun | None = None,
+) -> dict[str, Any]:
     run.start()
     try:
-        result = asyncio.run(follow(run, workload, kafka, clickhouse=clickhouse))
+        result = asyncio.run(follow(run, workload, kafka, clickhouse=clickhouse, history=history))
     finally:
         stopped = run.stop()
+        if history is not None:
+            history.stop()
     result["stop_s"] = round(stopped, 1)
     return result
 
@@ -458,7 +496,30 @@ def measure(args: argparse.Namespace, run_id: str, kafka: LocalKafka, scratch: P
     assert stage_events == args.events, (stage_events, args.events)
     say(f"  {stage_s:.2f} s  {args.events / stage_s:,.0f} events/s  CPU {stage_cpu:.2f} s")
 
-    say("worker: spendstream up (Faust meter, spend tables, budget check; ClickHouse sink beside it)...")
+    history: WorkerRun | None = None
+    if args.worker_role == "meter":
+        say(
+            "worker: spendstream up --role meter (Faust meter, spend tables, budget check); then, once it "
+            "has processed everything, the history writer (up --role history) on its own..."
+        )
+        history_port, token = free_port(), secrets.token_urlsafe(32)
+        history = WorkerRun(
+            "history",
+            main_topics,
+            f"{run_id}-history",
+            scratch / "history",
+            budgets,
+            history_port,
+            role="history",
+            env={"SPENDSTREAM_HISTORY_PORT": str(history_port), "SPENDSTREAM_HISTORY_TOKEN": token},
+        )
+        env = {
+            "SPENDSTREAM_HISTORY_URL": f"http://127.0.0.1:{history_port}",
+            "SPENDSTREAM_HISTORY_TOKEN": token,
+        }
+    else:
+        say("worker: spendstream up (Faust meter, spend tables, budget check; ClickHouse sink beside it)...")
+        env = {}
     run = WorkerRun(
         "main",
         main_topics,
@@ -468,8 +529,10 @@ def measure(args: argparse.Namespace, run_id: str, kafka: LocalKafka, scratch: P
         free_port(),
         None,
         args.deadline,
+        role=args.worker_role,
+        env=env,
     )
-    worker = run_worker(run, workload, kafka, clickhouse=True)
+    worker = run_worker(run, workload, kafka, clickhouse=True, history=history)
     secs = worker["seconds"]
     rate = args.events / secs["processed"]
     say(
@@ -486,6 +549,7 @@ def measure(args: argparse.Namespace, run_id: str, kafka: LocalKafka, scratch: P
         "events": args.events,
         "projects": args.projects,
         "events_per_message": BATCH_EVENTS,
+        "worker_role": args.worker_role,
         "usage_raw_messages": len(workload.messages),
         "usage_raw_bytes": size,
         "partitions": PARTITIONS,
@@ -534,6 +598,7 @@ def measure(args: argparse.Namespace, run_id: str, kafka: LocalKafka, scratch: P
             free_port(),
             profile_to=prof,
             deadline_s=args.deadline,
+            role=args.worker_role,
         )
         out = run_worker(run, profiled, kafka, clickhouse=False)
         if not prof.exists():
@@ -567,18 +632,28 @@ def report(result: dict[str, Any]) -> None:
         f"  + MeterStage + PricedBatch encode      {stage:>9,} events/s   {stage / base:.2f}x   "
         f"CPU {stage_cpu:.1f} s/M events ({base_cpu / stage_cpu:.2f}x)"
     )
+    alone = result["worker_role"] == "meter"
+    label = "worker (up --role meter)          " if alone else "worker + history process (sink)   "
     say(
-        f"  worker + history process (sink)        {w['events_per_s']:>9,} events/s   "
+        f"  {label}     {w['events_per_s']:>9,} events/s   "
         f"{result['ratio_worker_to_baseline']:.3f}x   (from first output: {w['events_per_s_from_first_output']:,})"
     )
     say(
         f"    of which the meter agent alone         {w['meter_only_events_per_s']:>9,} events/s   "
         f"{w['meter_only_events_per_s'] / base:.3f}x   (all of usage.raw priced at {secs['meter_done']:.2f} s)"
     )
-    say(
-        f"  end to end, ready -> all rows in ClickHouse: {secs['clickhouse']:.2f} s "
-        f"({w['end_to_end_events_per_s']:,} events/s)"
-    )
+    if alone:
+        rows_s = result["events"] / (secs["clickhouse"] - secs["history_ready"])
+        say(
+            f"  then the history writer alone (up --role history): ready {secs['history_ready'] - secs['history_start']:.2f} s "
+            f"after its start, all {result['events']:,} rows in ClickHouse {secs['clickhouse'] - secs['history_ready']:.2f} s "
+            f"after that ({rows_s:,.0f} rows/s; CPU {w['cpu_seconds_while_processing']['history_writer']:.2f} s)"
+        )
+    else:
+        say(
+            f"  end to end, ready -> all rows in ClickHouse: {secs['clickhouse']:.2f} s "
+            f"({w['end_to_end_events_per_s']:,} events/s)"
+        )
     say(
         f"  target {result['target_events_per_s']:,} events/s: "
         f"{w['events_per_s'] / result['target_events_per_s']:.2f}x; goal "
@@ -589,9 +664,10 @@ def report(result: dict[str, Any]) -> None:
         f"{result['ratio_worker_to_baseline_by_cpu']:.3f}x the baseline's CPU per event"
     )
     cpu = w["cpu_seconds_while_processing"]
+    history_cpu = "" if alone else f"history process {cpu.get('history_process', 0):.2f} s, "
     say(
         f"  CPU while processing ({secs['processed']:.2f} s): worker {cpu.get('worker', 0):.2f} s, "
-        f"history process {cpu.get('history_process', 0):.2f} s, broker {cpu.get('broker', 0):.2f} s"
+        f"{history_cpu}broker {cpu.get('broker', 0):.2f} s"
     )
     say(
         f"  committed offsets on usage.raw: first commit at {secs.get('first_commit', float('nan')):.2f} s, "
@@ -620,6 +696,13 @@ def main() -> None:
     parser.add_argument("--projects", type=int, default=8)
     parser.add_argument(
         "--profile-events", type=int, default=100_000, help="events for the cProfile'd worker (0: skip)"
+    )
+    parser.add_argument(
+        "--worker-role",
+        choices=("meter", "all"),
+        default="meter",
+        help="meter: the worker alone (`up --role meter`), the history writer started after it, so "
+        "neither takes the other's CPU; all: both at once (`up`, the history process beside the worker)",
     )
     parser.add_argument(
         "--deadline", type=float, default=DEADLINE_S, help="seconds a worker may take from ready to done"

@@ -104,14 +104,28 @@ def replication_for(brokers: int) -> tuple[int, int]:
 
 
 async def broker_count(bootstrap: str, kafka_auth: KafkaAuth = PLAINTEXT) -> int:
-    """The brokers the cluster's metadata lists now (a broker that is down is not listed)."""
+    """The brokers of the cluster (see `_known_brokers`)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_auth.client_kwargs())
     try:
         await admin.start()
-        cluster: dict[str, Any] = await admin.describe_cluster()
+        return await _known_brokers(admin)
     finally:
         await admin.close()
-    return len(cluster["brokers"])
+
+
+async def _known_brokers(admin: AIOKafkaAdminClient) -> int:
+    """The brokers the metadata lists now, and those holding a replica of any existing topic.
+
+    A broker that is down, or fenced for a moment (its heartbeats late on a busy host: unfenced
+    seconds later), is not listed, but the replica lists of its topics still name it: counting the
+    listed ones only, a worker started meanwhile gave its changelogs 2 replicas for good."""
+    cluster: dict[str, Any] = await admin.describe_cluster()
+    brokers = {b["node_id"] for b in cluster["brokers"]}
+    described: list[dict[str, Any]] = await admin.describe_topics()
+    for topic in described:
+        for partition in topic["partitions"]:
+            brokers.update(partition["replicas"])
+    return len(brokers)
 
 
 async def wait_for_broker(
@@ -155,8 +169,8 @@ async def ensure_topics(
 ) -> list[str]:
     """Create whichever of `topics.all()` is missing; return the names created.
 
-    New topics get `replication_factor` replicas (None: min(3, the brokers the cluster lists
-    now)) and, with 3 or more, `min.insync.replicas=2` (see `replication_for`). Existing topics
+    New topics get `replication_factor` replicas (None: min(3, the cluster's brokers, down or
+    fenced ones included: `_known_brokers`)) and, with 3 or more, `min.insync.replicas=2` (see `replication_for`). Existing topics
     are left as they are, but one with a partition count other than `partitions` is an error:
     Faust's tables require equal counts across topics.
     """
@@ -170,8 +184,7 @@ async def ensure_topics(
         created: list[str] = []
         if missing:
             if replication_factor is None:
-                cluster: dict[str, Any] = await admin.describe_cluster()
-                replication_factor = replication_for(len(cluster["brokers"]))[0]
+                replication_factor = replication_for(await _known_brokers(admin))[0]
             min_isr = replication_for(replication_factor)[1]
             response = await admin.create_topics(
                 [

@@ -1,7 +1,7 @@
 """The local multi-broker cluster, end to end: three KRaft nodes (`spendstream kafka start
 --brokers 3`), topics at replication factor 3 with min.insync.replicas 2, one node stopped while a
 producer writes with acks=all (every message acknowledged, every one read back once), the node
-back in every partition's ISR, and `kafka status` per node.
+back in every partition's ISR, `kafka status` per node, and a node that is down still counted.
 
 Runs its own cluster on TEST_KAFKA_PORT + 500 .. + 505 (node i on + 500 + 2*(i-1), its controller
 on the port after), never the session broker.
@@ -30,7 +30,7 @@ from spendstream.cli.kafka_local import LocalCluster, LocalKafka
 from spendstream.cli.up import prepare, replication_factor
 from spendstream.errors import KafkaLocalError
 from spendstream.settings import Settings
-from spendstream.topics import Topics, ensure_topics, replication_for
+from spendstream.topics import Topics, broker_count, ensure_topics, replication_for
 from tests.conftest import REPO, TEST_KAFKA_PORT, describe_partitions, own_cluster, start_worker
 
 pytestmark = pytest.mark.integration
@@ -373,3 +373,31 @@ def test_status_per_node(cluster: LocalCluster) -> None:
         KafkaLocalError, match="a local cluster lives in this home: set SPENDSTREAM_KAFKA_BROKERS"
     ):
         single.start(timeout=5)
+
+
+def test_a_node_down_still_counts(cluster: LocalCluster) -> None:
+    """After test_status_per_node (node 3 stopped): the metadata lists two brokers, but the
+    replica lists of the existing topics name the third, so an external-cluster worker still
+    counts 3, and new topics (its changelogs too) get 3 replicas, not 2."""
+    deadline = time.monotonic() + 60
+    while len(listed := asyncio.run(_listed_brokers(cluster.bootstrap))) != 2:
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.5)
+    assert asyncio.run(broker_count(cluster.bootstrap)) == 3
+    assert replication_factor(Settings(bootstrap_servers=cluster.bootstrap)) == 3
+    topics = Topics("down.")
+    created = asyncio.run(ensure_topics(cluster.bootstrap, topics, 2))
+    described = asyncio.run(describe_partitions(cluster.bootstrap, created))
+    print(f"\nnode 3 down, topics created: {described[topics.usage_raw]}", file=sys.stderr)
+    assert sorted(created) == sorted(topics.all())
+    assert {len(p["replicas"]) for parts in described.values() for p in parts} == {3}
+
+
+async def _listed_brokers(bootstrap: str) -> list[int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        cluster = await admin.describe_cluster()
+    finally:
+        await admin.close()
+    return sorted(b["node_id"] for b in cluster["brokers"])
