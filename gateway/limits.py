@@ -443,9 +443,14 @@ class FleetLimiter:
                     TopicPartition(self.topic, p)
                     for p in await partitions_of(self._bootstrap, self.topic, self._kafka_auth)
                 ]
+                # acks=all: a message the leader alone held can vanish when it fails, and the
+                # peers' acknowledgement of a later seq would then confirm the lost increments.
+                # Idempotent: a retried send is not counted twice.
                 producer = AIOKafkaProducer(
                     bootstrap_servers=self._bootstrap,
                     client_id=f"spendstream-limits-{self.instance_id}",
+                    acks="all",
+                    enable_idempotence=True,
                     linger_ms=0,
                     request_timeout_ms=int(max(self.health_timeout_s * 2, 5) * 1000),
                     **self._kafka_auth.client_kwargs(),

@@ -256,6 +256,24 @@ def test_a_stopping_instance_publishes_what_it_admitted_since_its_last_sync(kafk
     assert asyncio.run(run()) == 3
 
 
+def test_increments_are_written_to_every_in_sync_replica(kafka: str) -> None:
+    """The fleet's increments go out with acks=all and idempotence: one the leader alone held
+    could be lost in a failover and then confirmed by the peers' acknowledgement of a later one."""
+    topic = fresh_rates_topic(kafka)
+
+    async def run() -> tuple[int, bool]:
+        limiter = FleetLimiter(bootstrap_servers=kafka, topic=topic, instance_id="acks")
+        await limiter.start()
+        try:
+            producer = limiter._producer
+            assert producer is not None
+            return producer._sender._acks, producer._txn_manager is not None
+        finally:
+            await limiter.stop()
+
+    assert asyncio.run(run()) == (-1, True)
+
+
 def test_token_corrections_reach_the_other_instances(kafka: str) -> None:
     """A admits a call estimated at 500 tokens and corrects it to 200 (real) and, for another call,
     to 900: B ends with A's real 1,100 tokens, the first correction taken from its admission's bucket."""
