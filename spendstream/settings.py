@@ -121,6 +121,13 @@ class Settings(BaseSettings):
     )
     worker_id: str = Field(default="spendstream", description="Faust app id / consumer group.")
     web_port: int = Field(default=6066, description="Worker HTTP port (health, /sql for the CLI).")
+    web_bind: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's HTTP server listens on. Beyond 127.0.0.1 (e.g. 0.0.0.0, for a "
+        "Prometheus on another host), /health and /metrics answer anyone, the rest (/budgets, /sql, "
+        "/reprice, /flush) only requests from this host or with `Authorization: Bearer "
+        "<SPENDSTREAM_HISTORY_TOKEN>`.",
+    )
     sink_max_rows: int = Field(default=50_000, ge=1, description="Rows per ClickHouse insert.")
     sink_max_seconds: float = Field(
         default=0.5,

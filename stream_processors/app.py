@@ -97,7 +97,7 @@ def create_app(
         topic_replication_factor=replication_factor,
         table_standby_replicas=1,
         web_port=settings.web_port,
-        web_bind="127.0.0.1",
+        web_bind=settings.web_bind,
         web_host="127.0.0.1",
         producer_max_request_size=8 << 20,
         producer_linger_ms=1,
@@ -426,6 +426,7 @@ def create_app(
         metrics=metrics,
         gc_pauses=gc_pauses,
         price_cards=lambda: len(cat),
+        remote_token=settings.history_token.get_secret_value() if settings.history_token else None,
     )
     return app
 

@@ -5,6 +5,8 @@ worker's own child (role all) or a writer of its own (role meter, SPENDSTREAM_HI
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +39,21 @@ NO_HISTORY = (
     "to the address of `spendstream up --role history` (e.g. http://127.0.0.1:6067), or query that "
     "writer's host"
 )
+
+
+NOT_THIS_HOST = (
+    "this worker answers /budgets, /sql, /reprice and /flush from its own host only: set "
+    "SPENDSTREAM_HISTORY_TOKEN on it and send Authorization: Bearer <that token>, or ask from its host"
+)
+
+
+def _from_this_host(request: Request) -> bool:
+    """The request came over loopback (the CLI, a healthcheck, `docker compose exec`)."""
+    remote = getattr(request, "remote", None)  # aiohttp's peer address
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:  # a unix socket's peer, say: not an IP
+        return False
 
 
 HISTORY_START_WAIT_S = 30.0  # a request waits this long for the worker's history process to start
@@ -121,8 +138,24 @@ def add_views(
     metrics: Counter[str],
     gc_pauses: GcPauses,
     price_cards: Callable[[], int],
+    remote_token: str | None = None,
 ) -> None:
-    """`status()`: the worker's own part of /health; `budgets()`: the rows of /budgets."""
+    """`status()`: the worker's own part of /health; `budgets()`: the rows of /budgets.
+    `remote_token`: what a request from another host must carry to read /budgets or reach the
+    history writer (None: no other host may); /health and /metrics answer anyone."""
+    expected = None if remote_token is None else f"Bearer {remote_token}".encode()
+
+    def refused(view: View, request: Request) -> Response | None:
+        """The answer to a request from another host that may not have this view (None: it may)."""
+        if _from_this_host(request):
+            return None
+        if expected is None:
+            return view.json({"error": NOT_THIS_HOST}, status=403)
+        if hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+            return None
+        return view.json(
+            {"error": "from another host, send Authorization: Bearer <SPENDSTREAM_HISTORY_TOKEN>"}, status=401
+        )
 
     @app.page("/health")
     class Health(View):
@@ -145,13 +178,15 @@ def add_views(
         """Every budget with its current window, spend and state (scopes owned by this worker)."""
 
         async def get(self, request: Request) -> Response:
-            return self.json({"budgets": budgets()})
+            return refused(self, request) or self.json({"budgets": budgets()})
 
     def forwarded(path: str) -> type[View]:
         class Forward(View):
             """Answered by the history writer, which owns ClickHouse."""
 
             async def post(self, request: Request) -> Response:
+                if (answer := refused(self, request)) is not None:
+                    return answer
                 code, body = await history.request("POST", path, await request.read())
                 return self.json(body, status=code)
 

@@ -152,13 +152,19 @@ def test_provisioning_prometheus_and_compose_agree_with_the_dashboard() -> None:
     providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "spendstream.yaml").read_text())
     assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
     prom = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
-    assert targets == {"spendstream-worker": ["127.0.0.1:6066"], "spendstream-gateway": ["gateway:4000"]}
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    assert jobs["spendstream-gateway"]["static_configs"] == [{"targets": ["gateway:4000"]}]
+    # every worker replica: the service name resolves to each in Docker's DNS
+    assert jobs["spendstream-worker"]["dns_sd_configs"] == [
+        {"names": ["worker"], "type": "A", "port": 6066, "refresh_interval": "15s"}
+    ]
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert services["prometheus"]["network_mode"] == "service:worker"  # the worker binds 127.0.0.1
+    assert services["worker"]["environment"]["SPENDSTREAM_WEB_BIND"] == "0.0.0.0"
+    assert "6066" in services["worker"]["expose"]
+    assert "network_mode" not in services["prometheus"]
     assert "grafana-clickhouse-datasource" in services["grafana"]["environment"]["GF_INSTALL_PLUGINS"]
     mounts = services["grafana"]["volumes"]
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
-    assert by_uid["spendstream-prometheus"]["url"] == "http://worker:9090"
+    assert by_uid["spendstream-prometheus"]["url"] == "http://prometheus:9090"

@@ -6,6 +6,8 @@ nothing lost or doubled."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import stat
 import time
 from collections import Counter
@@ -85,6 +87,7 @@ def test_the_history_writer_wants_its_token_and_a_meter_without_one_says_what_to
         SPENDSTREAM_HISTORY_URL="",
         SPENDSTREAM_TOPIC_PREFIX="alone.",
         SPENDSTREAM_WORKER_ID="spendstream-alone",
+        SPENDSTREAM_WEB_BIND="0.0.0.0",  # reachable from other hosts, with no token to ask for
     )
     try:
         health = alone.health()
@@ -95,8 +98,65 @@ def test_the_history_writer_wants_its_token_and_a_meter_without_one_says_what_to
         out = alone.cli("sql", "SELECT 1", check=False)
         assert out.returncode != 0
         assert "SPENDSTREAM_HISTORY_URL" in out.stdout + out.stderr
+        remote = f"http://{host_address()}:{alone.port}"
+        assert httpx.get(f"{remote}/health", timeout=10).status_code == 200
+        answer = httpx.get(f"{remote}/budgets", timeout=10)
+        assert answer.status_code == 403
+        assert "set SPENDSTREAM_HISTORY_TOKEN on it" in answer.json()["error"]
     finally:
         alone.stop()
+
+
+def host_address() -> str:
+    """This host's address on its network (not loopback): requests from it are another host's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("203.0.113.1", 9))  # UDP: nothing is sent, the route picks the address
+        address: str = s.getsockname()[0]
+    assert not ipaddress.ip_address(address).is_loopback, f"no address but loopback: {address}"
+    return address
+
+
+def test_a_worker_bound_beyond_loopback_answers_other_hosts_with_the_token_only(history: Worker) -> None:
+    """SPENDSTREAM_WEB_BIND=0.0.0.0 (a Prometheus scraping every replica): /health and /metrics
+    answer anyone; /budgets and the history writer's /sql only this host or the token's bearer."""
+    token = history.headers["Authorization"].removeprefix("Bearer ")
+    meter = start_meter(
+        history,
+        "meter-bound",
+        SPENDSTREAM_HISTORY_TOKEN=token,
+        SPENDSTREAM_TOPIC_PREFIX="bound.",
+        SPENDSTREAM_WORKER_ID="spendstream-bound",
+        SPENDSTREAM_WEB_BIND="0.0.0.0",
+    )
+    try:
+        remote, local = f"http://{host_address()}:{meter.port}", f"http://127.0.0.1:{meter.port}"
+        query = {"query": "SELECT 1"}
+        answers = {
+            "health": httpx.get(f"{remote}/health", timeout=10).status_code,
+            "metrics": httpx.get(f"{remote}/metrics", timeout=10).status_code,
+            "budgets": httpx.get(f"{remote}/budgets", timeout=10).status_code,
+            "budgets, token": httpx.get(f"{remote}/budgets", headers=history.headers, timeout=10).status_code,
+            "sql": httpx.post(f"{remote}/sql", json=query, timeout=10).status_code,
+            "sql, wrong token": httpx.post(
+                f"{remote}/sql", json=query, headers={"Authorization": "Bearer x"}, timeout=10
+            ).status_code,
+            "flush": httpx.post(f"{remote}/flush", timeout=10).status_code,
+            "sql, this host": httpx.post(f"{local}/sql", json=query, timeout=30).status_code,
+        }
+        assert answers == {
+            "health": 200,
+            "metrics": 200,
+            "budgets": 401,
+            "budgets, token": 200,
+            "sql": 401,
+            "sql, wrong token": 401,
+            "flush": 401,
+            "sql, this host": 200,
+        }
+        answer = httpx.post(f"{remote}/sql", json=query, headers=history.headers, timeout=30)
+        assert (answer.status_code, answer.json()["rows"]) == (200, [[1]])
+    finally:
+        meter.stop()
 
 
 def owners(*workers: Worker) -> list[list[int]]:
