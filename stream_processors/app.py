@@ -100,7 +100,7 @@ def create_app(
         web_bind=settings.web_bind,
         web_host="127.0.0.1",
         producer_max_request_size=8 << 20,
-        producer_linger_ms=1,
+        producer_linger=0.001,  # seconds: 1 ms
         # aiokafka keeps one produce request in flight per broker and, when a partition's batch is
         # full, makes the next send to it wait until that batch has gone out. With Faust's 16 KiB
         # batches every PricedBatch (tens of KiB) filled one, so the meter waited a produce round

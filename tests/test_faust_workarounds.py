@@ -163,7 +163,7 @@ def test_the_worker_never_stalls_delivery_on_its_producer_or_commits(kafka: str,
         producer = AIOKafkaProducer(
             bootstrap_servers=kafka,
             acks="all",
-            linger_ms=int(conf.producer_linger_ms * 1000),
+            linger_ms=round(conf.producer_linger * 1000),  # the worker's 1 ms
             max_batch_size=batch_size,
             max_request_size=conf.producer_max_request_size,
         )
