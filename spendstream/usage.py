@@ -17,11 +17,13 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from itertools import chain
 from operator import itemgetter, le, or_
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "COUNT_FIELDS",
@@ -37,6 +39,7 @@ __all__ = [
     "SERVICE_TIERS",
     "USAGE_SOURCES",
     "DecodedUsageCheck",
+    "columns_valid",
     "encode_seconds",
     "priced_problem",
     "scopes_for_event",
@@ -319,6 +322,61 @@ class DecodedUsageCheck:
             self._providers.add(event["provider"])
             self._optional.update(_OPTIONAL_OF(event))
         return problem
+
+
+_REASONING, _OUTPUT = COUNT_FIELDS.index("reasoning_tokens"), COUNT_FIELDS.index("output_tokens")
+_METER_COLUMNS = [i for i, f in enumerate(COUNT_FIELDS) if f in METERS]
+_COUNT_TOPS = np.array([MAX_COUNT[f] for f in COUNT_FIELDS], dtype=np.int64)
+_MUST_SAY = frozenset(("reported", "cache"))  # usage sources that need a non-zero meter
+
+
+def columns_valid(
+    texts: Mapping[str, tuple[np.ndarray, list[str | None]]],
+    counts: np.ndarray,
+    audio_micros: np.ndarray,
+    times: np.ndarray,
+    event_ids: list[str],
+    tag_stats: tuple[int, int, int],
+    now_us: int,
+) -> bool:
+    """True only if `usage_problem(event, now_us=now_us)` is None for every event, the events given
+    as columns (the meter's native decoder): texts dictionary-encoded (codes, distinct values) by
+    field, counts (n x COUNT_FIELDS), audio_seconds in micro-seconds, event times and ids, and the
+    most tags, tag-key and tag-value characters of any event. Each rule is checked once per
+    distinct text or once per column; False says only that some event fails (or that the columns
+    are not what this expects): `usage_problem` on the records tells which and why."""
+    n = len(times)
+    if not n or counts.shape != (n, len(COUNT_FIELDS)) or len(audio_micros) != n or len(event_ids) != n:
+        return False
+    for field in _REQUIRED_TEXT:
+        if any(type(v) is not str or not v or v.isspace() or len(v) > MAX_TEXT for v in texts[field][1]):
+            return False
+    for field in _OPTIONAL_TEXT:
+        if any(v is not None and (type(v) is not str or len(v) > MAX_TEXT) for v in texts[field][1]):
+            return False
+    if any(not (p.islower() or p == p.lower()) for p in texts["provider"][1]):  # type: ignore[union-attr]
+        return False
+    if not _SERVICE_TIERS.issuperset(texts["service_tier"][1]):
+        return False
+    sources = texts["usage_source"][1]
+    if not _USAGE_SOURCES.issuperset(sources):
+        return False
+    most_tags, longest_key, longest_value = tag_stats
+    if most_tags > MAX_TAGS or longest_key > MAX_TEXT or longest_value > MAX_TEXT:
+        return False
+    if (counts.min(axis=0) < 0).any() or (counts.max(axis=0) > _COUNT_TOPS).any():
+        return False
+    if (counts[:, _REASONING] > counts[:, _OUTPUT]).any():
+        return False
+    if int(audio_micros.min()) < 0 or int(audio_micros.max()) > _MAX_AUDIO_MICROS:
+        return False
+    must_say = np.array([s in _MUST_SAY for s in sources], dtype=bool)[texts["usage_source"][0]]
+    if (must_say & ~((counts[:, _METER_COLUMNS] != 0).any(axis=1) | (audio_micros != 0))).any():
+        return False
+    if int(times.min()) < MIN_EVENT_TIME_US or int(times.max()) > now_us + MAX_FUTURE_US:
+        return False
+    ids = "\n".join(event_ids) + "\n"
+    return ids.count("\n") == n and _UUID_LINES.fullmatch(ids) is not None
 
 
 def priced_problem(priced: dict[str, Any], now_us: int | None = None) -> str | None:

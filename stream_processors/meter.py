@@ -13,6 +13,7 @@ third of the meter's CPU). `spendstream.priced.priced_events` turns either form 
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +28,13 @@ from aiokafka.partitioner import murmur2
 from spendstream.errors import DecodeError
 from spendstream.topics import DEDUPE_HORIZON_S
 from spendstream.usage import KEY_TAG, MAX_EVENT_PICO, DecodedUsageCheck
-from spendstream.wire import Codec
+from spendstream.wire import MAGIC, Codec
 from stream_processors.budgets import MINUTE_US, scopes_for_event
 from stream_processors.dedupe import SeenIds, event_keys
 from stream_processors.gc_pauses import cyclic_gc_paused
+from stream_processors.meter_columns import MIN_COLUMN_EVENTS, Budgeted, PricedRun, price_columns
 from stream_processors.pricing import Catalogue
+from stream_processors.usage_columns import NATIVE, UsageColumns
 
 __all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for", "parts_by_size"]
 
@@ -41,9 +44,10 @@ MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per
 # (~45 bytes each), since a scope applies all deltas of a source message together.
 MAX_DELTAS_PER_MESSAGE = 50_000
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _PROJECT, _EVENT_ID, _EVENT_TIME = itemgetter("project"), itemgetter("event_id"), itemgetter("event_time")
 # (result, usage.raw partition, positions in the message, events): a message's valid events of its key
-_Owned = tuple["MeterResult", int, Sequence[int], list[dict[str, Any]]]
+_Owned = tuple["MeterResult", int, Sequence[int], "list[dict[str, Any]] | UsageColumns"]
 
 
 def parts_by_size(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
@@ -95,6 +99,12 @@ class MeterResult:
     statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     unbudgeted: int = 0  # events older than the dedupe horizon: priced and stored, no budget moved
     seen: list[int] = field(default_factory=list)  # dedupe keys of the events this message counted
+    run: PricedRun | None = None  # the prices, when the events were priced as columns (not `priced`)
+
+    @property
+    def prices(self) -> Sequence[dict[str, Any]]:
+        """The priced events' records, whichever path priced them."""
+        return self.priced if self.run is None else self.run
 
 
 class MeterStage:
@@ -118,6 +128,7 @@ class MeterStage:
         self.dedupe_horizon_us = dedupe_horizon_us
         self.seen: dict[int, SeenIds] = {}  # usage.raw partition -> the event ids it counted
         self._check = DecodedUsageCheck()
+        self._usage_batch = MAGIC + codec.fingerprint("UsageBatch")  # the header the native decoder reads
 
     def seen_ids(self, partition: int) -> SeenIds:
         seen = self.seen.get(partition)
@@ -151,23 +162,45 @@ class MeterStage:
             indexes, events = self._events(key, value, now_us, result)
             if events:
                 owned.append((result, partition, indexes, events))
-        scopes_of: dict[tuple[Any, ...], list[str]] = {}
-        for (result, _, indexes, events), keys in zip(owned, self._dedupe(owned, now_us), strict=True):
+        remembered: dict[tuple[Any, ...], list[str]] = {}
+
+        def scopes(who: tuple[Any, ...]) -> list[str]:
+            found = remembered.get(who)
+            if found is None:
+                found = remembered[who] = self._scopes(*who)
+            return found
+
+        dedupe_keys = self._dedupe(owned, now_us)
+        by_columns = self._price_columns(owned, dedupe_keys, now_us, scopes)
+        for (result, _, indexes, events), keys in zip(owned, dedupe_keys, strict=True):
+            if id(result) in by_columns:
+                continue
+            if isinstance(events, UsageColumns):  # the native decoder's columns: now the records
+                events = events.events
             for index, event, dedupe_key in zip(indexes, events, keys, strict=True):
                 if dedupe_key is None:
                     result.statuses["duplicate"] += 1
                     continue
                 try:
-                    self._price_one(event, index, dedupe_key, now_us, result, scopes_of)
+                    self._price_one(event, index, dedupe_key, now_us, result, scopes)
                 except Exception as exc:  # a bug must cost this event only, and say so
                     result.dead.append(DeadLetter("processing_error", repr(exc)[:1000], self._single(event)))
         return results
 
     def _events(
         self, key: bytes | None, value: bytes, now_us: int, result: MeterResult
-    ) -> tuple[Sequence[int], list[dict[str, Any]]]:
+    ) -> tuple[Sequence[int], list[dict[str, Any]] | UsageColumns]:
         """(positions in the message, events) of the valid events of one message that belong to
-        its key; dead letters and re-keys aside."""
+        its key, dead letters and re-keys aside; as columns straight from the native decoder when
+        it is built and the message is all valid, of its key, and long enough to price so."""
+        if NATIVE and key is not None and value[:10] == self._usage_batch:
+            columns = UsageColumns.of_message(value, now_us, lambda: self.codec.decode(value)[1]["events"])
+            if (
+                columns is not None
+                and len(columns) >= MIN_COLUMN_EVENTS
+                and columns.texts["project"][1] == [key.decode("utf-8", "replace")]
+            ):
+                return range(len(columns)), columns
         try:
             name, record = self.codec.decode(value)
         except DecodeError as exc:
@@ -211,28 +244,79 @@ class MeterStage:
         count twice). The keys of a partition's events are made and looked up all at once."""
         oldest = now_us - self.dedupe_horizon_us
         keys: list[list[int | None]] = []
-        # partition -> (keys of a message, its events, the positions of those within the horizon)
-        fresh: dict[int, list[tuple[list[int | None], list[dict[str, Any]], Sequence[int]]]] = defaultdict(
-            list
-        )
-        for _, partition, _, events in owned:
-            times = list(map(_EVENT_TIME, events))
+        # partition -> (keys of a message, the positions of its events within the horizon)
+        fresh: dict[int, list[tuple[list[int | None], Sequence[int]]]] = defaultdict(list)
+        # partition -> the project and event id of each of those events
+        chosen: dict[int, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+        for _, partition, _, events in owned:  # the events of a message's key: one project
+            if isinstance(events, UsageColumns):
+                project, ids, times = events.texts["project"][1][0], events.event_ids, events.times
+                young: Sequence[int] = (
+                    range(len(events)) if times.min() >= oldest else np.flatnonzero(times >= oldest).tolist()
+                )
+            else:
+                project, ids = events[0]["project"], list(map(_EVENT_ID, events))
+                at = list(map(_EVENT_TIME, events))
+                young = (
+                    range(len(events)) if min(at) >= oldest else [i for i, t in enumerate(at) if t >= oldest]
+                )
             message_keys: list[int | None] = [-1] * len(events)
             keys.append(message_keys)
-            if min(times) >= oldest:
-                fresh[partition].append((message_keys, events, range(len(events))))
-            elif within := [i for i, t in enumerate(times) if t >= oldest]:
-                fresh[partition].append((message_keys, events, within))
+            if young:
+                fresh[partition].append((message_keys, young))
+                projects, chosen_ids = chosen[partition]
+                projects += [project] * len(young)
+                chosen_ids += ids if len(young) == len(ids) else [ids[i] for i in young]
         for partition, members in fresh.items():
-            chosen = [events[i] for _, events, young in members for i in young]
-            batch = event_keys(list(map(_PROJECT, chosen)), list(map(_EVENT_ID, chosen)))
+            batch = event_keys(*chosen[partition])
             found = zip(
                 batch.tolist(), self.seen_ids(partition).first_seen(batch, now_us).tolist(), strict=True
             )
-            for message_keys, _, young in members:
+            for message_keys, young in members:
                 for i, (key, first) in zip(young, found):  # noqa: B905 (`found` runs on over messages)
                     message_keys[i] = key if first else None
         return keys
+
+    def _price_columns(
+        self,
+        owned: list[_Owned],
+        dedupe_keys: list[list[int | None]],
+        now_us: int,
+        scopes: Callable[[tuple[Any, ...]], list[str]],
+    ) -> set[int]:
+        """Price the messages of at least MIN_COLUMN_EVENTS events as columns, all at once
+        (meter_columns.py), into their results; the ids of the results priced (the rest is left
+        untouched, for the per-event path)."""
+        chosen = [
+            (result, (columns.texts["project"][1][0], columns, indexes, keys))
+            for (result, _, indexes, events), keys in zip(owned, dedupe_keys, strict=True)
+            if len(events) >= MIN_COLUMN_EVENTS  # every owned event has its key's project
+            for columns in [events if isinstance(events, UsageColumns) else UsageColumns.of_events(events)]
+        ]
+        if not chosen:
+            return set()
+        budgeted = Budgeted(self._member, lambda project: bool(self.model_globs.get(project)), scopes)
+        try:
+            found = price_columns(
+                self.catalogue, budgeted, [message for _, message in chosen], now_us, MAX_DELTAS_PER_MESSAGE
+            )
+        except Exception:  # a bug here must not cost a single event: the per-event path prices them
+            log.exception("pricing %d messages as columns failed; pricing them event by event", len(chosen))
+            return set()
+        done = set()
+        for (result, (project, _, _, _)), pricing in zip(chosen, found, strict=True):
+            if pricing is None:
+                continue
+            result.project = project
+            result.run = pricing.run
+            result.statuses["priced"] += len(pricing.run)
+            if pricing.duplicates:
+                result.statuses["duplicate"] += pricing.duplicates
+            result.unbudgeted += pricing.unbudgeted
+            result.seen = pricing.seen
+            result.spend = pricing.spend
+            done.add(id(result))
+        return done
 
     def _price_one(
         self,
@@ -241,10 +325,10 @@ class MeterStage:
         dedupe_key: int,
         now_us: int,
         result: MeterResult,
-        scopes_of: dict[tuple[Any, ...], list[str]],
+        scopes_of: Callable[[tuple[Any, ...]], list[str]],
     ) -> None:
-        """Price one valid event into `result`; `scopes_of` remembers the scopes of each (project,
-        team, user, key, model) for one process_many call (budgets may change between calls)."""
+        """Price one valid event into `result`; `scopes_of` gives the scopes of a (project, team,
+        user, key, model), remembered for one process_many call (budgets may change between calls)."""
         status, cost, card, itemised, reason = self.catalogue.price_fields(event)
         saved = 0
         if event.get("usage_source") == "cache":  # replayed from the gateway's cache: free, and what it saved
@@ -262,11 +346,9 @@ class MeterStage:
         project = event["project"]
         scopes: list[str] = []
         if cost and dedupe_key >= 0:  # unpriced (None) moves no budget, but is stored
-            who = (project, event["team"], event["user"], event["tags"].get(KEY_TAG), event["model"])
-            found = scopes_of.get(who)
-            scopes = self._scopes(*who) if found is None else found
-            if found is None:
-                scopes_of[who] = scopes
+            scopes = scopes_of(
+                (project, event["team"], event["user"], event["tags"].get(KEY_TAG), event["model"])
+            )
             minute = event["event_time"] // MINUTE_US
             if len(result.spend) + len(scopes) > MAX_DELTAS_PER_MESSAGE and any(
                 (s, minute) not in result.spend for s in scopes
@@ -317,11 +399,14 @@ class MeterStage:
         self, project: str, team: str | None, user: str | None, key: str | None, model: str
     ) -> list[str]:
         """The budget scopes an event of these counts against (see `budgeted` in __init__)."""
-        budgeted = self.budgeted
-        team = team if team and ("team:*" in budgeted or f"team:{team}" in budgeted) else None
-        user = user if user and ("user:*" in budgeted or f"user:{user}" in budgeted) else None
-        key = key if key and ("key:*" in budgeted or f"key:{key}" in budgeted) else None
+        team = team if team and self._member("team", team) else None
+        user = user if user and self._member("user", user) else None
+        key = key if key and self._member("key", key) else None
         return scopes_for_event(project, team, user, model, self.model_globs.get(project, ()), key)
+
+    def _member(self, kind: str, member: str) -> bool:
+        """Does this team, user or key count spend: a budget of its own or of every member?"""
+        return f"{kind}:*" in self.budgeted or f"{kind}:{member}" in self.budgeted
 
     def _single(self, event: dict[str, Any]) -> bytes:
         return self.codec.encode("UsageEvent", event)
@@ -353,7 +438,7 @@ class MeterBatch:
     def add(self, result: MeterResult, source_partition: int, source_offset: int) -> None:
         if result.project is not None:
             self.priced[result.project].append(
-                {"usage": result.usage, "priced_at": result.priced_at, "prices": result.priced}
+                {"usage": result.usage, "priced_at": result.priced_at, "prices": result.prices}
             )
         if result.seen:
             offsets, keys = self.seen[source_partition]

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _SHIFTS = np.arange(0, 70, 7, dtype=np.uint64)  # the 7-bit groups of a 64-bit varint
 _GROUP = np.arange(10)
+_VARINT_STEPS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)  # a byte more from each
 _SMALL = 4_096  # numbers below this come from a table
 MAX_TEXTS = 65_536  # distinct strings remembered at most (forgotten all at once beyond)
 
@@ -35,17 +36,72 @@ MAX_TEXTS = 65_536  # distinct strings remembered at most (forgotten all at once
 _LONGS = [avro_long(i) for i in range(_SMALL)]
 
 
-def _longs(values: list[int]) -> tuple[bytes, list[int]]:
-    """Avro longs of `values` at once: their bytes one after the other, and where each ends."""
-    v = np.array(values)
-    if v.dtype != np.int64:  # a number beyond a long (object), or not an integer at all
-        raise TypeError(f"not all Avro longs: {v.dtype}")
+def _varints(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Avro longs of an int64 array: their bytes, 10 per value (rows), and each one's length."""
     zigzag = ((v << 1) ^ (v >> 63)).view(np.uint64)
     groups = zigzag[:, None] >> _SHIFTS
     lengths = np.maximum(np.count_nonzero(groups, axis=1), 1)
     digits = (groups & np.uint64(0x7F)).astype(np.uint8)
     digits[(lengths[:, None] - 1) > _GROUP] |= 0x80  # more bytes follow
+    return digits, lengths
+
+
+def _longs(values: list[int]) -> tuple[bytes, list[int]]:
+    """Avro longs of `values` at once: their bytes one after the other, and where each ends."""
+    v = np.array(values)
+    if v.dtype != np.int64:  # a number beyond a long (object), or not an integer at all
+        raise TypeError(f"not all Avro longs: {v.dtype}")
+    digits, lengths = _varints(v)
     return digits[lengths[:, None] > _GROUP].tobytes(), np.cumsum(lengths).tolist()
+
+
+# One field of n records written at once: an Avro long per record (int64 values; a record whose
+# `present` is False writes nothing), or one of a table of byte strings per record (by position,
+# 0 to len - 1).
+LongField = tuple[np.ndarray, np.ndarray | None]
+BytesField = tuple[list[bytes], np.ndarray]
+
+
+def records_avro(n: int, fields: list[LongField | BytesField]) -> tuple[bytes, list[int]]:
+    """n records, each the concatenation of its value of every field in order, and where each
+    record ends; without a Python step per record or per field: the widths first, then the bytes
+    of all long fields scattered to their places a byte position at a time, then those of all
+    table fields in one copy."""
+    widths = np.zeros((len(fields), n), dtype=np.int64)
+    longs = [j for j, (values, _) in enumerate(fields) if isinstance(values, np.ndarray)]
+    texts = [j for j in range(len(fields)) if j not in longs]
+    values = np.stack([fields[j][0] for j in longs]) if longs else np.zeros((0, n), dtype=np.int64)
+    zigzag = ((values << 1) ^ (values >> 63)).view(np.uint64)
+    lengths = np.searchsorted(_VARINT_STEPS, zigzag, side="right") + 1
+    for row, j in enumerate(longs):
+        present = fields[j][1]
+        if present is not None:
+            lengths[row] *= present
+    widths[longs] = lengths
+    tables: list[bytes] = []
+    codes = np.zeros((len(texts), n), dtype=np.int64)
+    for row, j in enumerate(texts):
+        table, which = fields[j]
+        codes[row] = which + len(tables)  # type: ignore[operator]
+        tables += table
+    sizes = np.fromiter(map(len, tables), np.int64, len(tables))
+    widths[texts] = sizes[codes]
+    ends = np.cumsum(widths.T.ravel())  # record by record, field by field
+    starts = (ends - widths.T.ravel()).reshape(n, len(fields)).T
+    out = np.empty(int(ends[-1]) if n else 0, dtype=np.uint8)
+    at, left, z = starts[longs].ravel(), lengths.ravel(), zigzag.ravel()
+    while len(at):  # byte k of every long that has one
+        more = left > 1
+        out[at] = (z & 0x7F).astype(np.uint8) | (more.astype(np.uint8) << 7)
+        at, left, z = at[more] + 1, left[more] - 1, z[more] >> np.uint64(7)
+    width = widths[texts].ravel()
+    total = int(width.sum())
+    if total:
+        blob = np.frombuffer(b"".join(tables), dtype=np.uint8)
+        offsets = (np.cumsum(sizes) - sizes)[codes.ravel()]
+        within = np.arange(total) - np.repeat(np.cumsum(width) - width, width)
+        out[np.repeat(starts[texts].ravel(), width) + within] = blob[np.repeat(offsets, width) + within]
+    return out.tobytes(), ends[len(fields) - 1 :: len(fields)].tolist()
 
 
 class PricedBatchWriter:
@@ -116,6 +172,10 @@ class PricedBatchWriter:
             parts += (avro_long(len(usage)), bytes(usage), avro_long(source["priced_at"]))
             if prices:
                 put(avro_long(len(prices)))
+            written = getattr(prices, "avro", None)  # a PricedRun: its records are bytes already
+            if written is not None:
+                parts += (written, b"\x00")
+                continue
             for price in prices:
                 index, cost, itemised = price["index"], price["cost_pico_usd"], price["itemised"]
                 put(small[index] if 0 <= index < _SMALL else avro_long(index))

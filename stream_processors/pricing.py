@@ -405,6 +405,19 @@ class Catalogue:
                 return card
         raise UnknownModel(provider, model, f"no price in force at {_iso(at_us)}")
 
+    def card_in_force(self, given: tuple[Any, ...], at_us: int) -> PriceCard:
+        """`card_for` the (provider, model, region, service_tier) of an event (region and tier may
+        be None: global, standard), remembered per key while it covers the instants asked for."""
+        card = self._in_force.get(given)
+        if card is None or not (
+            card.effective_from_us <= at_us and (card.effective_to_us is None or at_us < card.effective_to_us)
+        ):
+            card = self.card_for(given[0], given[1], given[2] or "global", given[3] or "standard", at_us)
+            if len(self._in_force) >= MAX_CARDS_IN_FORCE:
+                self._in_force.clear()
+            self._in_force[given] = card
+        return card
+
     def price(self, event: Mapping[str, Any]) -> Priced:
         """Price one UsageEvent record. Unknown models are never zero: fallback or unpriced."""
         return Priced(*self.price_fields(event))
@@ -417,15 +430,8 @@ class Catalogue:
         except KeyError:  # a record with fields left out (the codec's have every one)
             given = (event["provider"], event["model"], event.get("region"), event.get("service_tier"))
         at = event["event_time"]
-        card = self._in_force.get(given)
         try:
-            if card is None or not (
-                card.effective_from_us <= at and (card.effective_to_us is None or at < card.effective_to_us)
-            ):
-                card = self.card_for(given[0], given[1], given[2] or "global", given[3] or "standard", at)
-                if len(self._in_force) >= MAX_CARDS_IN_FORCE:
-                    self._in_force.clear()
-                self._in_force[given] = card
+            card = self.card_in_force(given, at)
             cost, itemised = card.price(event)
             return "priced", cost, card, itemised, ""
         except UnknownModel as exc:
