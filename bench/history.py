@@ -79,7 +79,7 @@ def priced_messages(
         batch = MeterBatch(PARTITIONS)
         for offset, result in enumerate(stage.process_many(raw[start : start + take], now_us), start):
             batch.add(result, 0, offset)
-            cost += sum(p["cost_pico_usd"] or 0 for p in result.priced)
+            cost += sum(p["cost_pico_usd"] or 0 for p in result.prices)
         for project, sources in batch.priced_batches():
             out.append((project.encode(), codec.encode("PricedBatch", {"sources": sources})))
     return out, cost

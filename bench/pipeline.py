@@ -190,7 +190,7 @@ async def consume(topic: str, messages: int, stage: MeterStage | None) -> tuple[
                         output.add(result, msg.partition, msg.offset)
                         for _, sources in output.priced_batches():
                             encode_sources(sources)
-                        events += len(result.priced)
+                        events += len(result.prices)
                 seen += len(batch)
         return time.perf_counter() - started, events, time.process_time() - cpu
     finally:

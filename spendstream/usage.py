@@ -21,9 +21,10 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from itertools import chain
 from operator import itemgetter, le, or_
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # the emitters' install has no numpy: columns_valid only calls arrays' methods
+    import numpy as np
 
 __all__ = [
     "COUNT_FIELDS",
@@ -326,7 +327,7 @@ class DecodedUsageCheck:
 
 _REASONING, _OUTPUT = COUNT_FIELDS.index("reasoning_tokens"), COUNT_FIELDS.index("output_tokens")
 _METER_COLUMNS = [i for i, f in enumerate(COUNT_FIELDS) if f in METERS]
-_COUNT_TOPS = np.array([MAX_COUNT[f] for f in COUNT_FIELDS], dtype=np.int64)
+_COUNT_TOPS = [MAX_COUNT[f] for f in COUNT_FIELDS]
 _MUST_SAY = frozenset(("reported", "cache"))  # usage sources that need a non-zero meter
 
 
@@ -370,8 +371,9 @@ def columns_valid(
         return False
     if int(audio_micros.min()) < 0 or int(audio_micros.max()) > _MAX_AUDIO_MICROS:
         return False
-    must_say = np.array([s in _MUST_SAY for s in sources], dtype=bool)[texts["usage_source"][0]]
-    if (must_say & ~((counts[:, _METER_COLUMNS] != 0).any(axis=1) | (audio_micros != 0))).any():
+    silent = ~((counts[:, _METER_COLUMNS] != 0).any(axis=1) | (audio_micros != 0))  # no meter says
+    codes = texts["usage_source"][0]
+    if any((silent & (codes == i)).any() for i, s in enumerate(sources) if s in _MUST_SAY):
         return False
     if int(times.min()) < MIN_EVENT_TIME_US or int(times.max()) > now_us + MAX_FUTURE_US:
         return False

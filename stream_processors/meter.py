@@ -9,6 +9,12 @@ Each event is decoded once and never re-encoded: a `PricedBatch` (v5) carries ev
 message as it arrived, next to one small `UsagePrice` per priced event (`sources`), instead of
 every event re-encoded inside a `PricedUsage` (measured in bench/README.md: the re-encoding was a
 third of the meter's CPU). `spendstream.priced.priced_events` turns either form back into records.
+
+A message of at least MIN_COLUMN_EVENTS valid events of its key is priced as columns with the
+others of its take (meter_columns.py): straight from the native decoder's columns where it is
+built (stream_processors/native: no record is made at all), else from the decoded records. Any
+message the columns cannot price exactly goes the per-event path below, which stays the reference
+(tests/test_meter_columns.py compares the two on every kind of message).
 """
 
 from __future__ import annotations
