@@ -200,12 +200,10 @@ class MeterStage:
         its key, dead letters and re-keys aside; as columns straight from the native decoder when
         it is built and the message is all valid, of its key, and long enough to price so."""
         if NATIVE and key is not None and value[:10] == self._usage_batch:
-            columns = UsageColumns.of_message(value, now_us, lambda: self.codec.decode(value)[1]["events"])
-            if (
-                columns is not None
-                and len(columns) >= MIN_COLUMN_EVENTS
-                and columns.texts["project"][1] == [key.decode("utf-8", "replace")]
-            ):
+            columns = UsageColumns.of_message(
+                value, now_us, lambda: self.codec.decode(value)[1]["events"], MIN_COLUMN_EVENTS
+            )
+            if columns is not None and columns.texts["project"][1] == [key.decode("utf-8", "replace")]:
                 return range(len(columns)), columns
         try:
             name, record = self.codec.decode(value)

@@ -48,6 +48,18 @@ Text = tuple[np.ndarray, list[Any]]  # codes, distinct values
 NATIVE = decode_usage_batch is not None
 
 
+def _first_block(value: bytes) -> int:
+    """How many events the first block of a UsageBatch message's array holds (an Avro long right
+    after the header; 0 if it cannot be read): all of them, as every writer here writes it."""
+    shift = z = 0
+    for byte in value[_HEADER : _HEADER + 10]:
+        z |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return abs((z >> 1) ^ -(z & 1))
+        shift += 7
+    return 0
+
+
 def _encoded(values: list[Any]) -> Text:
     code = {v: c for c, v in enumerate(dict.fromkeys(values))}
     return np.fromiter(map(code.__getitem__, values), np.int64, len(values)), list(code)
@@ -96,12 +108,14 @@ class UsageColumns:
 
     @classmethod
     def of_message(
-        cls, value: bytes, now_us: int, load: Callable[[], list[dict[str, Any]]]
+        cls, value: bytes, now_us: int, load: Callable[[], list[dict[str, Any]]], least: int = 1
     ) -> UsageColumns | None:
         """The events of a UsageBatch message of the current schema (the caller checks its
-        fingerprint) by the native decoder, if it is built and every event is valid; None
-        otherwise (not built, not decodable, or an event to dead-letter: the records tell why)."""
-        if decode_usage_batch is None:
+        fingerprint) by the native decoder, if it is built, the message has at least `least`
+        events (read from its first bytes, before decoding) and every event is valid; None
+        otherwise (not built, fewer events, not decodable, or an event to dead-letter: the records
+        tell why)."""
+        if decode_usage_batch is None or _first_block(value) < least:
             return None
         got = decode_usage_batch(value[_HEADER:])
         if got is None:
@@ -120,19 +134,20 @@ class UsageColumns:
 
     @classmethod
     def joined(cls, parts: Sequence[UsageColumns]) -> UsageColumns:
-        """The events of `parts`, one after the other (codes re-numbered into shared values)."""
+        """The events of `parts`, one after the other, each text's codes re-numbered into the
+        distinct values of all parts: a Python step per distinct value of each part, and a few
+        array operations per field."""
         if len(parts) == 1:
             return parts[0]
+        sizes = [len(p) for p in parts]
         texts: dict[str, Text] = {}
         for field in TEXT_FIELDS:
+            values = [p.texts[field][1] for p in parts]
+            offsets = np.repeat(np.cumsum([0, *map(len, values)])[:-1], sizes)
             shared: dict[Any, int] = {}
-            codes = [
-                np.array([shared.setdefault(v, len(shared)) for v in part.texts[field][1]], dtype=np.int64)[
-                    part.texts[field][0]
-                ]
-                for part in parts
-            ]
-            texts[field] = (np.concatenate(codes), list(shared))
+            renumber = np.array([shared.setdefault(v, len(shared)) for v in chain.from_iterable(values)])
+            codes = np.concatenate([p.texts[field][0] for p in parts]) + offsets
+            texts[field] = (renumber[codes], list(shared))
         return cls(
             np.concatenate([p.times for p in parts]),
             np.concatenate([p.counts for p in parts]),
