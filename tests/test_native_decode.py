@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from bench._common import usage_calls
 from producers import build_event
 from spendstream.errors import DecodeError
+from spendstream.usage import COUNT_FIELDS, KEY_TAG
 from spendstream.wire import avro_long, default_codec
 
 try:
@@ -56,20 +57,7 @@ TEXTS = (
     "usage_source",
     "key",
 )
-COUNTS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "input_audio_tokens",
-    "output_audio_tokens",
-    "characters",
-    "images",
-    "requests",
-)
-KEY_TAG = "spendstream.key"
+COUNTS = COUNT_FIELDS  # the order of the native counts: what UsageColumns reads them as
 
 
 def arrays(out: tuple) -> dict[str, Any]:
@@ -297,7 +285,7 @@ tags = st.builds(
     st.none() | text,
 )
 audio = st.one_of(st.binary(max_size=8), st.binary(min_size=9, max_size=12))
-COUNT_FIELDS = [name for name, kind in FIELDS if kind == "l" and name != "event_time"]
+LONG_FIELDS = [name for name, kind in FIELDS if kind == "l" and name != "event_time"]
 event: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
     {
         "event_id": st.uuids().map(str) | text,
@@ -315,7 +303,7 @@ event: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
         "service_tier": text,
         "region": text,
         "usage_source": text,
-        **{name: count for name in COUNT_FIELDS},
+        **{name: count for name in LONG_FIELDS},
     }
 )
 batch = st.lists(event, max_size=12)
