@@ -50,6 +50,7 @@ from stream_processors.meter import MeterBatch, MeterStage, parts_by_size
 from stream_processors.priced_writer import PricedBatchWriter
 from stream_processors.pricing import Catalogue
 from stream_processors.restore import PromptTableManager, RestoredTable
+from stream_processors.usage_columns import NATIVE
 from stream_processors.web import HistoryClient, add_views
 
 __all__ = ["create_app", "faust_credentials"]
@@ -391,6 +392,12 @@ def create_app(
     async def start_services() -> None:
         if not verifier.enforcing:
             warn_unauthenticated(log, "the worker")
+        if not NATIVE:
+            log.warning(
+                "the meter's native decoder is not built: decoding usage.raw with fastavro (same "
+                "results, ~3x the worker's CPU per event); build it with ./dev setup (needs cargo), "
+                "see stream_processors/native/README.md"
+            )
         await app.add_runtime_dependency(price_feed)
         await app.add_runtime_dependency(budget_feed)
 
