@@ -38,6 +38,7 @@ from stream_processors.dedupe import SeenIds, reload_seen
 from stream_processors.faust_fixes import (
     ack_only_what_this_generation_handled,
     check_internals,
+    check_partitions_once_known,
     commit_only_what_is_delivered,
     hold_flow_while_seeking,
     reread_undelivered,
@@ -136,6 +137,7 @@ def create_app(
     short_fetch_wait(FETCH_MAX_WAIT_MS)
     ack_only_what_this_generation_handled()
     hold_flow_while_seeking()
+    check_partitions_once_known()
 
     def raw(*names: str) -> faust.TopicT:
         return app.topic(

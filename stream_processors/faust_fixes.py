@@ -24,6 +24,7 @@ __all__ = [
     "ack_only_what_this_generation_handled",
     "all_acknowledged",
     "check_internals",
+    "check_partitions_once_known",
     "commit_only_what_is_delivered",
     "hold_flow_while_seeking",
     "partitions_in_flight",
@@ -78,6 +79,11 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
         # persisted_offset, read as a partition is added; the store is made by _new_store.
         ("faust Collection._new_store", has(Collection, "_new_store")),
         (
+            "faust Collection._verify_source_topic_partitions reads topic_partitions",
+            lambda: "topic_partitions(change_topic)"
+            in inspect.getsource(_original(Collection._verify_source_topic_partitions)),
+        ),
+        (
             "faust Recovery._add reads persisted_offset",
             lambda: "persisted_offset" in inspect.getsource(Recovery._add),
         ),
@@ -90,6 +96,11 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
         ("aiokafka AIOKafkaConsumer._fetcher", sets(AIOKafkaConsumer, "_fetcher", "start")),
         ("aiokafka Fetcher._records", sets(Fetcher, "_records")),
     ]
+
+
+def _original(method: Any) -> Any:
+    """The library's own method behind a workaround's wrapper (what _patched_names checks)."""
+    return getattr(method, "spendstream_original", method)
 
 
 def check_internals() -> list[str]:
@@ -213,6 +224,34 @@ def hold_flow_while_seeking() -> None:
 
     seek_held.spendstream_hold_flow = True  # type: ignore[attr-defined]
     Consumer.perform_seek = seek_held  # type: ignore[method-assign]
+
+
+def check_partitions_once_known() -> None:
+    """Compare a table's changelog partitions with its source topic's only once the consumer knows
+    the changelog's.
+
+    A worker started on fresh topics can take its first record before its consumer's metadata has
+    the changelog topic Faust has just created: Faust then counts 0 changelog partitions, raises
+    PartitionsMismatch in the agent writing the table, and the agent crashes on that record again
+    each time it is delivered. Seen once in ~15 runs of bench/enforcement.py (2026-12-02): the
+    budget agent decided no budget for 270 s, until Faust's stream timeout rebalanced the worker.
+    Faust already skips the check while the count is unknown (None); 0 is the same state, so the
+    check is left for a later write, and a real mismatch (both counts known) still raises.
+    """
+    from faust.tables.base import Collection
+
+    verify = Collection._verify_source_topic_partitions
+    if getattr(verify, "spendstream_known_first", False):
+        return
+
+    def verify_once_known(self: Collection, source_topic: str) -> None:
+        if self.app.consumer.topic_partitions(self.changelog_topic_name) == 0:
+            return  # not in the consumer's metadata yet
+        verify(self, source_topic)
+
+    verify_once_known.spendstream_known_first = True  # type: ignore[attr-defined]
+    verify_once_known.spendstream_original = verify  # type: ignore[attr-defined]
+    Collection._verify_source_topic_partitions = verify_once_known  # type: ignore[method-assign]
 
 
 def short_fetch_wait(max_wait_ms: int) -> None:

@@ -9,11 +9,16 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+from faust.exceptions import PartitionsMismatch
+from faust.tables.base import Collection
 from faust.transport.consumer import Consumer
 from faust.types.tuples import TP
 
 from stream_processors.faust_fixes import (
     ack_only_what_this_generation_handled,
+    check_internals,
+    check_partitions_once_known,
     hold_flow_while_seeking,
     partitions_in_flight,
 )
@@ -214,3 +219,30 @@ def test_records_handled_but_not_yet_committed_are_not_read_again() -> None:
     assert not all_acknowledged([100, 101, 103], committed=100, position=104)  # 102 was dropped
     assert not all_acknowledged([], committed=100, position=104)  # fetched, none handled
     assert all_acknowledged([], committed=104, position=104)
+
+
+def test_a_changelog_not_yet_in_the_metadata_is_no_partition_mismatch() -> None:
+    """A table written before the consumer's metadata has its new changelog (0 partitions) must not
+    crash the agent (PartitionsMismatch on every delivery: the budget agent decided nothing for
+    270 s once); the check runs once both counts are known, and a real mismatch still raises."""
+    check_partitions_once_known()
+    check_partitions_once_known()  # installed once, whatever the number of apps made
+    assert check_internals() == []  # the library's method is still the one checked
+
+    def table(changelog_partitions: int) -> Any:
+        counts = {"budgets": 4, "specs-changelog": changelog_partitions}
+        return SimpleNamespace(
+            name="specs",
+            changelog_topic_name="specs-changelog",
+            app=SimpleNamespace(consumer=SimpleNamespace(topic_partitions=counts.get)),
+            _verified_source_topics_for_partitions=set(),
+        )
+
+    fresh = table(0)
+    Collection._verify_source_topic_partitions(fresh, "budgets")  # type: ignore[arg-type]
+    assert fresh._verified_source_topics_for_partitions == set()  # not verified: checked again later
+    known = table(4)
+    Collection._verify_source_topic_partitions(known, "budgets")  # type: ignore[arg-type]
+    assert known._verified_source_topics_for_partitions == {"budgets"}
+    with pytest.raises(PartitionsMismatch):
+        Collection._verify_source_topic_partitions(table(2), "budgets")  # type: ignore[arg-type]
