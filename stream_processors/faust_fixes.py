@@ -80,8 +80,10 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
         ("faust Collection._new_store", has(Collection, "_new_store")),
         (
             "faust Collection._verify_source_topic_partitions reads topic_partitions",
-            lambda: "topic_partitions(change_topic)"
-            in inspect.getsource(_original(Collection._verify_source_topic_partitions)),
+            lambda: (
+                "topic_partitions(change_topic)"
+                in inspect.getsource(_original(Collection._verify_source_topic_partitions))
+            ),
         ),
         (
             "faust Recovery._add reads persisted_offset",
