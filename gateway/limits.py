@@ -435,7 +435,6 @@ class FleetLimiter:
 
     async def _run(self) -> None:
         while True:
-            producer: AIOKafkaProducer | None = None
             consumer: AIOKafkaConsumer | None = None
             publisher: asyncio.Task[None] | None = None
             try:
@@ -443,18 +442,6 @@ class FleetLimiter:
                     TopicPartition(self.topic, p)
                     for p in await partitions_of(self._bootstrap, self.topic, self._kafka_auth)
                 ]
-                # acks=all: a message the leader alone held can vanish when it fails, and the
-                # peers' acknowledgement of a later seq would then confirm the lost increments.
-                # Idempotent: a retried send is not counted twice.
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self._bootstrap,
-                    client_id=f"spendstream-limits-{self.instance_id}",
-                    acks="all",
-                    enable_idempotence=True,
-                    linger_ms=0,
-                    request_timeout_ms=int(max(self.health_timeout_s * 2, 5) * 1000),
-                    **self._kafka_auth.client_kwargs(),
-                )
                 consumer = AIOKafkaConsumer(
                     bootstrap_servers=self._bootstrap,
                     group_id=None,
@@ -463,13 +450,11 @@ class FleetLimiter:
                     fetch_max_wait_ms=int(self.sync_interval_s * 1000),
                     **self._kafka_auth.client_kwargs(),
                 )
-                await producer.start()
-                self._producer = producer
                 await consumer.start()
                 consumer.assign(partitions)
                 await self._seek_to_window(consumer, partitions)
                 end = await consumer.end_offsets(partitions)
-                publisher = asyncio.create_task(self._publish(producer), name="spendstream-limits-publish")
+                publisher = asyncio.create_task(self._publish(), name="spendstream-limits-publish")
                 while True:
                     batch = await consumer.getmany(timeout_ms=int(self.sync_interval_s * 1000))
                     for messages in batch.values():
@@ -500,15 +485,13 @@ class FleetLimiter:
                 self._sweep()
                 await asyncio.sleep(1)
             finally:
-                self._producer = None
                 if publisher is not None:
                     publisher.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await publisher
-                for client in (consumer, producer):
-                    if client is not None:
-                        with contextlib.suppress(Exception):
-                            await client.stop()
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
 
     async def _seek_to_window(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         """Position every partition at the first message of the last window (+ a bucket)."""
@@ -519,18 +502,45 @@ class FleetLimiter:
             offset = found.get(tp)
             consumer.seek(tp, offset.offset if offset is not None else end[tp])
 
-    async def _publish(self, producer: AIOKafkaProducer) -> None:
+    async def _publish(self) -> None:
         """Every sync_interval_s: send what this instance counted since the last send and the
-        acknowledgements it owes (at least a heartbeat every health_timeout_s / 4)."""
+        acknowledgements it owes (at least a heartbeat every health_timeout_s / 4). A producer
+        whose send failed is discarded and a new one connected: after a broker outage, an
+        idempotent producer's next sends can fail for good (OutOfOrderSequenceNumber) while the
+        broker is back, which would leave this instance unhealthy until it restarts."""
         while True:
-            await asyncio.sleep(self.sync_interval_s)
-            self._sweep()
-            self._release()
-            if self._pending or self._acks_to_send or time.monotonic() - self._last_sent >= self._heartbeat_s:
-                await self._send(producer)
+            # acks=all: a message the leader alone held can vanish when it fails, and the
+            # peers' acknowledgement of a later seq would then confirm the lost increments.
+            # Idempotent: a retried send is not counted twice.
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                client_id=f"spendstream-limits-{self.instance_id}",
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=0,
+                request_timeout_ms=int(max(self.health_timeout_s * 2, 5) * 1000),
+                **self._kafka_auth.client_kwargs(),
+            )
+            try:
+                await producer.start()
+                self._producer = producer
+                while True:
+                    await asyncio.sleep(self.sync_interval_s)
+                    self._sweep()
+                    self._release()
+                    due = time.monotonic() - self._last_sent >= self._heartbeat_s
+                    if (self._pending or self._acks_to_send or due) and not await self._send(producer):
+                        break
+            except KafkaError as exc:
+                log.warning("rate limits: no producer for %s (%s); retrying in 1 s", self.topic, exc)
+                await asyncio.sleep(1)
+            finally:
+                self._producer = None
+                with contextlib.suppress(Exception):
+                    await producer.stop()
 
-    async def _send(self, producer: AIOKafkaProducer) -> None:
-        """Send the pending increments; on failure they are kept for the next try (still
+    async def _send(self, producer: AIOKafkaProducer) -> bool:
+        """Send the pending increments; on failure (False) they are kept for the next try (still
         unconfirmed); on success they wait in `_unacked` for the peers' acknowledgements."""
         batch, self._pending, self._acks_to_send = self._pending, {}, False
         entries = [[scope, bucket, c[0], c[1]] for scope, by in batch.items() for bucket, c in by.items()]
@@ -555,11 +565,12 @@ class FleetLimiter:
             self.stats.send_failures += 1
             self._requeue(batch)
             log.warning("rate limits: could not publish to %s (%s); kept for the next try", self.topic, exc)
-            return
+            return False
         self._last_sent = time.monotonic()
         if batch:
             self._unacked.append((self._seq, time.time(), batch))
             self._release()
+        return True
 
     def _release(self) -> None:
         """Confirm the sent batches every live peer has applied (acknowledged in its own messages):

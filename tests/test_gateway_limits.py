@@ -9,8 +9,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import OutOfOrderSequenceNumber
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -272,6 +275,52 @@ def test_increments_are_written_to_every_in_sync_replica(kafka: str) -> None:
             await limiter.stop()
 
     assert asyncio.run(run()) == (-1, True)
+
+
+def test_a_producer_stuck_after_an_outage_is_replaced(kafka: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a broker outage an idempotent producer's sends can fail for good while the broker is
+    back (OutOfOrderSequenceNumber: seen in CI, the gateway stayed degraded). Here A's first
+    producer fails every send from a moment on, with 7 admissions pending: A discards it and
+    connects a new one, turns healthy again within 5 s, and B ends with A's 3 + 7 admissions."""
+    topic = fresh_rates_topic(kafka)
+    rule = Rule("key:k", rpm=1_000, tpm=None)
+    made: list[AIOKafkaProducer] = []  # A's producers
+    stuck = asyncio.Event()
+
+    class Producer(AIOKafkaProducer):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            if kwargs["client_id"] == "spendstream-limits-a":
+                made.append(self)
+
+        async def send_and_wait(self, *args: Any, **kwargs: Any) -> Any:
+            if made and self is made[0] and stuck.is_set():
+                raise OutOfOrderSequenceNumber()
+            return await super().send_and_wait(*args, **kwargs)
+
+    monkeypatch.setattr("gateway.limits.AIOKafkaProducer", Producer)
+
+    async def run() -> tuple[int, int, int]:
+        a, b = (
+            FleetLimiter(bootstrap_servers=kafka, topic=topic, instance_id=name, health_timeout_s=1.0)
+            for name in ("a", "b")
+        )
+        await asyncio.gather(a.start(), b.start())
+        try:
+            assert sum(a.admit([rule], 0)[0].allowed for _ in range(3)) == 3
+            await until(lambda: b.count("key:k", "requests") == 3, 5, "B sees A's first 3")
+            stuck.set()
+            assert sum(a.admit([rule], 0)[0].allowed for _ in range(7)) == 7
+            await until(lambda: a.stats.send_failures > 0, 5, "A's send fails")
+            await until(lambda: a.healthy, 5, "A healthy again")
+            await until(lambda: b.count("key:k", "requests") == 10, 5, "B sees all 10")
+            return len(made), a.count("key:k", "requests"), b.count("key:k", "requests")
+        finally:
+            await asyncio.gather(a.stop(), b.stop())
+
+    producers, on_a, on_b = asyncio.run(run())
+    assert producers == 2  # the stuck one and its replacement
+    assert (on_a, on_b) == (10, 10)
 
 
 def test_token_corrections_reach_the_other_instances(kafka: str) -> None:

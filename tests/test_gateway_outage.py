@@ -80,7 +80,7 @@ def test_a_broker_outage_loses_no_call_and_meters_each_once(tmp_path: Path) -> N
             broker.start(timeout=120)
             deadline = time.monotonic() + 60
             while gateway.health()["status"] != "ok":
-                assert time.monotonic() < deadline, gateway.health()
+                assert time.monotonic() < deadline, (gateway.health(), gateway.log.read_text()[-6000:])
                 time.sleep(0.5)
             after = [call(gateway.url, key, "after") for _ in range(10)]
 
