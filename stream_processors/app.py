@@ -124,10 +124,13 @@ def create_app(
         # meter's and the budget agent's input for 0.1-0.5 s each time on a busy machine.
         broker_commit_every=1_000_000,
         broker_commit_interval=1.0,
-        # A crashed worker's partitions move to a live one after 10 s, not Kafka's default minute:
-        # until then nobody decides those scopes' budgets.
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=3.0,
+        # A crashed worker's partitions move to a live one after 6 s (the least a broker accepts
+        # by default, group.min.session.timeout.ms), not Kafka's default 45 s: until then nobody
+        # decides those scopes' budgets, and a worker restarted after kill -9 waits for it too.
+        # Heartbeats go every 2 s from Faust's consumer thread, which has an event loop of its
+        # own: agents holding the main loop do not delay them; two may be missed.
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=2.0,
         TableManager=PromptTableManager,
     )
 
