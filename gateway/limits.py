@@ -508,6 +508,7 @@ class FleetLimiter:
         whose send failed is discarded and a new one connected: after a broker outage, an
         idempotent producer's next sends can fail for good (OutOfOrderSequenceNumber) while the
         broker is back, which would leave this instance unhealthy until it restarts."""
+        failed_starts = 0  # in a row: the first is logged, then one a minute (an outage is long)
         while True:
             # acks=all: a message the leader alone held can vanish when it fails, and the
             # peers' acknowledgement of a later seq would then confirm the lost increments.
@@ -523,6 +524,11 @@ class FleetLimiter:
             )
             try:
                 await producer.start()
+                if failed_starts:
+                    log.warning(
+                        "rate limits: producer for %s connected after %d tries", self.topic, failed_starts
+                    )
+                    failed_starts = 0
                 self._producer = producer
                 while True:
                     await asyncio.sleep(self.sync_interval_s)
@@ -532,7 +538,14 @@ class FleetLimiter:
                     if (self._pending or self._acks_to_send or due) and not await self._send(producer):
                         break
             except KafkaError as exc:
-                log.warning("rate limits: no producer for %s (%s); retrying in 1 s", self.topic, exc)
+                failed_starts += 1
+                if failed_starts % 60 == 1:
+                    log.warning(
+                        "rate limits: no producer for %s (%s, %d tries); retrying every second",
+                        self.topic,
+                        exc,
+                        failed_starts,
+                    )
                 await asyncio.sleep(1)
             finally:
                 self._producer = None
