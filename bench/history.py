@@ -10,12 +10,14 @@ of the same rows in the same run.
 2. Baseline: the same rows, already built as Python tuples (`sink.usage_row`), inserted with
    `ClickHouseStore.insert` in chunks of the sink's batch size into a fresh chDB database: what
    storing them costs when nothing has to be read or decoded.
-3. ClickHouse parsing the Avro alone: the same messages framed by `AvroRows` (the sink's fast
-   path) and inserted with `ClickHouseStore.insert_avro`, in chunks of the sink's batch size.
+3. ClickHouse building the rows alone, each fast path: the same messages framed by `AvroRows`
+   (Avro records, parsed by ClickHouse), then made Native blocks by `NativeRows` (decoded in Rust),
+   inserted with `ClickHouseStore.insert_file`, in chunks of the sink's batch size.
 4. The sink's per-row path (`Sink(avro_inserts=False)`: decode, `priced_problem`, tuples, insert;
-   what the sink did before the fast path), then the sink as the history process runs it (the fast
-   path), each on a fresh database of the same chDB engine and its own consumer group, from the
-   first fetched message to all N rows written (and, for reference, from `start()`: the group join).
+   what the sink did before the fast path), its Avro fast path (`native=False`: what it does
+   without the native module), then the sink as the history process runs it (Native blocks),
+   each on a fresh database of the same chDB engine and its own consumer group, from the first
+   fetched message to all N rows written (and, for reference, from `start()`: the group join).
 
 Elapsed seconds and this process's CPU seconds (chDB runs in it: its threads count too) for each;
 ClickHouse's row count, distinct event ids and sum(cost_usd) are checked against the workload.
@@ -46,7 +48,7 @@ from producers import build_event
 from spendstream.priced import priced_events
 from spendstream.settings import Settings
 from spendstream.wire import default_codec
-from stream_processors.avro_rows import STRUCTURE, AvroRows
+from stream_processors.avro_rows import AvroRows, NativeRows
 from stream_processors.meter import MeterBatch, MeterStage
 from stream_processors.pricing import Catalogue, pico_to_usd
 from stream_processors.sink import Sink, usage_row
@@ -104,11 +106,11 @@ def totals(store: ClickHouseStore) -> tuple[int, int, Decimal]:
 
 
 async def run_sink(
-    settings: Settings, store: ClickHouseStore, n: int, max_rows: int, *, avro: bool
+    settings: Settings, store: ClickHouseStore, n: int, max_rows: int, *, avro: bool, native: bool
 ) -> tuple[float, float, float, dict[str, int]]:
     """(seconds from the first fetched message, CPU seconds, seconds from start()) to n rows written,
-    and how: inserts of framed Avro and of Python rows, rows ClickHouse parsed (the fast path)."""
-    inserts = {"avro_inserts": 0, "row_inserts": 0}
+    and how: inserts from files (the fast path) and of Python rows, rows ClickHouse built from files."""
+    inserts = {"file_inserts": 0, "row_inserts": 0}
 
     def counted(kind: str, insert: Callable[..., None]) -> Callable[..., None]:
         def run(*args: Any) -> None:
@@ -117,7 +119,7 @@ async def run_sink(
 
         return run
 
-    store.insert_avro = counted("avro_inserts", store.insert_avro)  # type: ignore[method-assign]
+    store.insert_file = counted("file_inserts", store.insert_file)  # type: ignore[method-assign]
     store.insert = counted("row_inserts", store.insert)  # type: ignore[method-assign]
     sink = Sink(
         bootstrap=BOOTSTRAP,
@@ -128,6 +130,7 @@ async def run_sink(
         max_rows=max_rows,
         max_seconds=settings.sink_max_seconds,
         avro_inserts=avro,
+        native=native,
     )
     started, cpu = time.perf_counter(), time.process_time()
     first = None
@@ -255,48 +258,62 @@ def main() -> None:
         assert totals(bare) == expected, (totals(bare), expected)
         say(f"  {base_s:.2f} s ({n / base_s:,.0f} rows/s), CPU {base_cpu:.2f} s")
 
-        say(
-            f"ClickHouse parsing the Avro alone: {len(messages):,} messages framed, {max_rows:,} rows per insert..."
-        )
-        avro, alone = AvroRows(codec), ClickHouseStore(dsn, "avro_alone")
-        alone.migrate()
-        started, cpu = time.perf_counter(), time.process_time()
-        framed = [avro.record(value) for _, value in messages]
-        chunks: list[list[bytes]] = [[]]
-        rows_in_chunk = 0
-        for record in framed:
-            assert record is not None
-            if rows_in_chunk >= max_rows:
-                chunks.append([])
-                rows_in_chunk = 0
-            chunks[-1].append(record[0])
-            rows_in_chunk += record[1]
-        for chunk in chunks:
-            select = partial(avro.select, now_us=time.time_ns() // 1000)
-            alone.insert_avro("usage_events", USAGE_COLUMNS, select, STRUCTURE, avro.container(chunk))
-        alone_s, alone_cpu = time.perf_counter() - started, time.process_time() - cpu
-        assert totals(alone) == expected, (totals(alone), expected)
-        alone.close()
-        say(f"  {alone_s:.2f} s ({n / alone_s:,.0f} rows/s), CPU {alone_cpu:.2f} s")
+        alone: dict[str, tuple[float, float]] = {}
+        for rows_class in (AvroRows, NativeRows):
+            fmt = rows_class.FORMAT
+            say(
+                f"ClickHouse building the rows alone from {fmt}: {len(messages):,} messages, {max_rows:,} rows per insert..."
+            )
+            fast_path, store = rows_class(codec), ClickHouseStore(dsn, f"alone_{fmt.lower()}")
+            store.migrate()
+            started, cpu = time.perf_counter(), time.process_time()
+            framed = [fast_path.record(value) for _, value in messages]
+            chunks: list[list[bytes]] = [[]]
+            rows_in_chunk = 0
+            for record in framed:
+                assert record is not None
+                if rows_in_chunk >= max_rows:
+                    chunks.append([])
+                    rows_in_chunk = 0
+                chunks[-1].append(record[0])
+                rows_in_chunk += record[1]
+            for chunk in chunks:
+                select = partial(fast_path.select, now_us=time.time_ns() // 1000)
+                store.insert_file(
+                    "usage_events",
+                    USAGE_COLUMNS,
+                    select,
+                    fmt,
+                    rows_class.STRUCTURE,
+                    fast_path.container(chunk),
+                )
+            alone[fmt] = (time.perf_counter() - started, time.process_time() - cpu)
+            assert totals(store) == expected, (totals(store), expected)
+            store.close()
+            say(f"  {alone[fmt][0]:.2f} s ({n / alone[fmt][0]:,.0f} rows/s), CPU {alone[fmt][1]:.2f} s")
 
         sinks: dict[str, tuple[float, float, float, tuple[int, int, Decimal]]] = {}
         how: dict[str, dict[str, int]] = {}
         with bench_broker(run_id):
             asyncio.run(create_topics([settings.topics.prefix], PARTITIONS))
             asyncio.run(produce(settings.topics.usage_priced, messages))
-            for name, fast in (("per_row", False), ("sink", True)):
+            for name, fast, native in (
+                ("per_row", False, False),
+                ("sink_avro", True, False),
+                ("sink", True, True),
+            ):
                 say(f"{name}: {len(messages):,} PricedBatch messages on usage.priced -> ClickHouse...")
                 store = ClickHouseStore(dsn, name)
                 store.migrate()
                 sink_s, sink_cpu, from_start, how[name] = asyncio.run(
-                    run_sink(settings, store, n, max_rows, avro=fast)
+                    run_sink(settings, store, n, max_rows, avro=fast, native=native)
                 )
                 sinks[name] = (sink_s, sink_cpu, from_start, totals(store))
                 store.close()
                 say(
                     f"  {sink_s:.2f} s ({n / sink_s:,.0f} rows/s; {from_start:.2f} s from start), CPU {sink_cpu:.2f} s; "
-                    f"{how[name]['avro_inserts']} Avro inserts, {how[name]['row_inserts']} row inserts, "
-                    f"{how[name]['rows_parsed_by_clickhouse']:,} rows parsed by ClickHouse"
+                    f"{how[name]['file_inserts']} inserts from files, {how[name]['row_inserts']} row inserts, "
+                    f"{how[name]['rows_parsed_by_clickhouse']:,} rows built by ClickHouse"
                 )
             say(
                 f"send -> queryable: {args.latency_events:,} events at {args.rate:,} events/s through the sink..."
@@ -315,25 +332,35 @@ def main() -> None:
 
     sink_s, sink_cpu, _, stored = sinks["sink"]
     slow_s, slow_cpu, _, slow_stored = sinks["per_row"]
+    avro_s, avro_cpu, _, avro_stored = sinks["sink_avro"]
+    alone_s, alone_cpu = alone["Native"]
     result: dict[str, Any] = {
         "events": n,
         "priced_messages": len(messages),
         "rows_per_insert": max_rows,
         "sink_max_seconds": settings.sink_max_seconds,
         "baseline_bare_insert": figures(n, base_s, base_cpu),
-        "clickhouse_parsing_avro_alone": figures(n, alone_s, alone_cpu),
+        "clickhouse_parsing_avro_alone": figures(n, *alone["Avro"]),
+        "clickhouse_reading_native_alone": figures(n, alone_s, alone_cpu),
         "sink_per_row_path": {
             **figures(n, slow_s, slow_cpu),
             "seconds_from_start": round(sinks["per_row"][2], 3),
         },
+        "sink_avro_fast_path": {
+            **figures(n, avro_s, avro_cpu),
+            "seconds_from_start": round(sinks["sink_avro"][2], 3),
+        }
+        | how["sink_avro"],
         "sink": {**figures(n, sink_s, sink_cpu), "seconds_from_start": round(sinks["sink"][2], 3)}
         | how["sink"],
+        "ratio_sink_to_avro_fast_path": round(avro_s / sink_s, 3),
+        "ratio_sink_to_avro_fast_path_by_cpu": round(avro_cpu / sink_cpu, 3),
         "ratio_sink_to_bare_insert": round(base_s / sink_s, 3),
         "ratio_sink_to_bare_insert_by_cpu": round(base_cpu / sink_cpu, 3),
         "ratio_sink_to_per_row_path": round(slow_s / sink_s, 3),
         "ratio_sink_to_per_row_path_by_cpu": round(slow_cpu / sink_cpu, 3),
         "clickhouse": {"rows": stored[0], "unique_event_ids": stored[1], "cost_usd": str(stored[2])},
-        "clickhouse_matches_workload": stored == expected and slow_stored == expected,
+        "clickhouse_matches_workload": stored == expected == slow_stored == avro_stored,
         "target_rows_per_s": TARGET,
         "send_to_queryable": latency,
     }
@@ -341,9 +368,11 @@ def main() -> None:
     say(
         f"history writer: {n / sink_s:,.0f} rows/s ({result['ratio_sink_to_bare_insert']:.2f}x a bare insert "
         f"of the same rows: {n / base_s:,.0f} rows/s; {result['ratio_sink_to_per_row_path']:.2f}x the per-row "
-        f"path: {n / slow_s:,.0f} rows/s); CPU {sink_cpu * per_million:.1f} s per million rows (bare insert "
-        f"{base_cpu * per_million:.1f}, per-row path {slow_cpu * per_million:.1f}, ClickHouse parsing the Avro "
-        f"alone {alone_cpu * per_million:.1f}); target {TARGET:,} rows/s: {n / sink_s / TARGET:.2f}x; ClickHouse "
+        f"path: {n / slow_s:,.0f} rows/s; {result['ratio_sink_to_avro_fast_path']:.2f}x the Avro fast path: "
+        f"{n / avro_s:,.0f} rows/s); CPU {sink_cpu * per_million:.1f} s per million rows (bare insert "
+        f"{base_cpu * per_million:.1f}, per-row path {slow_cpu * per_million:.1f}, Avro fast path "
+        f"{avro_cpu * per_million:.1f}, ClickHouse building the rows alone from Native "
+        f"{alone_cpu * per_million:.1f}, from Avro {alone['Avro'][1] * per_million:.1f}); target {TARGET:,} rows/s: {n / sink_s / TARGET:.2f}x; ClickHouse "
         f"holds {stored[0]:,} rows, {stored[1]:,} ids, ${stored[2]} (as expected: {result['clickhouse_matches_workload']}); "
         f"send -> queryable at {latency['rate_reached_events_per_s']:,} events/s: p50 {lat['p50'] / 1000:.0f} ms, "
         f"p99 {lat['p99'] / 1000:.0f} ms (sink_max_seconds {settings.sink_max_seconds:g})"

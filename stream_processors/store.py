@@ -134,7 +134,7 @@ class ClickHouseStore:
         self.limits = limits or QueryLimits()
         self._dsn = dsn
         self._lock = threading.Lock()
-        self._avro_dir: str | None = None  # private temp dir of insert_avro's files (chDB only)
+        self._files_dir: str | None = None  # private temp dir of insert_file's files (chDB only)
         self._idle_sessions: list[Any] = []  # guarded sessions for users' queries, one per caller at a time
         self._sessions_lock = threading.Lock()
         bootstrap = clickhouse_connect.get_client(dsn=dsn)
@@ -176,29 +176,35 @@ class ClickHouseStore:
             self._client.insert(f"{self.database}.{table}", rows, column_names=list(columns))
 
     @property
-    def inserts_avro(self) -> bool:
-        """Whether `insert_avro` is available: embedded chDB only (a server would read the same
-        container through `input()`; not built, as no server can be tested here)."""
+    def inserts_files(self) -> bool:
+        """Whether `insert_file` is available: embedded chDB only (a server would read the same
+        data through `input()`; not built, as no server can be tested here)."""
         return self._dsn.startswith("chdb:")
 
-    def insert_avro(
-        self, table: str, columns: Sequence[str], select: Callable[[str], str], structure: str, data: bytes
+    def insert_file(
+        self,
+        table: str,
+        columns: Sequence[str],
+        select: Callable[[str], str],
+        fmt: str,
+        structure: str,
+        data: bytes,
     ) -> None:
         """`INSERT INTO table (columns) select(source)`, where `source` is a table function reading
-        `data` (an Avro Object Container File) with `structure`: ClickHouse parses it and builds
-        the rows. The file lives in a private temp dir (0700, in memory under /dev/shm when there is
+        `data` (in ClickHouse's format `fmt`: Avro, Native) with `structure`: ClickHouse parses it
+        and builds the rows. The file lives in a private temp dir (0700, in memory under /dev/shm when there is
         one) only while the insert runs; a process killed meanwhile leaves it, and the next store to
         insert removes the dirs of processes no longer running. Raises what ClickHouse raises
         (clickhouse-connect's types)."""
-        if not self.inserts_avro:
-            raise QueryError("insert_avro needs embedded ClickHouse (a chdb:// DSN)")
-        if self._avro_dir is None:
-            self._avro_dir = _private_temp_dir()
-        fd, path = tempfile.mkstemp(suffix=".avro", dir=self._avro_dir)
+        if not self.inserts_files:
+            raise QueryError("insert_file needs embedded ClickHouse (a chdb:// DSN)")
+        if self._files_dir is None:
+            self._files_dir = _private_temp_dir()
+        fd, path = tempfile.mkstemp(suffix=f".{fmt.lower()}", dir=self._files_dir)
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
-            source = f"file({sql_literal(path)}, 'Avro', {sql_literal(structure)})"
+            source = f"file({sql_literal(path)}, {sql_literal(fmt)}, {sql_literal(structure)})"
             # No ReplacingMergeTree merge of the block at insert (optimize_on_insert): measured at
             # ~45% of the CPU of such an insert. Ids repeated within it collapse at merge time and
             # under FINAL, exactly as those repeated across two inserts always have.
@@ -294,8 +300,8 @@ class ClickHouseStore:
             session.close()
         with self._lock:
             self._client.close()
-        if self._avro_dir is not None:
-            shutil.rmtree(self._avro_dir, ignore_errors=True)
+        if self._files_dir is not None:
+            shutil.rmtree(self._files_dir, ignore_errors=True)
 
 
 def _first_line(exc: Exception) -> str:
@@ -304,7 +310,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def _private_temp_dir() -> str:
-    """A new `spendstream-sink-<pid>-*` dir (0700) for insert_avro's files, after removing those of
+    """A new `spendstream-sink-<pid>-*` dir (0700) for insert_file's files, after removing those of
     processes that no longer run (killed during an insert: nothing of users' data stays behind)."""
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
     for stale in Path(base).glob("spendstream-sink-*-*"):

@@ -1,7 +1,10 @@
-"""The sink's fast path (ClickHouse parses the PricedBatch as Avro) against its per-row path, on the
-real broker and the real engine (embedded chDB): the same messages give the same rows, column for
-column; every kind of bad row ends as the per-row path ends it (a dead letter with its reason, its
-neighbours stored); and the SQL checks never accept a row `priced_problem` refuses."""
+"""The sink's fast paths (ClickHouse builds the rows from Native blocks decoded in Rust, or from the
+PricedBatch framed as Avro) against its per-row path, on the real broker and the real engine
+(embedded chDB): the same messages give the same rows, column for column; every kind of bad row
+ends as the per-row path ends it (a dead letter with its reason, its neighbours stored); the SQL
+checks never accept a row `priced_problem` refuses; and the Native blocks are, byte for byte,
+what ClickHouse writes for the rows it parses from the Avro. The native cases fail, not skip,
+where the native module is not built."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from producers import build_event
 from spendstream.topics import Topics, ensure_topics
 from spendstream.usage import MAX_COUNT, MAX_EVENT_PICO, MAX_FUTURE_US, MIN_EVENT_TIME_US, priced_problem
 from spendstream.wire import default_codec
-from stream_processors.avro_rows import STRUCTURE, AvroRows
+from stream_processors.avro_rows import STRUCTURE, AvroRows, NativeRows, _rows
 from stream_processors.feeds import publish
 from stream_processors.sink import Sink
 from stream_processors.store import ClickHouseStore, sql_literal
@@ -141,7 +144,7 @@ def varied_messages() -> list[bytes]:
 
 
 async def run_sink(
-    kafka: str, topics: Topics, store: ClickHouseStore, *, avro: bool, rows: int, dead: int
+    kafka: str, topics: Topics, store: ClickHouseStore, *, avro: bool, native: bool, rows: int, dead: int
 ) -> Sink:
     """A Sink on `topics` until `store` holds `rows` usage rows and `dead` dead letters."""
     sink = Sink(
@@ -153,6 +156,7 @@ async def run_sink(
         max_rows=50_000,
         max_seconds=0.1,
         avro_inserts=avro,
+        native=native,
     )
     await sink.start()
     try:
@@ -185,27 +189,33 @@ def dead_rows(store: ClickHouseStore) -> list[list[Any]]:
 
 
 def sink_both(
-    kafka: str, stores: tuple[ClickHouseStore, ClickHouseStore], messages: list[bytes], rows: int, dead: int
+    kafka: str,
+    stores: tuple[ClickHouseStore, ClickHouseStore],
+    messages: list[bytes],
+    rows: int,
+    dead: int,
+    native: bool,
 ) -> tuple[Sink, Sink]:
     topics = Topics(f"t{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(kafka, topics, 1, 1))
     asyncio.run(publish(kafka, topics.usage_priced, [(b"p1", m) for m in messages]))
-    fast = asyncio.run(run_sink(kafka, topics, stores[0], avro=True, rows=rows, dead=dead))
-    slow = asyncio.run(run_sink(kafka, topics, stores[1], avro=False, rows=rows, dead=dead))
+    fast = asyncio.run(run_sink(kafka, topics, stores[0], avro=True, native=native, rows=rows, dead=dead))
+    slow = asyncio.run(run_sink(kafka, topics, stores[1], avro=False, native=native, rows=rows, dead=dead))
     return fast, slow
 
 
-def test_clickhouse_parsing_the_avro_stores_exactly_the_per_row_paths_rows(
-    kafka: str, stores: tuple[ClickHouseStore, ClickHouseStore]
+@pytest.mark.parametrize("native", [True, False], ids=["native", "avro"])
+def test_clickhouse_building_the_rows_stores_exactly_the_per_row_paths_rows(
+    kafka: str, stores: tuple[ClickHouseStore, ClickHouseStore], native: bool
 ) -> None:
     fast_store, slow_store = stores
     # what a history process killed during an insert left behind (its pid no longer runs)
     stale = Path(tempfile.mkdtemp(prefix="spendstream-sink-999999999-", dir=_shm_or_tmp()))
     (stale / "left.avro").write_bytes(b"users' data")
-    fast, slow = sink_both(kafka, stores, varied_messages(), rows=10, dead=0)
+    fast, slow = sink_both(kafka, stores, varied_messages(), rows=10, dead=0, native=native)
     assert not stale.exists()
-    assert fast_store._avro_dir is not None
-    assert list(Path(fast_store._avro_dir).iterdir()) == []  # each insert's file is gone with it
+    assert fast_store._files_dir is not None
+    assert list(Path(fast_store._files_dir).iterdir()) == []  # each insert's file is gone with it
     fast_rows, slow_rows = usage_rows(fast_store), usage_rows(slow_store)
     print(
         f"sent 11 priced rows (10 events) in 4 messages; fast path stored {len(fast_rows)}, per-row {len(slow_rows)}"
@@ -238,6 +248,63 @@ def test_messages_the_fast_path_cannot_frame_go_the_per_row_path_from_the_start(
     assert avro.record(CODEC.encode("UsageBatch", {"events": [event(4)]})) is None
 
 
+def test_messages_the_native_path_cannot_decode_exactly_go_the_per_row_path_from_the_start() -> None:
+    """What AvroRows refuses, and what it frames for ClickHouse to refuse (a price for an event its
+    source lacks, a byte after a source's usage); every prefix of a good message; a message without
+    rows is no bytes (a block of 0 rows would end ClickHouse's reading of the blocks after it)."""
+    native = NativeRows(CODEC)
+    good = source([event(0), event(1)], [price(0), price(1)])
+    value = batch(good, source([event(2)], [price(0)], single=True))
+    block = native.record(value)
+    assert block is not None
+    assert block[1] == 3
+    old = dict(good, usage=good["usage"][:2] + bytes(8) + good["usage"][10:])
+    legacy = {"usage": event(3), "priced_at": NOW_US, **{k: v for k, v in price(0).items() if k != "index"}}
+    trailing = source([event(5)], [price(0)], single=True)
+    trailing["usage"] += b"\x00"
+    refused = [
+        batch(good, old),
+        batch(old),
+        CODEC.encode("PricedBatch", {"events": [legacy]}),
+        CODEC.encode("UsageBatch", {"events": [event(4)]}),
+        batch(source([event(6)], [price(0), price(1)])),  # index 1 of a source of one event
+        batch(source([event(6)], [price(-1)])),
+        batch(trailing),
+        value + b"\x00",
+    ]
+    assert [native.record(v) for v in refused] == [None] * len(refused)
+    assert all(native.record(value[:cut]) is None for cut in range(len(value)))
+    assert native.record(batch()) == (b"", 0)
+    assert native.record(batch(source([event(7)], []))) == (b"", 0)
+
+
+def test_the_native_blocks_are_what_clickhouse_writes_for_the_avro_rows(
+    check_store: tuple[ClickHouseStore, Path],
+) -> None:
+    """Byte for byte: each message's block against ClickHouse's own Native output of the rows it
+    parses from the same message framed as Avro (so both paths feed the same SQL the same values)."""
+    store, directory = check_store
+    avro, native = AvroRows(CODEC), NativeRows(CODEC)
+    compared = 0
+    for value in varied_messages():
+        framed, block = avro.record(value), native.record(value)
+        if framed is None or framed[1] == 0:
+            assert block is None or block == (b"", 0)
+            continue
+        assert block is not None
+        assert block[1] == framed[1]
+        path, out = directory / "m.avro", directory / "m.native"
+        path.write_bytes(avro.container([framed[0]]))
+        source_ = f"file({sql_literal(str(path))}, 'Avro', {sql_literal(STRUCTURE)})"
+        store._client.command(  # query() would add a FORMAT of its own
+            f"SELECT e, p, priced_at FROM ({_rows(source_, 'check')}) "
+            f"INTO OUTFILE {sql_literal(str(out))} TRUNCATE FORMAT Native"
+        )
+        assert out.read_bytes() == block[0]
+        compared += 1
+    assert compared == 2
+
+
 # One bad row of each kind, next to good ones; (field of the event or the price, value).
 BAD = [
     ("price", "cost_pico_usd", MAX_EVENT_PICO + 1),
@@ -262,8 +329,9 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "avro"])
 def test_every_bad_row_through_the_fast_path_ends_as_the_per_row_path_ends_it(
-    kafka: str, stores: tuple[ClickHouseStore, ClickHouseStore]
+    kafka: str, stores: tuple[ClickHouseStore, ClickHouseStore], native: bool
 ) -> None:
     messages = []
     for i, (where, field, value) in enumerate(BAD):
@@ -289,7 +357,7 @@ def test_every_bad_row_through_the_fast_path_ends_as_the_per_row_path_ends_it(
     good = sum(0 if field == "priced_at" else 2 for _, field, _ in BAD) + len(BAD)
     dead = len(BAD) + 2
     fast_store, slow_store = stores
-    fast, _ = sink_both(kafka, stores, messages, rows=good, dead=dead)
+    fast, _ = sink_both(kafka, stores, messages, rows=good, dead=dead, native=native)
     assert fast.rows_parsed == 0  # every message holds a bad row: each flush fell back
     fast_rows, slow_rows = usage_rows(fast_store), usage_rows(slow_store)
     fast_dead, slow_dead = dead_rows(fast_store), dead_rows(slow_store)
@@ -307,7 +375,7 @@ def test_every_bad_row_through_the_fast_path_ends_as_the_per_row_path_ends_it(
 
 # -- the SQL checks never accept what priced_problem refuses ---------------------------------------
 
-_ROWS = AvroRows(CODEC)
+_ROWS, _NATIVE = AvroRows(CODEC), NativeRows(CODEC)
 _TEXT = st.sampled_from(["openai", "a", "x" * 256, "é" * 256, "ü ß", "\u3000x", "☃"])
 _EDGE_TEXT = st.one_of(
     st.sampled_from([" ", "\u00a0", "\u2028", "", "x" * 257, "é" * 257, "\t", "A", "ß", "ﬁ"]),
@@ -415,6 +483,12 @@ def test_the_sql_checks_accept_a_row_only_if_priced_problem_does(
     path.write_bytes(_ROWS.container([framed[0]]))
     source = f"file({sql_literal(str(path))}, 'Avro', {sql_literal(STRUCTURE)})"
     [[sql_ok]] = store.query(_ROWS.valid(source, NOW_US)).rows
+    block = _NATIVE.record(value)  # the same row through the native path: the same answer
+    assert block is not None
+    native_path = directory / "row.native"
+    native_path.write_bytes(block[0])
+    native_source = f"file({sql_literal(str(native_path))}, 'Native', {sql_literal(NativeRows.STRUCTURE)})"
+    assert store.query(_NATIVE.valid(native_source, NOW_US)).rows == [[sql_ok]]
     problem = priced_problem(priced, now_us=NOW_US)
     note_case(f"priced_problem accepts: {problem is None}, SQL accepts: {bool(sql_ok)}")
     if sql_ok:

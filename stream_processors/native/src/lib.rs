@@ -21,6 +21,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use rustc_hash::{FxHashMap, FxHashSet};
 
+mod priced;
+
 /// Smallest possible encoded UsageEvent: 26 fields of at least one byte each.
 const MIN_EVENT_BYTES: usize = 26;
 /// Smallest possible map entry: empty key + empty value.
@@ -400,9 +402,34 @@ fn decode_usage_batch<'py>(py: Python<'py>, body: &[u8]) -> PyResult<Option<Boun
     }
 }
 
+/// priced_native(value, priced_batch_fp, usage_batch_fp, usage_event_fp) -> (bytes, rows) | None
+///
+/// A v5 PricedBatch message (whole, with its header) as one ClickHouse Native block of
+/// NATIVE_STRUCTURE, one row per price; None for a message it does not take (src/priced.rs).
+#[pyfunction]
+fn priced_native<'py>(
+    py: Python<'py>,
+    value: &[u8],
+    priced_batch_fp: &[u8],
+    usage_batch_fp: &[u8],
+    usage_event_fp: &[u8],
+) -> PyResult<Option<(Bound<'py, PyBytes>, usize)>> {
+    let fp = priced::Fingerprints {
+        priced_batch: priced_batch_fp,
+        usage_batch: usage_batch_fp,
+        usage_event: usage_event_fp,
+    };
+    Ok(priced::encode(value, &fp).map(|(block, rows)| (PyBytes::new(py, &block), rows)))
+}
+
 #[pymodule]
 fn spendstream_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_usage_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(priced_native, m)?)?;
+    m.add(
+        "NATIVE_STRUCTURE",
+        format!("e {}, p {}, priced_at Int64", priced::EVENT_TYPE, priced::PRICE_TYPE),
+    )?;
     Ok(())
 }
 
