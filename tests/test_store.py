@@ -264,7 +264,7 @@ def test_a_flush_while_the_sink_decodes_commits_exactly_the_offsets_of_the_rows_
             self.commits.append(dict(offsets))
 
     class Store:
-        inserts_avro = False  # the per-row path: this test is about offsets
+        inserts_files = False  # the per-row path: this test is about offsets
 
         def __init__(self) -> None:
             self.inserted: list[int] = []
