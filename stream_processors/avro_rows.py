@@ -66,9 +66,9 @@ from spendstream.wire import MAGIC, Codec, avro_long
 from stream_processors.store import sql_literal
 
 try:
-    from spendstream_native import NATIVE_STRUCTURE, priced_native
+    from spendstream_native import NATIVE_STRUCTURE, priced_native, priced_rows
 except ImportError:  # not built: the sink frames Avro in Python (AvroRows)
-    NATIVE_STRUCTURE, priced_native = "", None
+    NATIVE_STRUCTURE, priced_native, priced_rows = "", None, None
 
 __all__ = ["NATIVE_ROWS", "AvroRows", "NativeRows"]
 
@@ -263,20 +263,24 @@ class NativeRows:
     STRUCTURE = NATIVE_STRUCTURE
 
     def __init__(self, codec: Codec) -> None:
-        if priced_native is None:
+        if priced_native is None or priced_rows is None:
             raise RuntimeError("NativeRows needs the native module (./dev setup builds it where cargo is)")
-        self._encode = priced_native
+        self._rows, self._encode = priced_rows, priced_native
         self._fingerprints = tuple(codec.fingerprint(s) for s in ("PricedBatch", "UsageBatch", "UsageEvent"))
 
     def record(self, value: bytes) -> tuple[bytes, int] | None:
-        """(Native block, rows) for a PricedBatch message the fast path takes, else None. A message
-        without rows is b"" (a block of 0 rows would end ClickHouse's reading)."""
-        return self._encode(value, *self._fingerprints)  # type: ignore[no-any-return]
+        """(the message, its rows) for a PricedBatch message the fast path takes, else None."""
+        rows = self._rows(value, *self._fingerprints)
+        return None if rows is None else (value, rows)
 
-    @staticmethod
-    def container(records: list[bytes]) -> bytes:
-        """A Native file: its blocks one after another."""
-        return b"".join(records)
+    def container(self, records: list[bytes]) -> bytes:
+        """A Native file of the messages' rows: one block, not one per message (ClickHouse runs the
+        SQL once per block: measured at ~2x the history writer's CPU at 5,000 events/s in messages
+        of ~15 events), and no bytes without rows (a block of 0 rows ends ClickHouse's reading)."""
+        encoded = self._encode(records, *self._fingerprints)
+        if encoded is None:  # record() took each of them: not expected; the per-row path stores them
+            raise ValueError("the native module refused a message it had taken")
+        return encoded[0]  # type: ignore[no-any-return]
 
     def select(self, source: str, now_us: int) -> str:
         return _select(f"SELECT e, p, priced_at, true AS framed FROM {source}", now_us)

@@ -250,14 +250,12 @@ def test_messages_the_fast_path_cannot_frame_go_the_per_row_path_from_the_start(
 
 def test_messages_the_native_path_cannot_decode_exactly_go_the_per_row_path_from_the_start() -> None:
     """What AvroRows refuses, and what it frames for ClickHouse to refuse (a price for an event its
-    source lacks, a byte after a source's usage); every prefix of a good message; a message without
-    rows is no bytes (a block of 0 rows would end ClickHouse's reading of the blocks after it)."""
+    source lacks, a byte after a source's usage); every prefix of a good message. Messages without
+    rows add no bytes (a block of 0 rows would end ClickHouse's reading of the blocks after it)."""
     native = NativeRows(CODEC)
     good = source([event(0), event(1)], [price(0), price(1)])
     value = batch(good, source([event(2)], [price(0)], single=True))
-    block = native.record(value)
-    assert block is not None
-    assert block[1] == 3
+    assert native.record(value) == (value, 3)
     old = dict(good, usage=good["usage"][:2] + bytes(8) + good["usage"][10:])
     legacy = {"usage": event(3), "priced_at": NOW_US, **{k: v for k, v in price(0).items() if k != "index"}}
     trailing = source([event(5)], [price(0)], single=True)
@@ -274,35 +272,40 @@ def test_messages_the_native_path_cannot_decode_exactly_go_the_per_row_path_from
     ]
     assert [native.record(v) for v in refused] == [None] * len(refused)
     assert all(native.record(value[:cut]) is None for cut in range(len(value)))
-    assert native.record(batch()) == (b"", 0)
-    assert native.record(batch(source([event(7)], []))) == (b"", 0)
+    empty = [batch(), batch(source([event(7)], []))]
+    assert [native.record(v) for v in empty] == [(v, 0) for v in empty]
+    assert native.container(empty) == b""
+    with pytest.raises(ValueError, match="refused a message"):
+        native.container([value, refused[0]])
 
 
-def test_the_native_blocks_are_what_clickhouse_writes_for_the_avro_rows(
+def test_the_native_block_is_what_clickhouse_writes_for_the_avro_rows(
     check_store: tuple[ClickHouseStore, Path],
 ) -> None:
-    """Byte for byte: each message's block against ClickHouse's own Native output of the rows it
-    parses from the same message framed as Avro (so both paths feed the same SQL the same values)."""
+    """Byte for byte: one block of all the messages' rows against ClickHouse's own Native output of
+    the rows it parses from the same messages framed as Avro (so both paths feed the same SQL the
+    same values), for each message alone and for all of them in one file."""
     store, directory = check_store
     avro, native = AvroRows(CODEC), NativeRows(CODEC)
-    compared = 0
-    for value in varied_messages():
-        framed, block = avro.record(value), native.record(value)
-        if framed is None or framed[1] == 0:
-            assert block is None or block == (b"", 0)
-            continue
-        assert block is not None
-        assert block[1] == framed[1]
+    messages = [v for v in varied_messages() if native.record(v) is not None]
+    assert len(messages) == 3  # the v4-style message is neither path's
+
+    def clickhouse_native(values: list[bytes]) -> bytes:
+        framed = [avro.record(v) for v in values]
         path, out = directory / "m.avro", directory / "m.native"
-        path.write_bytes(avro.container([framed[0]]))
+        path.write_bytes(avro.container([f[0] for f in framed if f is not None]))
         source_ = f"file({sql_literal(str(path))}, 'Avro', {sql_literal(STRUCTURE)})"
         store._client.command(  # query() would add a FORMAT of its own
             f"SELECT e, p, priced_at FROM ({_rows(source_, 'check')}) "
             f"INTO OUTFILE {sql_literal(str(out))} TRUNCATE FORMAT Native"
         )
-        assert out.read_bytes() == block[0]
-        compared += 1
-    assert compared == 2
+        return out.read_bytes()
+
+    for group in ([messages[0]], [messages[1]], messages):
+        block = native.container(group)
+        assert block == clickhouse_native(group)
+        assert len(block) > 1000
+    assert native.container([messages[2]]) == b""  # the empty batch()
 
 
 # One bad row of each kind, next to good ones; (field of the event or the price, value).
@@ -483,10 +486,9 @@ def test_the_sql_checks_accept_a_row_only_if_priced_problem_does(
     path.write_bytes(_ROWS.container([framed[0]]))
     source = f"file({sql_literal(str(path))}, 'Avro', {sql_literal(STRUCTURE)})"
     [[sql_ok]] = store.query(_ROWS.valid(source, NOW_US)).rows
-    block = _NATIVE.record(value)  # the same row through the native path: the same answer
-    assert block is not None
+    assert _NATIVE.record(value) == (value, 1)  # the same row through the native path: the same answer
     native_path = directory / "row.native"
-    native_path.write_bytes(block[0])
+    native_path.write_bytes(_NATIVE.container([value]))
     native_source = f"file({sql_literal(str(native_path))}, 'Native', {sql_literal(NativeRows.STRUCTURE)})"
     assert store.query(_NATIVE.valid(native_source, NOW_US)).rows == [[sql_ok]]
     problem = priced_problem(priced, now_us=NOW_US)

@@ -402,14 +402,33 @@ fn decode_usage_batch<'py>(py: Python<'py>, body: &[u8]) -> PyResult<Option<Boun
     }
 }
 
-/// priced_native(value, priced_batch_fp, usage_batch_fp, usage_event_fp) -> (bytes, rows) | None
+/// priced_rows(value, priced_batch_fp, usage_batch_fp, usage_event_fp) -> int | None
 ///
-/// A v5 PricedBatch message (whole, with its header) as one ClickHouse Native block of
-/// NATIVE_STRUCTURE, one row per price; None for a message it does not take (src/priced.rs).
+/// The rows (prices) of a v5 PricedBatch message (whole, with its header) that `priced_native`
+/// takes; None for a message it does not take (src/priced.rs).
+#[pyfunction]
+fn priced_rows(
+    value: &[u8],
+    priced_batch_fp: &[u8],
+    usage_batch_fp: &[u8],
+    usage_event_fp: &[u8],
+) -> Option<usize> {
+    let fp = priced::Fingerprints {
+        priced_batch: priced_batch_fp,
+        usage_batch: usage_batch_fp,
+        usage_event: usage_event_fp,
+    };
+    priced::rows(value, &fp)
+}
+
+/// priced_native(values, priced_batch_fp, usage_batch_fp, usage_event_fp) -> (bytes, rows) | None
+///
+/// v5 PricedBatch messages as one ClickHouse Native block of NATIVE_STRUCTURE, one row per price
+/// (b"" without rows); None if one of them is a message it does not take (src/priced.rs).
 #[pyfunction]
 fn priced_native<'py>(
     py: Python<'py>,
-    value: &[u8],
+    values: Vec<Bound<'py, PyBytes>>,
     priced_batch_fp: &[u8],
     usage_batch_fp: &[u8],
     usage_event_fp: &[u8],
@@ -419,12 +438,15 @@ fn priced_native<'py>(
         usage_batch: usage_batch_fp,
         usage_event: usage_event_fp,
     };
-    Ok(priced::encode(value, &fp).map(|(block, rows)| (PyBytes::new(py, &block), rows)))
+    let slices: Vec<&[u8]> = values.iter().map(|v| v.as_bytes()).collect();
+    let encoded = py.detach(|| priced::encode(&slices, &fp)); // the sink's other tasks run meanwhile
+    Ok(encoded.map(|(block, rows)| (PyBytes::new(py, &block), rows)))
 }
 
 #[pymodule]
 fn spendstream_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_usage_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(priced_rows, m)?)?;
     m.add_function(wrap_pyfunction!(priced_native, m)?)?;
     m.add(
         "NATIVE_STRUCTURE",

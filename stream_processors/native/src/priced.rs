@@ -188,7 +188,13 @@ fn usage<'a>(message: &'a [u8], fp: &Fingerprints<'_>, events: &mut Vec<Event<'a
     Some(events.len() - before)
 }
 
-fn parse<'a>(value: &'a [u8], fp: &Fingerprints<'_>) -> Option<(Vec<Event<'a>>, Vec<Row<'a>>)> {
+/// Appends one message's events and rows (which index `events`).
+fn parse<'a>(
+    value: &'a [u8],
+    fp: &Fingerprints<'_>,
+    events: &mut Vec<Event<'a>>,
+    rows: &mut Vec<Row<'a>>,
+) -> Option<()> {
     if value.len() <= HEADER || &value[..2] != MAGIC || &value[2..HEADER] != fp.priced_batch {
         return None;
     }
@@ -196,7 +202,6 @@ fn parse<'a>(value: &'a [u8], fp: &Fingerprints<'_>) -> Option<(Vec<Event<'a>>, 
     if r.long()? != 0 {
         return None; // `events`: whole PricedUsage records (v1-v4), the per-row path's
     }
-    let (mut events, mut rows) = (Vec::new(), Vec::new());
     loop {
         let block = r.block_count(MIN_SOURCE_BYTES)?;
         if block == 0 {
@@ -204,7 +209,7 @@ fn parse<'a>(value: &'a [u8], fp: &Fingerprints<'_>) -> Option<(Vec<Event<'a>>, 
         }
         for _ in 0..block {
             let first = events.len();
-            let n = usage(r.bytes()?, fp, &mut events)?;
+            let n = usage(r.bytes()?, fp, events)?;
             let priced_at = r.long()?;
             loop {
                 let block = r.block_count(MIN_PRICE_BYTES)?;
@@ -222,7 +227,14 @@ fn parse<'a>(value: &'a [u8], fp: &Fingerprints<'_>) -> Option<(Vec<Event<'a>>, 
     if r.remaining() != 0 {
         return None;
     }
-    Some((events, rows))
+    Some(())
+}
+
+/// The rows of a message this takes; None for one it does not (see the module docstring).
+pub fn rows(value: &[u8], fp: &Fingerprints<'_>) -> Option<usize> {
+    let mut rows = Vec::new();
+    parse(value, fp, &mut Vec::new(), &mut rows)?;
+    Some(rows.len())
 }
 
 /// ClickHouse's VarUInt (LEB128).
@@ -295,16 +307,21 @@ impl<'r, 'a> Block<'r, 'a> {
     }
 }
 
-/// One Native block (header, then each column's data) of the message's rows; None if the
-/// message is not one this takes (see the module docstring).
-/// A message without rows is no bytes at all, not a block of 0 rows: ClickHouse would read that
-/// as the end of the data and skip the blocks after it.
-pub fn encode(value: &[u8], fp: &Fingerprints<'_>) -> Option<(Vec<u8>, usize)> {
-    let (events, rows) = parse(value, fp)?;
+/// One Native block (header, then each column's data) of the messages' rows, in order; None if
+/// one of them is not a message this takes (see the module docstring). One block for all: the
+/// SQL over it runs per block, at a cost per block that small messages would pay many times.
+/// No rows is no bytes at all, not a block of 0 rows: ClickHouse would read that as the end of
+/// the data and skip the blocks after it.
+pub fn encode(values: &[&[u8]], fp: &Fingerprints<'_>) -> Option<(Vec<u8>, usize)> {
+    let (mut events, mut rows) = (Vec::new(), Vec::new());
+    for value in values {
+        parse(value, fp, &mut events, &mut rows)?;
+    }
     if rows.is_empty() {
         return Some((Vec::new(), 0));
     }
-    let mut b = Block { out: Vec::with_capacity(value.len() + rows.len() * 64), events: &events, rows: &rows };
+    let size: usize = values.iter().map(|v| v.len()).sum();
+    let mut b = Block { out: Vec::with_capacity(size + rows.len() * 64), events: &events, rows: &rows };
     var_uint(&mut b.out, 3);
     var_uint(&mut b.out, rows.len() as u64);
 
