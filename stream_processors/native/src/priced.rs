@@ -9,7 +9,7 @@
 //! array, an `index` outside its source's events, a truncated or overlong message) is `None`,
 //! and the sink stores that message through its per-row path, which dead-letters what is wrong.
 
-use crate::Reader;
+use crate::{MIN_ENTRY_BYTES, MIN_EVENT_BYTES, Reader};
 
 /// Column types, in the order `encode` writes their elements; the Python side reads them back
 /// as the structure of its `file(..., 'Native', ...)` source (`NATIVE_STRUCTURE`).
@@ -26,10 +26,8 @@ saved_pico_usd Int64)";
 
 const HEADER: usize = 10; // single-object magic + fingerprint
 const MAGIC: &[u8] = b"\xc3\x01";
-const MIN_EVENT_BYTES: usize = 26;
 const MIN_PRICE_BYTES: usize = 8;
 const MIN_SOURCE_BYTES: usize = 3;
-const MIN_ENTRY_BYTES: usize = 2;
 
 struct Event<'a> {
     id: &'a [u8],
@@ -86,6 +84,24 @@ fn optional<'a>(r: &mut Reader<'a>) -> Option<Option<&'a [u8]>> {
     }
 }
 
+/// An Avro map with string keys, its values read by `value`, entries in the order written.
+fn map<'a, V>(
+    r: &mut Reader<'a>,
+    value: impl Fn(&mut Reader<'a>) -> Option<V>,
+) -> Option<Vec<(&'a [u8], V)>> {
+    let mut entries = Vec::new();
+    loop {
+        let block = r.block_count(MIN_ENTRY_BYTES)?;
+        if block == 0 {
+            return Some(entries);
+        }
+        for _ in 0..block {
+            let key = r.bytes()?;
+            entries.push((key, value(r)?));
+        }
+    }
+}
+
 fn event<'a>(r: &mut Reader<'a>) -> Option<Event<'a>> {
     let id = r.bytes()?;
     let time = r.long()?;
@@ -99,16 +115,7 @@ fn event<'a>(r: &mut Reader<'a>) -> Option<Event<'a>> {
     for c in &mut counts_a {
         *c = r.long()?;
     }
-    let mut tags = Vec::new();
-    loop {
-        let block = r.block_count(MIN_ENTRY_BYTES)?;
-        if block == 0 {
-            break;
-        }
-        for _ in 0..block {
-            tags.push((r.bytes()?, r.bytes()?));
-        }
-    }
+    let tags = map(r, |r| r.bytes())?;
     let mut counts_b = [0i64; 3];
     for c in &mut counts_b {
         *c = r.long()?;
@@ -147,16 +154,7 @@ fn price<'a>(r: &mut Reader<'a>) -> Option<Price<'a>> {
     let card = r.bytes()?;
     let status = r.bytes()?;
     let version = r.bytes()?;
-    let mut itemised = Vec::new();
-    loop {
-        let block = r.block_count(MIN_ENTRY_BYTES)?;
-        if block == 0 {
-            break;
-        }
-        for _ in 0..block {
-            itemised.push((r.bytes()?, r.long()?));
-        }
-    }
+    let itemised = map(r, |r| r.long())?;
     Some(Price { index, cost, card, status, version, itemised, reason: r.bytes()?, saved: r.long()? })
 }
 
