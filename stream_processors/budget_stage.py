@@ -48,6 +48,7 @@ from stream_processors.budgets import (
     dump_state,
     forecast_crossing,
     fresh_deltas,
+    late_in_windows_like,
     load_state,
     new_state,
     template_of,
@@ -359,7 +360,7 @@ class BudgetStage:
                     if lim.rolling_minutes is not None
                     else forecast_crossing(state["minute_spend"], now_us, spend, lim.limit_pico, win.end_us),
                     **signal,
-                    "late_usd": str(Decimal(sum(state["late_spend"].values())).scaleb(-12)),
+                    "late_usd": str(Decimal(late_in_windows_like(state["late_spend"], win.id)).scaleb(-12)),
                 }
             )
         if not spec.limits:

@@ -50,6 +50,7 @@ __all__ = [
     "deltas_problem",
     "dump_state",
     "forecast_crossing",
+    "late_in_windows_like",
     "load_specs",
     "load_state",
     "make_limit",
@@ -532,13 +533,16 @@ def apply_deltas(
             continue
         if minute > now_min - keep_minutes:
             m[str(minute)] = m.get(str(minute), 0) + pico
+        is_late = False
         for period, tz in calendars:
             win = calendar_window(period, tz, minute)
             if win.end_us + grace_us <= now_us:
                 late[win.id] = late.get(win.id, 0) + pico
-                late_total += pico
+                is_late = True
             else:
                 w[win.id] = w.get(win.id, 0) + pico
+        if is_late:  # once, however many of its windows (day, month, ...) it is late for
+            late_total += pico
     for old in [k for k in m if int(k) <= now_min - keep_minutes]:
         del m[old]
     horizon = now_us - 40 * 86_400_000_000  # keep 40 days of closed windows for `budget list`
@@ -546,6 +550,18 @@ def apply_deltas(
         for wid in [k for k in table if _window_end_of(k) < horizon]:
             del table[wid]
     return late_total
+
+
+def late_in_windows_like(late_spend: Mapping[str, int], window_id: str) -> int:
+    """Late pico-USD of the windows of `window_id`'s kind and zone (`day:...@UTC`: the daily UTC
+    windows'); for a rolling window, of the daily UTC windows, where every late delta is recorded
+    once. The same dollars are late for their day and their month: summing every window would
+    count them twice."""
+    kind, _, rest = window_id.partition(":")
+    if kind not in ("day", "week", "month"):
+        kind, rest = "day", "@UTC"
+    zone = rest.rpartition("@")[2]
+    return sum(v for k, v in late_spend.items() if k.startswith(kind + ":") and k.rpartition("@")[2] == zone)
 
 
 def window_end_us(window_id: str) -> int:

@@ -21,6 +21,7 @@ from stream_processors.budgets import (
     calendar_window,
     decide,
     fresh_deltas,
+    late_in_windows_like,
     load_specs,
     make_limit,
     new_state,
@@ -376,3 +377,17 @@ def test_templates_are_the_only_scopes_with_a_star_and_members_find_theirs() -> 
     ]
     assert [template_of(s) for s in ("org", "user:*", "project:p/model:gpt-4o*")] == [None, None, None]
     assert scopes_for_event("x", None, "u", "m", (), key="k1") == ["org", "project:x", "user:u", "key:k1"]
+
+
+def test_late_dollars_count_once_though_late_for_their_day_and_their_month() -> None:
+    # 2026-11-26 is late for its day and, two days into December with a 1-day grace, for November
+    s = spec(daily="100")
+    now = us(datetime(2026, 12, 3, 3, 1, tzinfo=UTC))
+    week_ago = minute(datetime(2026, 11, 26, 3, 1, tzinfo=UTC))
+    state = new_state()
+    assert apply_deltas(state, [(week_ago, 3 * USD)], s, now, 86_400 * 10**6) == 3 * USD
+    assert state["late_spend"] == {"day:2026-11-26@UTC": 3 * USD, "month:2026-11@UTC": 3 * USD}
+    assert late_in_windows_like(state["late_spend"], "day:2026-12-03@UTC") == 3 * USD
+    assert late_in_windows_like(state["late_spend"], "month:2026-12@UTC") == 3 * USD
+    assert late_in_windows_like(state["late_spend"], "day:2026-12-03@Europe/Paris") == 0
+    assert late_in_windows_like(state["late_spend"], "rolling:60") == 3 * USD  # the UTC days'
