@@ -552,13 +552,16 @@ def apply_deltas(
     return late_total
 
 
+_CALENDAR_KINDS = ("day", "week", "month")  # the kinds of calendar window id (`day:2026-12-01@UTC`)
+
+
 def late_in_windows_like(late_spend: Mapping[str, int], window_id: str) -> int:
     """Late pico-USD of the windows of `window_id`'s kind and zone (`day:...@UTC`: the daily UTC
     windows'); for a rolling window, of the daily UTC windows, where every late delta is recorded
     once. The same dollars are late for their day and their month: summing every window would
     count them twice."""
     kind, _, rest = window_id.partition(":")
-    if kind not in ("day", "week", "month"):
+    if kind not in _CALENDAR_KINDS:
         kind, rest = "day", "@UTC"
     zone = rest.rpartition("@")[2]
     return sum(v for k, v in late_spend.items() if k.startswith(kind + ":") and k.rpartition("@")[2] == zone)
@@ -566,7 +569,7 @@ def late_in_windows_like(late_spend: Mapping[str, int], window_id: str) -> int:
 
 def window_end_us(window_id: str) -> int:
     """The end of a calendar window id (`day:2026-12-01@UTC`); 0 for a rolling window or none."""
-    if window_id.partition(":")[0] not in ("day", "week", "month"):
+    if window_id.partition(":")[0] not in _CALENDAR_KINDS:
         return 0
     return _window_end_of(window_id)
 
