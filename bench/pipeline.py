@@ -69,6 +69,7 @@ from spendstream.cli.kafka_local import LocalKafka
 from spendstream.topics import Topics
 from spendstream.wire import default_codec
 from stream_processors.meter import MeterBatch, MeterStage
+from stream_processors.meter_input import meter_group
 from stream_processors.pricing import Catalogue, pico_to_usd
 
 PARTITIONS = 4
@@ -368,7 +369,7 @@ async def follow(
                         history.start()
                         marks["history_start"] = now
                 if "committed" not in marks:
-                    done = await committed(admin, run.worker_id, raw_tps)
+                    done = await committed(admin, meter_group(run.worker_id), raw_tps)
                     if done and "first_commit" not in marks:
                         marks["first_commit"] = now
                     if done >= raw_messages:

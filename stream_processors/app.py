@@ -8,7 +8,8 @@
     prices --price feed--> catalogue;  budgets --budget feed--> model filters, `budget list`
 
 The stages' logic is plain classes (MeterStage in meter.py, BudgetStage in budget_stage.py); the
-agents here feed them messages and send what they return. The HTTP views are in web.py.
+meter's own consumer (meter_input.py) and the budget agent here feed them messages, and what they
+return is sent. The HTTP views are in web.py.
 
 The meter is partitioned by project; it re-partitions each message's spend by budget scope, so
 every scope (org, team, project, user, model filter) has exactly one writer: no check-then-record
@@ -26,7 +27,7 @@ from collections import Counter
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.kafka_auth import KafkaAuth
@@ -48,6 +49,7 @@ from stream_processors.feeds import BudgetFeed, PriceFeed
 from stream_processors.gc_pauses import GcPauses
 from stream_processors.history import HistoryEndpoint, HistoryProcess
 from stream_processors.meter import MeterBatch, MeterStage, parts_by_size
+from stream_processors.meter_input import MeterInput, meter_group
 from stream_processors.priced_writer import PricedBatchWriter
 from stream_processors.pricing import Catalogue
 from stream_processors.restore import PromptTableManager, RestoredTable
@@ -118,10 +120,9 @@ def create_app(
         consumer_max_fetch_size=8 << 20,
         # Faust stops fetching a partition whose agent queue is under pressure, and when every
         # partition is stopped it sleeps a whole second before fetching again. With a small queue
-        # that happens under ordinary load (the meter's queue fills while it prices a batch) and
-        # the second of lag never drains: meter and budget agent share one fetcher, each waiting
-        # on the other's output. So the queue holds several of the meter's batches.
-        stream_buffer_maxsize=4 * METER_TAKE,
+        # that happened under ordinary load (a queue fills while the loop prices a take) and the
+        # second of lag never drained. So the budget agent's queue holds 4,000 messages.
+        stream_buffer_maxsize=4_000,
         # Offsets are committed by Faust's 1-second timer, never inline: Faust's delivery loop
         # commits itself every `broker_commit_every` acknowledged records, and that commit (our
         # flush waits for every buffered record's acknowledgement first) stops all delivery to
@@ -308,27 +309,43 @@ def create_app(
                 "processing_error", problem, topics.usage_priced, -1, -1, project.encode(), payload
             )
 
-    @app.agent(raw_topic, name="meter")
-    async def meter(stream: faust.StreamT[bytes]) -> None:
-        # Price nothing before the cards and budgets published at run time are known.
+    async def meter_take(messages: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Price a take of usage.raw messages (MeterInput: up to METER_TAKE, or what arrived
+        within METER_WAIT) together, their output coalesced: the per-message cost of a send is
+        paid per destination, not per input message.
+
+        A take is priced in parts of at most METER_PART_BYTES of usage.raw, each part's output
+        sent before the next is priced: behind a backlog a take can hold 1,000 messages of 500
+        events, seconds of CPU that would hold the event loop, and the budget agent and its
+        crossings with it."""
+        for msg in messages:
+            await follow_on(msg.partition, msg.offset)
+        for part in parts_by_size(messages, lambda msg: len(msg.value or b""), METER_PART_BYTES):
+            await meter_part(part)
+            await asyncio.sleep(0)
+
+    async def feeds_caught_up() -> None:
+        """Price nothing before the cards and budgets published at run time are known."""
         await price_feed.caught_up.wait()
         await budget_feed.caught_up.wait()
-        # The messages waiting (up to METER_TAKE, or what arrived within METER_WAIT) are priced
-        # together and their output coalesced: Faust's per-message cost is paid per destination,
-        # not per input message. Their offsets are committed once all of them are handled.
-        # A take is priced in parts of at most METER_PART_BYTES of usage.raw, each part's output
-        # sent before the next is priced: behind a backlog a take can hold 1,000 messages of 500
-        # events, seconds of CPU that would hold the event loop, and the budget agent and its
-        # crossings with it.
-        async for events in stream.take_events(METER_TAKE, within=METER_WAIT):  # type: ignore[attr-defined]  # on Stream, not StreamT
-            messages = [event.message for event in events]
-            for msg in messages:
-                await follow_on(msg.partition, msg.offset)
-            for part in parts_by_size(messages, lambda msg: len(msg.value or b""), METER_PART_BYTES):
-                await meter_part(part)
-                await asyncio.sleep(0)
 
-    async def meter_part(messages: list[Any]) -> None:
+    meter_input = MeterInput(
+        bootstrap=settings.bootstrap,
+        topic=topics.usage_raw,
+        group_id=meter_group(settings.worker_id),
+        handle=meter_take,
+        flush=lambda: app.producer.flush(),  # the real flush: commit_only_what_is_delivered
+        ready=feeds_caught_up,
+        take=METER_TAKE,
+        wait=METER_WAIT,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        metrics=metrics,
+        kafka_auth=settings.kafka_auth,
+        loop=app.loop,
+        beacon=app.beacon,
+    )
+
+    async def meter_part(messages: list[ConsumerRecord[bytes, bytes]]) -> None:
         """Price usage.raw messages together and send their output, coalesced per destination."""
         batch = MeterBatch(n)
         now = _now_us()
@@ -396,7 +413,7 @@ def create_app(
                 partition=partition,
             )
 
-    reread_undelivered(app, (topics.usage_raw, topics.spend_deltas, topics.budgets), metrics)
+    reread_undelivered(app, (topics.spend_deltas, topics.budgets), metrics)
 
     @app.task
     async def start_services() -> None:
@@ -410,6 +427,7 @@ def create_app(
             )
         await app.add_runtime_dependency(price_feed)
         await app.add_runtime_dependency(budget_feed)
+        await app.add_runtime_dependency(meter_input)
 
     if isinstance(history, HistoryProcess):  # role all: the worker's own child
 
@@ -424,8 +442,8 @@ def create_app(
                     log.error("%s; retrying in 1 s", exc)
 
     def assigned(topic: str) -> list[int]:
-        """The partitions of `topic` this worker holds now, not as a standby (several workers share
-        them: usage.raw's are what it meters, spend.deltas' the scopes whose budgets it decides)."""
+        """The partitions of `topic` this worker's Faust consumer holds now, not as a standby
+        (several workers share them: spend.deltas' are the scopes whose budgets it decides)."""
         return sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic)
 
     add_views(
@@ -437,7 +455,7 @@ def create_app(
             "catalogue_version": cat.version,
             "feeds_caught_up": price_feed.caught_up.is_set() and budget_feed.caught_up.is_set(),
             "events": {k.split("|", 1)[1]: v for k, v in metrics.items() if k.startswith("events|")},
-            "partitions": assigned(topics.usage_raw),
+            "partitions": meter_input.partitions(),
         },
         budgets=lambda: budget_stage.rows(budget_feed.specs, _now_us(), set(assigned(topics.spend_deltas))),
         metrics=metrics,

@@ -29,6 +29,8 @@ COUNTERS = {
     "deltas": ("spendstream_spend_deltas_total", "kind"),
     "late_pico_usd": ("spendstream_late_spend_pico_usd_total", "kind"),
     "rebalance": ("spendstream_rebalance_rereads_total", "kind"),
+    "meter_takes": ("spendstream_meter_takes_total", "outcome"),
+    "meter_commits": ("spendstream_meter_commits_total", "outcome"),
     "unbudgeted": ("spendstream_unbudgeted_events_total", "reason"),
     "control_rejected": ("spendstream_control_rejected_total", "reason"),
 }

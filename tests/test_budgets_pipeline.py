@@ -22,6 +22,7 @@ import pytest
 from producers import SyncEmitter, SyncGuard
 from spendstream.errors import BudgetExceeded
 from spendstream.wire import default_codec
+from stream_processors.meter_input import meter_group
 from tests.conftest import REPO, Worker, module_worker, start_worker
 from tests.test_pipeline import read_all
 
@@ -257,7 +258,7 @@ def kill9_diagnostics(kafka: str, w: Worker, totals: str) -> str:
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
         await admin.start()
         try:
-            offsets = await admin.list_consumer_group_offsets(w.env["SPENDSTREAM_WORKER_ID"])
+            offsets = await admin.list_consumer_group_offsets(meter_group(w.env["SPENDSTREAM_WORKER_ID"]))
         finally:
             await admin.close()
         return {f"{tp.topic}[{tp.partition}]": meta.offset for tp, meta in offsets.items()}

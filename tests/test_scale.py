@@ -31,6 +31,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from producers import SyncEmitter
 from spendstream.cli.kafka_local import LocalCluster
 from spendstream.wire import default_codec
+from stream_processors.meter_input import meter_group
 from tests.conftest import REPO, Worker, own_cluster, restart_worker, start_history, start_meter
 from tests.test_budgets_pipeline import tokens
 from tests.test_pipeline import read_all
@@ -130,6 +131,7 @@ def diagnostics(bootstrap: str, history: Worker, meters: list[Worker]) -> str:
         try:
             out: dict[str, int] = {}
             for group in (
+                meter_group(history.env["SPENDSTREAM_WORKER_ID"]),
                 history.env["SPENDSTREAM_WORKER_ID"],
                 history.env["SPENDSTREAM_WORKER_ID"] + "-sink",
             ):
