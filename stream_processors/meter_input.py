@@ -70,10 +70,10 @@ class MeterInput(Service):
         self._handle, self._flush, self._ready = handle, flush, ready
         self._take, self._wait, self._fetch_max_wait_ms = take, wait, fetch_max_wait_ms
         self._kafka_auth = kafka_auth
-        self._metrics = metrics  # meter_takes|handled, meter_takes|failed, meter_commits|failed
+        self._metrics = metrics  # meter_takes|handled and |failed, meter_commits|committed and |failed
         self._consumer: AIOKafkaConsumer | None = None
         self._taking = asyncio.Lock()  # held from a fetch to its take handled: a revocation waits
-        self._committing = asyncio.Lock()
+        self._committing = asyncio.Lock()  # one commit at a time: offsets never go backwards
         self._generation = 0  # +1 at each revocation: a take fetched before it is dropped
         self._handled: dict[TopicPartition, int] = {}  # the next offset to commit, once delivered
         self._committed: dict[TopicPartition, int] = {}
@@ -196,7 +196,7 @@ class MeterInput(Service):
             try:
                 await self._flush()
                 await consumer.commit(offsets)
-            except KafkaError as exc:
+            except Exception as exc:  # any failure: the offsets stay uncommitted
                 self._metrics["meter_commits|failed"] += 1
                 log.warning("committing the meter's usage.raw offsets failed (%r); retrying", exc)
                 return

@@ -185,6 +185,69 @@ def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka, tmp_path: Pa
     assert aiokafka_lines.lines < 500, f"{aiokafka_lines.lines:,} aiokafka log lines ({stats})"
 
 
+def test_a_worker_running_through_a_20_s_outage_counts_every_event_once(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    """The worker is up, metering 300 events/s, when the broker stops for 20 s (longer than the
+    meter's 6 s session: its group is rebuilt after) and starts again. Every event the emitter
+    accepted, before, during and after, is stored once and counted once in the budget."""
+    topics = fresh_topics(broker.bootstrap)
+    worker = start_worker(
+        broker.bootstrap,
+        tmp_path,
+        'budgets:\n  org: {monthly: "1000000"}\n',
+        SPENDSTREAM_TOPIC_PREFIX=topics.prefix,
+    )
+    accepted: list[str] = []
+    stop = threading.Event()
+    try:
+        with SyncEmitter(
+            bootstrap_servers=broker.bootstrap, service="outage", topic=topics.usage_raw
+        ) as emitter:
+
+            def load() -> None:  # 3 events every 10 ms, on schedule
+                tick = time.monotonic()
+                while not stop.is_set():
+                    for _ in range(3):
+                        accepted.append(emitter.emit(project=f"p{len(accepted) % 4}", **CALL))
+                    tick += 0.01
+                    time.sleep(max(0.0, tick - time.monotonic()))
+
+            loader = threading.Thread(target=load)
+            loader.start()
+            time.sleep(4)
+            before = len(accepted)
+            broker.stop()
+            time.sleep(20)
+            during = len(accepted) - before
+            broker.start(timeout=120)
+            time.sleep(4)
+            stop.set()
+            loader.join()
+            emitter.flush(timeout=90)
+            stats = emitter.stats()
+        rows, distinct = stored_in_clickhouse(worker, len(accepted), timeout=120)
+        one = Catalogue.load().price(build_event(service="outage", project="p0", **CALL)).cost_pico
+        assert one is not None
+        truth = Decimal(one * len(accepted)).scaleb(-12)
+        budget = org_spend(worker, truth, timeout=120)
+        metrics = httpx.get(f"http://127.0.0.1:{worker.port}/metrics", timeout=10).text
+    finally:
+        stop.set()
+        worker.stop()
+    meter_lines = [line for line in metrics.splitlines() if line.startswith("spendstream_meter_")]
+    print(
+        f"\nworker through a 20 s outage: {len(accepted):,} accepted ({before:,} before, {during:,} during); "
+        f"ClickHouse FINAL rows {rows:,} ({distinct:,} distinct); org budget ${budget} (truth ${truth}); "
+        f"{stats}; {meter_lines}"
+    )
+    assert during > 0  # the emitter kept accepting while the broker was down
+    assert stats["sent"] == stats["accepted"] == len(accepted), stats
+    assert rows == distinct == len(accepted), f"ClickHouse FINAL holds {rows:,} rows ({distinct:,} distinct)"
+    assert budget == truth, f"org budget ${budget}, truth ${truth} ({len(accepted):,} events)"
+    assert 'spendstream_meter_takes_total{outcome="failed"}' not in metrics, meter_lines
+
+
 def test_an_emitter_started_while_kafka_is_down_delivers_when_it_comes(broker: LocalKafka) -> None:
     topic = fresh_topic(broker.bootstrap)
     broker.stop()
