@@ -2,9 +2,10 @@
 
 Faust hands its agents one record at a time: fetched in its consumer thread, passed to the event
 loop, queued per agent, acknowledged one by one. The meter prices messages by the take, so that
-per-record path was most of what the worker spent besides pricing: at 5,000 events/s (~410
-messages a second) the same takes read here cost the worker 25% less CPU (bench/README.md,
-ninth pass). The budget agent and the tables stay on Faust.
+per-record path was much of what the worker spent besides pricing: at 5,000 events/s (~410
+messages a second) the same takes read here cost the worker 10-20% less CPU, and the kill
+switch's p99 on a busy machine fell from 218 to 138 ms (means of 8 interleaved runs;
+bench/README.md, ninth pass). The budget agent and the tables stay on Faust.
 
 At least once, as before: a take's offsets are committed only after every record the worker has
 sent up to then (its prices, deltas and the ids it counted) is acknowledged by Kafka, once a
