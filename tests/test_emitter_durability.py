@@ -115,6 +115,23 @@ def org_spend(worker: Worker, expected: Decimal, timeout: float = 60) -> Decimal
         time.sleep(0.5)
 
 
+def start_load(emitter: SyncEmitter, accepted: list[str], stop: threading.Event) -> threading.Thread:
+    """A thread emitting 3 events every 10 ms, on schedule, over 4 projects, until `stop`; the
+    ids the emitter accepted are appended to `accepted`."""
+
+    def load() -> None:
+        tick = time.monotonic()
+        while not stop.is_set():
+            for _ in range(3):
+                accepted.append(emitter.emit(project=f"p{len(accepted) % 4}", **CALL))
+            tick += 0.01
+            time.sleep(max(0.0, tick - time.monotonic()))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    return loader
+
+
 def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka, tmp_path: Path) -> None:
     """300 events/s keep coming while the broker is stopped for 60 s and started again; then a
     worker (started after the outage) stores every event in ClickHouse once and counts it once in
@@ -128,17 +145,7 @@ def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka, tmp_path: Pa
     stop = threading.Event()
     try:
         with SyncEmitter(bootstrap_servers=broker.bootstrap, service="outage", topic=topic) as emitter:
-
-            def load() -> None:  # 3 events every 10 ms, on schedule
-                tick = time.monotonic()
-                while not stop.is_set():
-                    for _ in range(3):
-                        accepted.append(emitter.emit(project=f"p{len(accepted) % 4}", **CALL))
-                    tick += 0.01
-                    time.sleep(max(0.0, tick - time.monotonic()))
-
-            loader = threading.Thread(target=load)
-            loader.start()
+            loader = start_load(emitter, accepted, stop)
             time.sleep(3)
             broker.stop()
             down_at = time.monotonic()
@@ -204,17 +211,7 @@ def test_a_worker_running_through_a_20_s_outage_counts_every_event_once(
         with SyncEmitter(
             bootstrap_servers=broker.bootstrap, service="outage", topic=topics.usage_raw
         ) as emitter:
-
-            def load() -> None:  # 3 events every 10 ms, on schedule
-                tick = time.monotonic()
-                while not stop.is_set():
-                    for _ in range(3):
-                        accepted.append(emitter.emit(project=f"p{len(accepted) % 4}", **CALL))
-                    tick += 0.01
-                    time.sleep(max(0.0, tick - time.monotonic()))
-
-            loader = threading.Thread(target=load)
-            loader.start()
+            loader = start_load(emitter, accepted, stop)
             time.sleep(4)
             before = len(accepted)
             broker.stop()
