@@ -333,6 +333,7 @@ def create_app(
         bootstrap=settings.bootstrap,
         topic=topics.usage_raw,
         group_id=meter_group(settings.worker_id),
+        previous_group=settings.worker_id,  # the Faust group that read usage.raw before
         handle=meter_take,
         flush=lambda: app.producer.flush(),  # the real flush: commit_only_what_is_delivered
         ready=feeds_caught_up,

@@ -15,6 +15,9 @@ meter's `follow_on` when a partition does not continue where it left off).
 
 The consumer group is `<worker id>-meter`: Kafka spreads usage.raw's partitions over the meter
 workers by itself, and a worker that dies loses its partitions after the session timeout (6 s).
+Before, the meter was a Faust agent in the group `<worker id>`: on its first start after that
+upgrade, the meter group takes over the offsets that group committed on usage.raw, so the worker
+goes on where it stopped instead of reading all of usage.raw again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from mode import Service
 
@@ -56,6 +60,7 @@ class MeterInput(Service):
         bootstrap: str,
         topic: str,
         group_id: str,
+        previous_group: str,
         handle: Callable[[list[ConsumerRecord[bytes, bytes]]], Awaitable[None]],
         flush: Callable[[], Awaitable[None]],
         ready: Callable[[], Awaitable[None]],
@@ -68,6 +73,7 @@ class MeterInput(Service):
     ) -> None:
         super().__init__(**kwargs)
         self._bootstrap, self._topic, self._group_id = bootstrap, topic, group_id
+        self._previous_group = previous_group  # whose usage.raw offsets a new meter group adopts
         self._handle, self._flush, self._ready = handle, flush, ready
         self._take, self._wait, self._fetch_max_wait_ms = take, wait, fetch_max_wait_ms
         self._kafka_auth = kafka_auth
@@ -87,6 +93,10 @@ class MeterInput(Service):
     @Service.task
     async def _run(self) -> None:
         await self._ready()
+        try:
+            await self._adopt_previous_offsets()
+        except KafkaError as exc:  # another member joined first, or the broker is away: theirs win
+            log.warning("the meter group did not take over %s's offsets (%r)", self._previous_group, exc)
         consumer = self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             group_id=self._group_id,
@@ -123,6 +133,43 @@ class MeterInput(Service):
                 handled = await self._take_once(consumer, take)
             if not handled:
                 await asyncio.sleep(RETRY_SECONDS)
+
+    async def _adopt_previous_offsets(self) -> None:
+        """A meter group with no offsets on the topic starts where `previous_group` committed it."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, **self._kafka_auth.client_kwargs())
+        await admin.start()
+        try:
+            if any(tp.topic == self._topic for tp in await admin.list_consumer_group_offsets(self._group_id)):
+                return
+            previous = await admin.list_consumer_group_offsets(self._previous_group)
+        finally:
+            await admin.close()
+        offsets = {
+            tp: meta.offset for tp, meta in previous.items() if tp.topic == self._topic and meta.offset >= 0
+        }
+        if not offsets:
+            return
+        # Kafka takes a commit from outside the group while the group has no member: the first
+        # worker up commits them; one later than a member gets an error and follows the group.
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=self._group_id,
+            enable_auto_commit=False,
+            **self._kafka_auth.client_kwargs(),
+        )
+        await consumer.start()
+        try:
+            consumer.assign(list(offsets))
+            await consumer.commit(offsets)
+        finally:
+            await consumer.stop()
+        log.warning(
+            "the meter group %s starts where %s committed %s: %s",
+            self._group_id,
+            self._previous_group,
+            self._topic,
+            {tp.partition: offset for tp, offset in sorted(offsets.items())},
+        )
 
     async def _fetch(
         self, consumer: AIOKafkaConsumer

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from stream_processors.meter_input import MeterInput
@@ -91,6 +91,7 @@ def member(
         bootstrap=kafka,
         topic=topic,
         group_id=group,
+        previous_group=f"{group}-before",
         handle=recorder.handle,
         flush=recorder.flush,
         ready=ready,
@@ -207,5 +208,52 @@ def test_partitions_move_between_two_members_and_every_offset_is_handled_once(ka
         assert set(both.values()) == {1}, [pair for pair, n in both.items() if n > 1][:10]
         assert first.handled_count() >= 100
         assert second.handled_count() >= 40
+
+    asyncio.run(scenario())
+
+
+def test_a_new_meter_group_starts_where_the_previous_group_committed(kafka: str) -> None:
+    """The upgrade from the meter as a Faust agent (group `<worker id>`): the meter group, with
+    no offsets of its own, adopts that group's on usage.raw instead of reading from the start;
+    once it has offsets of its own, it keeps them."""
+
+    async def commit_as(group: str, topic: str, offsets: dict[int, int]) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = {TopicPartition(topic, p): offset for p, offset in offsets.items()}
+            consumer.assign(list(tps))
+            await consumer.commit(tps)
+        finally:
+            await consumer.stop()
+
+    async def scenario() -> None:
+        topic, group = await fresh_topic(kafka, 10), f"g-{uuid.uuid4().hex[:8]}"
+        await commit_as(f"{group}-before", topic, {0: 6, 1: 4, 2: 10})  # partition 3: none
+        recorder, metrics = Recorder(), Counter[str]()
+        service = member(kafka, topic, group, recorder, metrics)
+        await service.start()
+        try:
+            await until(lambda: recorder.handled_count() >= 20, 30, "20 records handled")
+            await until(lambda: _committed_all(kafka, group, 10), 10, "every partition committed at 10")
+        finally:
+            await service.stop()
+        expected = (
+            [(0, o) for o in range(6, 10)] + [(1, o) for o in range(4, 10)] + [(3, o) for o in range(10)]
+        )
+        assert sorted(recorder.handled()) == expected
+        assert set(recorder.handled().values()) == {1}
+
+        await commit_as(f"{group}-before", topic, {p: 0 for p in range(PARTITIONS)})  # stale now
+        await produce(kafka, topic, 10, 2)
+        again = Recorder()
+        service = member(kafka, topic, group, again, metrics)
+        await service.start()
+        try:
+            await until(lambda: again.handled_count() >= 8, 30, "the 8 new records handled")
+            await asyncio.sleep(1)
+        finally:
+            await service.stop()
+        assert sorted(again.handled()) == [(p, o) for p in range(PARTITIONS) for o in (10, 11)]
 
     asyncio.run(scenario())
