@@ -50,6 +50,7 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
     from faust.tables.recovery import Recovery
     from faust.transport.consumer import Consumer
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+    from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducerDriver
     from faust.transport.producer import ProducerBuffer
     from faust.types import tuples
 
@@ -75,6 +76,7 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
         ("faust AIOKafkaConsumerThread.call_thread", has(AIOKafkaConsumerThread, "call_thread")),
         ("faust ProducerBuffer.flush_atmost", has(ProducerBuffer, "flush_atmost")),
         ("faust ProducerBuffer.size", has(ProducerBuffer, "size")),
+        ("faust aiokafka Producer._ensure_producer", has(AIOKafkaProducerDriver, "_ensure_producer")),
         # stream_processors/restore.py: Faust's recovery resumes a table at its store's
         # persisted_offset, read as a partition is added; the store is made by _new_store.
         ("faust Collection._new_store", has(Collection, "_new_store")),

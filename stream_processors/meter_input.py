@@ -52,7 +52,8 @@ def meter_group(worker_id: str) -> str:
 class MeterInput(Service):
     """Reads `topic` in takes of up to `take` records (what is there, plus what arrives within
     `wait` seconds) and awaits `handle` on each, in offset order per partition; commits what
-    was handled once `flush` (every record sent so far acknowledged) returns."""
+    was handled once `flush` (every record sent so far acknowledged) returns. Takes nothing more
+    once `stopping()` (the worker has begun to stop: its last commit comes at on_stop)."""
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class MeterInput(Service):
         handle: Callable[[list[ConsumerRecord[bytes, bytes]]], Awaitable[None]],
         flush: Callable[[], Awaitable[None]],
         ready: Callable[[], Awaitable[None]],
+        stopping: Callable[[], bool],
         take: int,
         wait: float,
         fetch_max_wait_ms: int,
@@ -74,7 +76,7 @@ class MeterInput(Service):
         super().__init__(**kwargs)
         self._bootstrap, self._topic, self._group_id = bootstrap, topic, group_id
         self._previous_group = previous_group  # whose usage.raw offsets a new meter group adopts
-        self._handle, self._flush, self._ready = handle, flush, ready
+        self._handle, self._flush, self._ready, self._stopping = handle, flush, ready, stopping
         self._take, self._wait, self._fetch_max_wait_ms = take, wait, fetch_max_wait_ms
         self._kafka_auth = kafka_auth
         self._metrics = metrics  # meter_takes|handled and |failed, meter_commits|committed and |failed
@@ -114,7 +116,7 @@ class MeterInput(Service):
         )
         consumer.subscribe([self._topic], listener=_Revocations(self))
         await consumer.start()
-        while not self.should_stop:
+        while not (self.should_stop or self._stopping()):
             # Never fetch while holding `_taking`: during a rebalance aiokafka's getmany waits for
             # the new assignment, which waits for on_revoked, which waits for `_taking`.
             generation = self._generation

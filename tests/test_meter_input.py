@@ -95,6 +95,7 @@ def member(
         handle=recorder.handle,
         flush=recorder.flush,
         ready=ready,
+        stopping=lambda: False,
         take=take,
         wait=0.01,
         fetch_max_wait_ms=20,
