@@ -303,10 +303,14 @@ def test_one_blocked_per_crossing_and_one_writer_per_scope(run: dict[str, Any]) 
 
 
 def test_the_killed_workers_partitions_move_and_enforcement_resumes(run: dict[str, Any]) -> None:
-    # Faust's session timeout (6 s) and a rebalance, then the moved partitions' backlog; bound
-    # loosely: this machine's 2 cores also run 3 brokers, 4 workers and the load
+    # The session timeout (6 s) and a rebalance, then the moved partitions' backlog; bound
+    # loosely: this machine's 2 cores also run 3 brokers, 4 workers and the load. usage.raw (the
+    # meter's group) and spend.deltas (Faust's) move independently, so the probe's crossing can
+    # be decided before /health (polled every 0.2 s) shows the last of the dead worker's other
+    # usage.raw partitions moved: both are bounded, neither is ordered after the other.
     assert run["enforcing_s"] is not None
-    assert run["moved_s"] < run["enforcing_s"] < 90
+    assert 0 < run["enforcing_s"] < 90
+    assert 0 < run["moved_s"] < 90
 
 
 def test_spend_tables_are_exact_and_each_scope_has_one_owner(run: dict[str, Any]) -> None:
