@@ -115,20 +115,32 @@ async def until(check: Callable[[], Awaitable[bool]] | Callable[[], bool], secon
         await asyncio.sleep(0.1)
 
 
+async def handle_until_committed(
+    kafka: str, topic: str, group: str, recorder: Recorder, metrics: Counter[str], handled: int, offset: int
+) -> list[int]:
+    """Run one member until `handled` records are handled and every partition is committed at
+    `offset`, then stop it; returns the partitions it held."""
+    service = member(kafka, topic, group, recorder, metrics)
+    await service.start()
+    try:
+        await until(lambda: recorder.handled_count() >= handled, 30, f"{handled} records handled")
+        await until(
+            lambda: _committed_all(kafka, group, offset), 10, f"every partition committed at offset {offset}"
+        )
+        return service.partitions()
+    finally:
+        await service.stop()
+
+
+async def _committed_all(kafka: str, group: str, offset: int) -> bool:
+    return await committed(kafka, group) == dict.fromkeys(range(PARTITIONS), offset)
+
+
 def test_takes_come_in_offset_order_and_are_committed_after_the_flush(kafka: str) -> None:
     async def scenario() -> None:
         topic, group = await fresh_topic(kafka, 100), f"g-{uuid.uuid4().hex[:8]}"
         recorder, metrics = Recorder(), Counter[str]()
-        service = member(kafka, topic, group, recorder, metrics)
-        await service.start()
-        try:
-            await until(lambda: recorder.handled_count() >= 400, 30, "400 records handled")
-            await until(
-                lambda: _committed_all(kafka, group, 100), 10, "every partition committed at offset 100"
-            )
-            assert service.partitions() == [0, 1, 2, 3]
-        finally:
-            await service.stop()
+        assert await handle_until_committed(kafka, topic, group, recorder, metrics, 400, 100) == [0, 1, 2, 3]
         handled = recorder.handled()
         assert sorted(handled) == [(p, o) for p in range(PARTITIONS) for o in range(100)]
         assert set(handled.values()) == {1}  # nothing twice
@@ -147,21 +159,11 @@ def test_takes_come_in_offset_order_and_are_committed_after_the_flush(kafka: str
     asyncio.run(scenario())
 
 
-async def _committed_all(kafka: str, group: str, offset: int) -> bool:
-    return await committed(kafka, group) == dict.fromkeys(range(PARTITIONS), offset)
-
-
 def test_a_failed_take_is_counted_and_read_again(kafka: str) -> None:
     async def scenario() -> None:
         topic, group = await fresh_topic(kafka, 25), f"g-{uuid.uuid4().hex[:8]}"
         recorder, metrics = Recorder(fail=1), Counter[str]()
-        service = member(kafka, topic, group, recorder, metrics)
-        await service.start()
-        try:
-            await until(lambda: recorder.handled_count() >= 100, 30, "100 records handled")
-            await until(lambda: _committed_all(kafka, group, 25), 10, "every partition committed at 25")
-        finally:
-            await service.stop()
+        await handle_until_committed(kafka, topic, group, recorder, metrics, 100, 25)
         assert len(recorder.failed) == 1
         assert recorder.failed[0]
         handled = recorder.handled()
@@ -232,13 +234,7 @@ def test_a_new_meter_group_starts_where_the_previous_group_committed(kafka: str)
         topic, group = await fresh_topic(kafka, 10), f"g-{uuid.uuid4().hex[:8]}"
         await commit_as(f"{group}-before", topic, {0: 6, 1: 4, 2: 10})  # partition 3: none
         recorder, metrics = Recorder(), Counter[str]()
-        service = member(kafka, topic, group, recorder, metrics)
-        await service.start()
-        try:
-            await until(lambda: recorder.handled_count() >= 20, 30, "20 records handled")
-            await until(lambda: _committed_all(kafka, group, 10), 10, "every partition committed at 10")
-        finally:
-            await service.stop()
+        await handle_until_committed(kafka, topic, group, recorder, metrics, 20, 10)
         expected = (
             [(0, o) for o in range(6, 10)] + [(1, o) for o in range(4, 10)] + [(3, o) for o in range(10)]
         )
