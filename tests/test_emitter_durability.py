@@ -32,11 +32,15 @@ from spendstream.errors import BufferFull, DeliveryTimeout
 from spendstream.topics import Topics, ensure_topics
 from spendstream.wire import default_codec
 from stream_processors.pricing import Catalogue
-from tests.conftest import REPO, Worker, free_port, own_broker, start_worker
+from tests.conftest import REPO, Worker, free_port, own_broker, start_history, start_meter, start_worker
 from tests.test_pipeline import read_all
+from tests.test_scale import held, spend_by_scope
 
 pytestmark = pytest.mark.integration
 
+# One project per usage.raw partition (DefaultPartitioner, 4 partitions: 0, 2, 1, 3), so that
+# every meter worker holding a partition has events to meter.
+PROJECTS = ("p0", "p1", "p6", "p7")
 CALL: dict[str, Any] = {
     "provider": "openai",
     "model": "gpt-4o-mini",
@@ -116,14 +120,14 @@ def org_spend(worker: Worker, expected: Decimal, timeout: float = 60) -> Decimal
 
 
 def start_load(emitter: SyncEmitter, accepted: list[str], stop: threading.Event) -> threading.Thread:
-    """A thread emitting 3 events every 10 ms, on schedule, over 4 projects, until `stop`; the
-    ids the emitter accepted are appended to `accepted`."""
+    """A thread emitting 3 events every 10 ms, on schedule, over PROJECTS in turn, until `stop`;
+    the ids the emitter accepted are appended to `accepted`."""
 
     def load() -> None:
         tick = time.monotonic()
         while not stop.is_set():
             for _ in range(3):
-                accepted.append(emitter.emit(project=f"p{len(accepted) % 4}", **CALL))
+                accepted.append(emitter.emit(project=PROJECTS[len(accepted) % 4], **CALL))
             tick += 0.01
             time.sleep(max(0.0, tick - time.monotonic()))
 
@@ -192,57 +196,76 @@ def test_a_60_s_outage_under_load_loses_nothing(broker: LocalKafka, tmp_path: Pa
     assert aiokafka_lines.lines < 500, f"{aiokafka_lines.lines:,} aiokafka log lines ({stats})"
 
 
-def test_a_worker_running_through_a_20_s_outage_counts_every_event_once(
+def test_two_meter_workers_running_through_a_60_s_outage_count_every_event_once(
     broker: LocalKafka, tmp_path: Path
 ) -> None:
-    """The worker is up, metering 300 events/s, when the broker stops for 20 s (longer than the
-    meter's 6 s session: its group is rebuilt after) and starts again. Every event the emitter
-    accepted, before, during and after, is stored once and counted once in the budget."""
-    topics = fresh_topics(broker.bootstrap)
-    worker = start_worker(
-        broker.bootstrap,
-        tmp_path,
-        'budgets:\n  org: {monthly: "1000000"}\n',
-        SPENDSTREAM_TOPIC_PREFIX=topics.prefix,
-    )
+    """A history writer and two meter workers are up, metering 300 events/s over 4 projects, when
+    the broker stops for 60 s (ten times the groups' 6 s session: every group is rebuilt after) and
+    starts again. Every event the emitter accepted, before, during and after, is stored once, and
+    counted once in its project's budget, which one of the two workers owns."""
+    budgets = "budgets:\n" + "".join(f'  project:{p}: {{daily: "1000000"}}\n' for p in PROJECTS)
+    history = start_history(broker.bootstrap, tmp_path, budgets)
+    meters: list[Worker] = []
     accepted: list[str] = []
     stop = threading.Event()
     try:
+        meters = [start_meter(history, f"meter-{i}") for i in range(2)]
+        deadline = time.monotonic() + 60
+        while len(owners := held(meters)) < 4 or {o for v in owners.values() for o in v} != {0, 1}:
+            assert time.monotonic() < deadline, f"usage.raw partitions held: {owners}"
+            time.sleep(0.5)
         with SyncEmitter(
-            bootstrap_servers=broker.bootstrap, service="outage", topic=topics.usage_raw
+            bootstrap_servers=broker.bootstrap, service="outage", topic=history.topics.usage_raw
         ) as emitter:
             loader = start_load(emitter, accepted, stop)
             time.sleep(4)
             before = len(accepted)
             broker.stop()
-            time.sleep(20)
+            time.sleep(60)
             during = len(accepted) - before
             broker.start(timeout=120)
             time.sleep(4)
             stop.set()
             loader.join()
-            emitter.flush(timeout=90)
+            emitter.flush(timeout=120)
             stats = emitter.stats()
-        rows, distinct = stored_in_clickhouse(worker, len(accepted), timeout=120)
+        rows, distinct = stored_in_clickhouse(history, len(accepted), timeout=180)
         one = Catalogue.load().price(build_event(service="outage", project="p0", **CALL)).cost_pico
         assert one is not None
-        truth = Decimal(one * len(accepted)).scaleb(-12)
-        budget = org_spend(worker, truth, timeout=120)
-        metrics = httpx.get(f"http://127.0.0.1:{worker.port}/metrics", timeout=10).text
+        truth = {  # the load's i-th event is of PROJECTS[i % 4]
+            f"project:{p}": Decimal(one * len(accepted[i::4])).scaleb(-12) for i, p in enumerate(PROJECTS)
+        }
+        deadline = time.monotonic() + 180
+        while (spend := spend_by_scope(meters)) != {k: [v] for k, v in truth.items()}:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        metrics = [httpx.get(f"http://127.0.0.1:{m.port}/metrics", timeout=10).text for m in meters]
     finally:
         stop.set()
-        worker.stop()
-    meter_lines = [line for line in metrics.splitlines() if line.startswith("spendstream_meter_")]
+        for worker in (*meters, history):
+            worker.stop()
+    meter_lines = [
+        line for text in metrics for line in text.splitlines() if line.startswith("spendstream_meter_")
+    ]
+    handled = [
+        int(line.split()[-1])
+        for text in metrics
+        for line in text.splitlines()
+        if line.startswith('spendstream_meter_takes_total{outcome="handled"}')
+    ]
     print(
-        f"\nworker through a 20 s outage: {len(accepted):,} accepted ({before:,} before, {during:,} during); "
-        f"ClickHouse FINAL rows {rows:,} ({distinct:,} distinct); org budget ${budget} (truth ${truth}); "
-        f"{stats}; {meter_lines}"
+        f"\ntwo meter workers through a 60 s outage: {len(accepted):,} accepted ({before:,} before, "
+        f"{during:,} during); ClickHouse FINAL rows {rows:,} ({distinct:,} distinct); budgets {spend} "
+        f"(truth {truth}); {stats}; {meter_lines}"
     )
+    assert len(handled) == 2, f"each meter worker handled takes: {meter_lines}"
+    assert min(handled) > 0, f"each meter worker handled takes: {meter_lines}"
     assert during > 0  # the emitter kept accepting while the broker was down
     assert stats["sent"] == stats["accepted"] == len(accepted), stats
     assert rows == distinct == len(accepted), f"ClickHouse FINAL holds {rows:,} rows ({distinct:,} distinct)"
-    assert budget == truth, f"org budget ${budget}, truth ${truth} ({len(accepted):,} events)"
-    assert 'spendstream_meter_takes_total{outcome="failed"}' not in metrics, meter_lines
+    assert spend == {k: [v] for k, v in truth.items()}, f"budgets {spend}, truth {truth}"  # one owner each
+    assert not any('spendstream_meter_takes_total{outcome="failed"}' in text for text in metrics), meter_lines
 
 
 def test_an_emitter_started_while_kafka_is_down_delivers_when_it_comes(broker: LocalKafka) -> None:
