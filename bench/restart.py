@@ -12,12 +12,13 @@ One run (see bench/README.md):
 2. `--events` usage events ($0.01 each, 500 per UsageBatch message, pre-encoded, sent with a raw
    producer) over the 8 projects and `--users` users, so the scopes changelog holds a record per
    user scope, usage.seen every event id, spend.deltas the deltas. Timed until every project's
-   spend and the template's member count are in the worker's /budgets.
+   spend and the template's member count are in the worker's /budgets; the worker's RSS then.
 3. Baseline of the same run: a raw aiokafka read (getmany, nothing decoded) of what a restart
    must read: the scopes changelog and usage.seen.
-4. Restarts with the state: SIGTERM, then kill -9, each with a probe as in 1; the CPU the new process
-   spent until enforcing and its RSS; every project's spend and the member count are compared
-   with what they were before the restart (a restart must lose and double nothing).
+4. Restarts with the state: SIGTERM, then kill -9, each with a probe as in 1; the seconds the
+   stopped process took to exit, the CPU the new process spent until enforcing and its RSS;
+   every project's spend and the member count are compared with what they were before the
+   restart (a restart must lose and double nothing).
    With `--compare REF` the worker of git commit REF is restarted the same two ways first, on
    the same state (the tables' changelog format is the same), for a before/after in one run.
 """
@@ -156,11 +157,14 @@ def restart(worker: Worker, topics: Topics, probe: str, *, kill: bool) -> dict[s
     """Stop the worker (SIGTERM, or SIGKILL with kill), emit the probe's $12 call while it is down,
     start it again: seconds to ready and to the probe's `blocked`, CPU until then, RSS after."""
     assert worker.process is not None
+    signalled = time.monotonic()
     worker.signal(signal.SIGKILL if kill else signal.SIGTERM)
-    worker.process.wait(timeout=900)  # a clean stop under load takes minutes here (the sink flushes)
+    worker.process.wait(timeout=900)
+    stop_s = round(time.monotonic() - signalled, 1)
     timed = start_timed(worker, topics, probe)
     wall = timed.pop("started_at")
     return {
+        "stop_s": stop_s,
         **timed,
         "rss_mib": rss_mib(worker.pid),
         **timeline(worker.log, worker.pid, wall),
@@ -221,6 +225,7 @@ def scenario(codes: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]
         result["load"] = {
             "seconds": round(time.monotonic() - started, 1),
             "worker_cpu_s": round(cpu_seconds(worker.pid) - cpu0, 1),
+            "rss_mib": rss_mib(worker.pid),
         }
         say(f"  loaded: {result['load']}; {before}")
         result["raw_read"] = asyncio.run(raw_read([f"{run_id}-scopes-changelog", topics.usage_seen]))

@@ -6,6 +6,7 @@ faust-streaming upgrade. `create_app` installs them; docs/architecture.md says w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -76,6 +77,7 @@ def _patched_names() -> list[tuple[str, Callable[[], bool]]]:
         ("faust AIOKafkaConsumerThread.call_thread", has(AIOKafkaConsumerThread, "call_thread")),
         ("faust ProducerBuffer.flush_atmost", has(ProducerBuffer, "flush_atmost")),
         ("faust ProducerBuffer.size", has(ProducerBuffer, "size")),
+        ("faust ProducerBuffer.max_messages", has(ProducerBuffer, "max_messages")),
         ("faust aiokafka Producer._ensure_producer", has(AIOKafkaProducerDriver, "_ensure_producer")),
         # stream_processors/restore.py: Faust's recovery resumes a table at its store's
         # persisted_offset, read as a partition is added; the store is made by _new_store.
@@ -154,6 +156,32 @@ def commit_only_what_is_delivered(app: faust.App) -> None:
         await flush_delivered()
 
     producer.flush = flush  # type: ignore[method-assign]
+
+
+async def changelog_ebb(app: faust.App, limit: int, poll: float = 0.002) -> None:
+    """Wait until at most `limit` table changelog records are buffered.
+
+    A table write buffers its changelog record for Faust's sender task, and Faust's own ebb (as
+    each message is delivered) sends at most 100 of them and goes on. A `spend.deltas` message
+    updates up to thousands of scopes, so under a backlog the buffer grew without bound (about
+    950,000 records in bench/restart.py's load): every commit, which flushes it first, and a
+    SIGTERM'd worker's stop (80 s) waited for all of it. The budget agent waits here after each
+    message, so the backlog stays in Kafka, where a restart reads it again.
+
+    It polls: Faust's own wait (`flush_atmost`) wakes its waiter once per record sent, which
+    doubled the worker's CPU in that load. A stopping producer is not waited for (its own stop
+    flushes).
+    """
+    buffer = app.producer.buffer
+    while buffer.size > limit and buffer.state == "running":  # noqa: ASYNC110 (an event would wake per record)
+        await asyncio.sleep(poll)
+
+
+def raise_faust_ebb(app: faust.App, records: int) -> None:
+    """Faust's own ebb only past `records` buffered changelog records: changelog_ebb bounds the
+    buffer, and Faust's, at 100, logged a warning and woke once per record sent for every message
+    delivered while a budget message's records went out."""
+    app.producer.buffer.max_messages = records
 
 
 def ack_only_what_this_generation_handled() -> None:
