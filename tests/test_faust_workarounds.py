@@ -246,3 +246,54 @@ def test_a_changelog_not_yet_in_the_metadata_is_no_partition_mismatch() -> None:
     assert known._verified_source_topics_for_partitions == {"budgets"}
     with pytest.raises(PartitionsMismatch):
         Collection._verify_source_topic_partitions(table(2), "budgets")  # type: ignore[arg-type]
+
+
+def test_the_changelog_buffer_ebbs_to_its_bound_and_every_record_is_sent(kafka: str, tmp_path: Any) -> None:
+    """A budget message updating thousands of scopes buffers a changelog record each (Faust's
+    `send_soon`, as `Collection.send_changelog` does). The worker's Faust ebb only starts at
+    FAUST_EBB, and `changelog_ebb` returns once no more than its bound is left: 5,000 records
+    buffered, 1,000 or fewer after the wait, all 5,000 in the topic after the flush.
+    (An ebb that did not wait leaves 5,000.)"""
+    from aiokafka import AIOKafkaConsumer
+
+    from spendstream.settings import Settings
+    from spendstream.topics import ensure_topics
+    from stream_processors.app import CHANGELOG_BUFFERED, FAUST_EBB, create_app
+    from stream_processors.faust_fixes import changelog_ebb
+
+    settings = Settings(bootstrap_servers=kafka, topic_prefix=f"ebb-{uuid.uuid4().hex[:8]}.")
+    asyncio.run(ensure_topics(kafka, settings.topics, 1))
+    app = create_app(settings, datadir=str(tmp_path), history=None)
+    buffer = app.producer.buffer
+    topic = app.topic(settings.topics.spend_deltas, value_serializer="raw")
+
+    async def scenario() -> tuple[int, int, int]:
+        await app.producer.start()
+        try:
+            for i in range(5_000):
+                topic.send_soon(value=str(i).encode(), partition=0)
+            buffered = buffer.size
+            await changelog_ebb(app, CHANGELOG_BUFFERED)
+            after = buffer.size
+            await app.producer.flush()  # the rest, as the app's stop does before its producer's
+        finally:
+            await app.producer.stop()
+        consumer = AIOKafkaConsumer(
+            settings.topics.spend_deltas, bootstrap_servers=kafka, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            found: set[bytes] = set()
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(found) < 5_000 and asyncio.get_running_loop().time() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    found.update(r.value for r in records if r.value is not None)
+        finally:
+            await consumer.stop()
+        return buffered, after, len(found)
+
+    assert buffer.max_messages == FAUST_EBB == 20_000
+    buffered, after, found = app.loop.run_until_complete(scenario())  # the loop its services run on
+    assert buffered == 5_000
+    assert after <= CHANGELOG_BUFFERED == 1_000  # it waited for 4,000 or more to go out
+    assert found == 5_000
