@@ -225,6 +225,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_seconds() -> dict[str, float]:
+    """This machine's CPU time so far, all CPUs (Linux /proc/stat): `busy` (user, nice, system,
+    irq), `idle` and `steal` (time the hypervisor gave this VM's CPUs to someone else)."""
+    fields = [
+        int(x) / os.sysconf("SC_CLK_TCK") for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]
+    ]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
