@@ -17,6 +17,9 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
+import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -233,6 +236,57 @@ def machine_cpu_seconds() -> dict[str, float]:
     ]
     user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
     return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
+class StealSampler:
+    """Samples this VM's steal time (CPU time the hypervisor gave to someone else, all CPUs
+    together, /proc/stat) every `interval` seconds in a thread, while in its `with` block: how much
+    was stolen between two wall-clock times, and the worst burst. A pipeline that stalls while
+    the host takes the CPUs away shows it here, not in its own code."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self._times: list[float] = []
+        self._steal: list[float] = []  # cumulative seconds at _times
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steal-sampler", daemon=True)
+
+    def __enter__(self) -> StealSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat", "rb", buffering=0) as stat:
+            while not self._stop.is_set():
+                stat.seek(0)
+                self._times.append(time.time())
+                self._steal.append(int(stat.read(512).split(b"\n", 1)[0].split()[8]) / tick)
+                time.sleep(self.interval)
+
+    def between(self, start: float, end: float) -> float:
+        """Seconds stolen (summed over the CPUs) from `start` to `end` (epoch seconds)."""
+        if not self._times:
+            return 0.0
+        i = max(bisect_left(self._times, start) - 1, 0)
+        j = min(bisect_left(self._times, end), len(self._times) - 1)
+        return self._steal[j] - self._steal[i]
+
+    def worst(self, window: float = 0.1) -> tuple[float, float]:
+        """(epoch seconds, seconds stolen): the `window` that lost the most to the hypervisor."""
+        best = (self._times[0] if self._times else 0.0, 0.0)
+        j = 0
+        for i, start in enumerate(self._times):
+            while j < len(self._times) - 1 and self._times[j] < start + window:
+                j += 1
+            stolen = self._steal[j] - self._steal[i]
+            if stolen > best[1]:
+                best = (start, stolen)
+        return best
 
 
 def free_port() -> int:

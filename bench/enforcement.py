@@ -39,6 +39,7 @@ import httpx
 from bench._common import (
     BOOTSTRAP,
     REPO,
+    StealSampler,
     bench_broker,
     cpu_seconds,
     free_port,
@@ -169,6 +170,14 @@ def kafka_hop_baseline(topic: str, samples: int) -> list[int]:
     return [int(seen) - int(sent) for sent, seen in (line.split() for line in out.splitlines() if line)]
 
 
+# Seconds between the bench's own calls to the worker (/health, /metrics: 10-40 ms on its event
+# loop under this load) and the first crossing, so that they do not delay it.
+SETTLE = 1.0
+# A crossing "held back by the hypervisor": at least STEAL_BURST seconds of steal (both CPUs
+# together) from STEAL_LEAD seconds before it was emitted to when the guard saw it blocked.
+STEAL_LEAD, STEAL_BURST = 0.1, 0.02
+
+
 def gc_seconds(port: int) -> float:
     """The worker's garbage-collection pauses so far (its /metrics), in seconds."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
@@ -293,27 +302,30 @@ def main() -> None:
             broker_pid = kafka.status().pid
             assert broker_pid is not None
             history_pid = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["history_pid"]
+            gc0 = gc_seconds(port)
+            time.sleep(SETTLE)
             cpu0, broker_cpu0, t0 = cpu_seconds(worker.pid), cpu_seconds(broker_pid), time.monotonic()
             history_cpu0, machine0 = cpu_seconds(history_pid), machine_cpu_seconds()
-            gc0 = gc_seconds(port)
             if args.profile:
                 worker.send_signal(PROFILE_START)
             produced: dict[str, float] = {}
-            with SyncEmitter(
-                bootstrap_servers=BOOTSTRAP, service="bench", topic=topics.usage_raw, linger_ms=1
-            ) as em:
-                for i in range(args.crossings):
-                    scope = f"project:cross-{i}"
-                    produced[scope] = time.time()
-                    em.emit(
-                        project=f"cross-{i}",
-                        provider="openai",
-                        model="gpt-4o",
-                        input_tokens=0,
-                        output_tokens=150_000,
-                    )  # $1.50 > $1
-                    time.sleep(0.05)
-            out, _ = guard.communicate(timeout=300)
+            # Every 10 ms, the steal time of this VM's CPUs (~1% of a core in this process)
+            with StealSampler() as steal:
+                with SyncEmitter(
+                    bootstrap_servers=BOOTSTRAP, service="bench", topic=topics.usage_raw, linger_ms=1
+                ) as em:
+                    for i in range(args.crossings):
+                        scope = f"project:cross-{i}"
+                        produced[scope] = time.time()
+                        em.emit(
+                            project=f"cross-{i}",
+                            provider="openai",
+                            model="gpt-4o",
+                            input_tokens=0,
+                            output_tokens=150_000,
+                        )  # $1.50 > $1
+                        time.sleep(0.05)
+                out, _ = guard.communicate(timeout=300)
             load_out, _ = load.communicate(timeout=300)
             load_sent, load_seconds, load_cpu = load_out.split()
             worker_cpu = cpu_seconds(worker.pid) - cpu0
@@ -356,10 +368,19 @@ def main() -> None:
             "meter_ms": stamps[s][1] - stamps[s][0],
             "budget_ms": stamps[s][2] - stamps[s][1],
             "guard_ms": round(seen[s] * 1000 - stamps[s][2], 1),
+            "steal_ms": round(steal.between(produced[s] - STEAL_LEAD, seen[s]) * 1000),
         }
         for s in sorted(stamps, key=lambda s: seen.get(s, 0) - produced[s], reverse=True)[:5]
         if s in seen
     ]
+    # The same crossings without those the hypervisor held back: a diagnosis of the machine,
+    # never the target (target_met counts every crossing).
+    calm = [
+        int((seen[s] - produced[s]) * 1e9)
+        for s in produced
+        if s in seen and steal.between(produced[s] - STEAL_LEAD, seen[s]) < STEAL_BURST
+    ]
+    worst_at, worst_stolen = steal.worst(0.1)
     result: dict[str, Any] = {
         "crossings": args.crossings,
         "crossings_seen": len(latencies),
@@ -382,6 +403,11 @@ def main() -> None:
         "worker_gc_pause_seconds_during_crossings": round(worker_gc, 2),
         # All CPUs together: what was left idle, and what the hypervisor took (a noisy neighbour).
         "machine_cpu_seconds_during_crossings": {k: round(v, 1) for k, v in machine_cpu.items()},
+        "worst_steal_in_100_ms": {
+            "at_s": round(worst_at - first, 2),
+            "stolen_ms": round(worst_stolen * 1000),
+        },
+        "enforcement_latency_us_of_crossings_with_under_20_ms_steal": percentiles_us(calm) if calm else None,
         "target_p99_ms": 150,
         "target_met": enforcement["p99"] <= 150_000,
         "queryable_target_p99_ms": 1500,
@@ -400,7 +426,8 @@ def main() -> None:
     for c in slowest:
         say(
             f"  slow: {c['scope']:16} at {c['at_s']:5.1f} s  {c['total_ms']:6.1f} ms = emit {c['emit_ms']:5.1f} "
-            f"+ meter {c['meter_ms']:4d} + budget {c['budget_ms']:4d} + guard {c['guard_ms']:5.1f}"
+            f"+ meter {c['meter_ms']:4d} + budget {c['budget_ms']:4d} + guard {c['guard_ms']:5.1f}; "
+            f"steal {c['steal_ms']} ms"
         )
     path = write_result("enforcement", result)
     say(json.dumps(result, indent=2))
