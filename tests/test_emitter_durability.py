@@ -34,7 +34,7 @@ from spendstream.wire import default_codec
 from stream_processors.pricing import Catalogue
 from tests.conftest import REPO, Worker, free_port, own_broker, start_history, start_meter, start_worker
 from tests.test_pipeline import read_all
-from tests.test_scale import held, spend_by_scope
+from tests.test_scale import all_holding, spend_by_scope
 
 pytestmark = pytest.mark.integration
 
@@ -210,10 +210,7 @@ def test_two_meter_workers_running_through_a_60_s_outage_count_every_event_once(
     stop = threading.Event()
     try:
         meters = [start_meter(history, f"meter-{i}") for i in range(2)]
-        deadline = time.monotonic() + 60
-        while len(owners := held(meters)) < 4 or {o for v in owners.values() for o in v} != {0, 1}:
-            assert time.monotonic() < deadline, f"usage.raw partitions held: {owners}"
-            time.sleep(0.5)
+        all_holding(meters, 4, 60)
         with SyncEmitter(
             bootstrap_servers=broker.bootstrap, service="outage", topic=history.topics.usage_raw
         ) as emitter:

@@ -93,6 +93,16 @@ def held(meters: list[Worker]) -> dict[int, list[int]]:
     return out
 
 
+def all_holding(meters: list[Worker], partitions: int, timeout: float) -> None:
+    """Wait until all `partitions` usage.raw partitions are held and every meter holds some."""
+    deadline = time.monotonic() + timeout
+    while len(owners := held(meters)) < partitions or len({o for v in owners.values() for o in v}) < len(
+        meters
+    ):
+        assert time.monotonic() < deadline, f"usage.raw partitions held after {timeout:.0f} s: {owners}"
+        time.sleep(0.5)
+
+
 def budget_rows(meter: Worker) -> list[dict[str, Any]]:
     """The meter's /budgets: the budgets of the scopes it owns."""
     assert meter.process.poll() is None, (
@@ -170,13 +180,7 @@ def run(cluster: LocalCluster) -> dict[str, Any]:
     feeder: subprocess.Popen[str] | None = None
     try:
         meters = [start_meter(history, f"meter-{i}") for i in range(3)]
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:  # all three own partitions before the load starts
-            owners = held(meters)
-            if len(owners) == PARTITIONS and len({o for v in owners.values() for o in v}) == 3:
-                break
-            time.sleep(0.5)
-        assert len(owners) == PARTITIONS, owners
+        all_holding(meters, PARTITIONS, 90)  # all three own partitions before the load starts
         feeder = subprocess.Popen(
             [
                 sys.executable,
