@@ -228,14 +228,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def machine_cpu_seconds() -> dict[str, float]:
-    """This machine's CPU time so far, all CPUs (Linux /proc/stat): `busy` (user, nice, system,
-    irq), `idle` and `steal` (time the hypervisor gave this VM's CPUs to someone else)."""
-    fields = [
-        int(x) / os.sysconf("SC_CLK_TCK") for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]
-    ]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds_of(stat: bytes) -> dict[str, float]:
+    """`busy` (user, nice, system, irq), `idle` and `steal` (time the hypervisor gave this VM's
+    CPUs to someone else) of /proc/stat's first line: all CPUs, in seconds."""
+    fields = [int(x) / _TICK for x in stat.split(b"\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
     return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
+def machine_cpu_seconds() -> dict[str, float]:
+    """This machine's CPU time so far (Linux /proc/stat): see _cpu_seconds_of."""
+    return _cpu_seconds_of(Path("/proc/stat").read_bytes())
 
 
 class StealSampler:
@@ -260,12 +266,11 @@ class StealSampler:
         self._thread.join()
 
     def _run(self) -> None:
-        tick = os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat", "rb", buffering=0) as stat:
+        with open("/proc/stat", "rb", buffering=0) as stat:  # kept open: ~2% of a core at 10 ms
             while not self._stop.is_set():
                 stat.seek(0)
                 self._times.append(time.time())
-                self._steal.append(int(stat.read(512).split(b"\n", 1)[0].split()[8]) / tick)
+                self._steal.append(_cpu_seconds_of(stat.read(512))["steal"])
                 time.sleep(self.interval)
 
     def between(self, start: float, end: float) -> float:

@@ -332,7 +332,7 @@ def main() -> None:
             if args.profile:
                 worker.send_signal(PROFILE_START)
             produced: dict[str, float] = {}
-            # Every 10 ms, the steal time of this VM's CPUs (~1% of a core in this process)
+            # Every 10 ms, the steal time of this VM's CPUs (~2% of a core in this process)
             with StealSampler() as steal:
                 with SyncEmitter(
                     bootstrap_servers=BOOTSTRAP, service="bench", topic=topics.usage_raw, linger_ms=1
