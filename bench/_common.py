@@ -33,6 +33,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from spendstream.cli.kafka_local import KAFKA_VERSION, LocalKafka
 from spendstream.topics import Topics, ensure_topics
 from stream_processors.gc_pauses import GcPauses
+from stream_processors.meter_process import PROCESS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_HOME = REPO / ".spendstream" / "bench"
@@ -226,6 +227,25 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def meter_pids(worker_pid: int) -> list[int]:
+    """The worker's meter process (stream_processors/meter_process.py), by the name it gives
+    itself; none for a commit from before the meter had a process of its own."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, rest = stat.read_text().split("(", 1)[1].rsplit(")", 1)
+        except (OSError, IndexError, ValueError):  # exited meanwhile
+            continue
+        if name == PROCESS_NAME.decode() and int(rest.split()[1]) == worker_pid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def worker_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a worker: its process and its meter process (not its history process)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(meter) for meter in meter_pids(pid))
 
 
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -36,14 +36,15 @@ from bench._common import (
     BOOTSTRAP,
     REPO,
     bench_broker,
-    cpu_seconds,
     delete_topics,
     free_port,
+    meter_pids,
     new_run_id,
     partitions,
     print_profile,
     profile_rows,
     say,
+    worker_cpu_seconds,
     write_result,
 )
 from bench._profiled_worker import PROFILE_START, PROFILE_STOP
@@ -55,10 +56,12 @@ OUTPUT_TOKENS_PER_USD = 100_000  # gpt-4o output: $10 per 1M tokens
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for {pid}")
+    """Resident memory of a worker: its process and its meter process (not its history process)."""
+    total_kib = 0
+    for each in (pid, *meter_pids(pid)):
+        lines = Path(f"/proc/{each}/status").read_text().splitlines()
+        total_kib += next(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
+    return round(total_kib / 1024, 1)
 
 
 class Worker:
@@ -209,16 +212,16 @@ def start_timed(worker: Worker, topics: Topics, probe: str) -> dict[str, float]:
         "ready_s": round(health["at"] - started, 2),
         "enforcing_s": round(blocked - started, 2),
         # CPU the new process spent until then: what the start costs, whatever else the machine does
-        "cpu_s": round(cpu_seconds(worker.pid), 2),
+        "cpu_s": round(worker_cpu_seconds(worker.pid), 2),
         "started_at": started_at,
     }
 
 
 def idle_cpu(worker: Worker, seconds: float = 10) -> float:
     """The worker's CPU use (share of one core) over `seconds` with no events coming in."""
-    cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
+    cpu0, t0 = worker_cpu_seconds(worker.pid), time.monotonic()
     time.sleep(seconds)
-    return round((cpu_seconds(worker.pid) - cpu0) / (time.monotonic() - t0), 3)
+    return round((worker_cpu_seconds(worker.pid) - cpu0) / (time.monotonic() - t0), 3)
 
 
 def measure(worker: Worker, topics: Topics, probe: str, profile: bool = False) -> dict[str, Any]:
@@ -271,7 +274,7 @@ def scenario(code: Path, args: argparse.Namespace) -> dict[str, Any]:
         result["baseline"] = measure(worker, topics, "probe-0")
         say(f"  {result['baseline']}")
         say(f"emitting one call for each of {args.members:,} members")
-        started, cpu0 = time.monotonic(), cpu_seconds(worker.pid)
+        started, cpu0 = time.monotonic(), worker_cpu_seconds(worker.pid)
         result["emit_s"] = round(emit(topics, calls), 2)
         want = f"{args.members + 1} members with spend, {result['blocked_members'] + 1} blocked"
         while True:  # + the baseline's probe
@@ -284,7 +287,7 @@ def scenario(code: Path, args: argparse.Namespace) -> dict[str, Any]:
         result["load"] = {
             "seconds": round(loaded, 2),
             "members_per_s": round(args.members / loaded),
-            "worker_cpu_us_per_member": round((cpu_seconds(worker.pid) - cpu0) * 1e6 / args.members),
+            "worker_cpu_us_per_member": round((worker_cpu_seconds(worker.pid) - cpu0) * 1e6 / args.members),
         }
         say(f"  every member applied in {loaded:.1f} s: {result['load']}")
         result["members_live"] = measure(worker, topics, "probe-1", profile=args.profile)

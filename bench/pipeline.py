@@ -9,8 +9,9 @@ Measured in one run, against the bench broker this script starts (see bench/READ
 2. Baseline: a raw AIOKafkaConsumer `getmany` loop reads that topic and decodes every message
    with `default_codec().decode`. Also, for attribution: the same loop running `MeterStage.process`
    and encoding the PricedBatch (the worker's own logic, without Faust or a producer).
-3. One worker (`spendstream up` in a subprocess: Faust meter agent + spend tables + budget check +
-   ClickHouse sink on embedded chDB, in its history process) with a budgets file (one project trips its daily budget, so
+3. One worker (`spendstream up` in a subprocess: the meter in its meter process, the spend tables
+   and budget check in Faust, the ClickHouse sink on embedded chDB in its history process; the
+   worker's CPU is its two processes') with a budgets file (one project trips its daily budget, so
    the signal path runs). Clock: from the worker answering /health to the meter having processed
    all of usage.raw, which is when usage.priced holds one PricedBatch per usage.raw message (its end
    offsets, polled every 50 ms: accurate to the worker producer's linger and ack, and cheap, so
@@ -21,7 +22,9 @@ Measured in one run, against the bench broker this script starts (see bench/READ
    buffer has drained, which can take many seconds while a backlog is processed. Then: until
    ClickHouse holds all N rows (POST /sql).
 4. Optionally the same with the worker under cProfile (a fresh prefix, M events), profiled only
-   from ready to done; the top functions are printed.
+   from ready to done; the top functions are printed. cProfile sees the worker's Faust process
+   only (the budget agent): the meter's own CPU per event is bench/meter_cpu.py's, and
+   `py-spy record --subprocesses` samples both.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from _common import (
     read_topic,
     say,
     usage_calls,
+    worker_cpu_seconds,
     write_result,
 )
 from _profiled_worker import PROFILE_START, PROFILE_STOP
@@ -310,7 +314,7 @@ async def follow(
             ready = time.monotonic()
             if run.profile_to is not None:
                 run.signal(PROFILE_START)
-            cpu0 = cpu_seconds(run.proc.pid)
+            cpu0 = worker_cpu_seconds(run.proc.pid)
             history_pid = (await http.get(f"{run.base}/health", timeout=5)).json()["history_pid"]
             history_cpu0 = cpu_seconds(history_pid) if history_pid else 0.0
             writer_cpu0 = 0.0
@@ -358,7 +362,7 @@ async def follow(
                     and ("budget_done" in marks or not deltas_tps)
                 ):
                     marks["processed"] = now
-                    cpu["worker"] = cpu_seconds(run.proc.pid) - cpu0
+                    cpu["worker"] = worker_cpu_seconds(run.proc.pid) - cpu0
                     if history_pid:
                         cpu["history_process"] = cpu_seconds(history_pid) - history_cpu0
                     if broker_pid:

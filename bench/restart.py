@@ -43,13 +43,13 @@ from bench._common import (
     BOOTSTRAP,
     REPO,
     bench_broker,
-    cpu_seconds,
     delete_topics,
     free_port,
     new_run_id,
     partitions,
     read_topic,
     say,
+    worker_cpu_seconds,
     write_result,
 )
 from bench.members import Worker, checkout, rss_mib, start_timed
@@ -210,7 +210,7 @@ def scenario(codes: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]
         say(f"  {result['no_state']}")
         say(f"encoding {args.events:,} events of {args.users:,} users")
         messages = usage_messages(args.users, args.events)
-        started, cpu0 = time.monotonic(), cpu_seconds(worker.pid)
+        started, cpu0 = time.monotonic(), worker_cpu_seconds(worker.pid)
         asyncio.run(send(topics.usage_raw, messages))
         usd = Decimal(args.events // PROJECTS * EVENT_OUTPUT_TOKENS) / 100_000  # $10 per 1M tokens
         while sum((worker.health() or {}).get("events", {}).values()) < args.events + probes:
@@ -224,7 +224,7 @@ def scenario(codes: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]
             time.sleep(5)
         result["load"] = {
             "seconds": round(time.monotonic() - started, 1),
-            "worker_cpu_s": round(cpu_seconds(worker.pid) - cpu0, 1),
+            "worker_cpu_s": round(worker_cpu_seconds(worker.pid) - cpu0, 1),
             "rss_mib": rss_mib(worker.pid),
         }
         say(f"  loaded: {result['load']}; {before}")

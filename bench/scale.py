@@ -39,11 +39,11 @@ from _common import (
     BENCH_HOME,
     BOOTSTRAP,
     bench_broker,
-    cpu_seconds,
     create_topics,
     free_port,
     new_run_id,
     say,
+    worker_cpu_seconds,
     write_result,
 )
 from pipeline import BATCH_EVENTS, build_workload, consume, produce, write_budgets
@@ -146,7 +146,7 @@ def run_workers(
     meters = start_meters(count, topics, group, budgets, scratch)
     try:
         settle_s = wait_assigned(meters)
-        cpu0 = [cpu_seconds(m.proc.pid) for m in meters]
+        cpu0 = [worker_cpu_seconds(m.proc.pid) for m in meters]
         started = time.monotonic()
         produce_s = asyncio.run(produce(topics.usage_raw, workload.messages))
         done = 0
@@ -158,7 +158,7 @@ def run_workers(
             time.sleep(0.05)
             done = metered(meters)
         seconds = time.monotonic() - started
-        cpu = [round(cpu_seconds(m.proc.pid) - c, 2) for m, c in zip(meters, cpu0, strict=True)]
+        cpu = [round(worker_cpu_seconds(m.proc.pid) - c, 2) for m, c in zip(meters, cpu0, strict=True)]
         per_worker = [sum(h["events"].values()) for h in (m.health() or {} for m in meters)]
     finally:
         for m in meters:

@@ -1,4 +1,4 @@
-"""The worker: one Faust app wiring the stages to their topics and tables.
+"""The worker: a Faust app (the budget agent, its tables, the HTTP views) and its meter process.
 
     usage.raw --meter--> usage.priced ------------(history process: sink)--> ClickHouse usage_events
                   |  \\--> usage.dlq ------------(history process: sink)--> ClickHouse dead_letters
@@ -7,15 +7,16 @@
                               budgets (by scope) --/     (tables: scopes, specs)
     prices --price feed--> catalogue;  budgets --budget feed--> model filters, `budget list`
 
-The stages' logic is plain classes (MeterStage in meter.py, BudgetStage in budget_stage.py); the
-meter's own consumer (meter_input.py) and the budget agent here feed them messages, and what they
-return is sent. The HTTP views are in web.py.
+The stages' logic is plain classes (MeterStage in meter.py, BudgetStage in budget_stage.py). The
+meter runs in a process of its own (meter_process.py: its consumer, stage and producer), which
+this worker starts, restarts and reports on; the budget agent here feeds BudgetStage messages and
+sends what it returns. The HTTP views are in web.py.
 
 The meter is partitioned by project; it re-partitions each message's spend by budget scope, so
 every scope (org, team, project, user, model filter) has exactly one writer: no check-then-record
 race, no limit multiplied by replicas. The sink, and the queries on ClickHouse, run in a process
-of their own (stream_processors/history.py): its CPU stays out of the path from a crossing to its
-signal. See docs/architecture.md for the guarantees.
+of their own too (stream_processors/history.py): its CPU stays out of the path from a crossing to
+its signal. See docs/architecture.md for the guarantees.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import Counter
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer
 
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.kafka_auth import KafkaAuth
@@ -35,7 +36,6 @@ from spendstream.settings import Settings
 from spendstream.signing import warn_unauthenticated
 from spendstream.wire import Codec, default_codec
 from stream_processors.budget_stage import BudgetStage
-from stream_processors.dedupe import SeenIds, reload_seen
 from stream_processors.faust_fixes import (
     ack_only_what_this_generation_handled,
     changelog_ebb,
@@ -47,31 +47,18 @@ from stream_processors.faust_fixes import (
     reread_undelivered,
     short_fetch_wait,
 )
-from stream_processors.feeds import BudgetFeed, PriceFeed
+from stream_processors.feeds import BudgetFeed
 from stream_processors.gc_pauses import GcPauses
 from stream_processors.history import HistoryEndpoint, HistoryProcess
-from stream_processors.meter import MeterBatch, MeterStage, parts_by_size
-from stream_processors.meter_input import MeterInput, meter_group
-from stream_processors.priced_writer import PricedBatchWriter
-from stream_processors.pricing import Catalogue
+from stream_processors.meter import dead_letter_record
+from stream_processors.meter_process import MeterProcess
 from stream_processors.restore import PromptTableManager, RestoredTable
-from stream_processors.usage_columns import NATIVE
 from stream_processors.web import HistoryClient, add_views
 
 __all__ = ["create_app", "faust_credentials"]
 
 log = logging.getLogger(__name__)
 
-MAX_DEAD_LETTER_PAYLOAD = 1 << 20
-MAX_PRICED_BATCH_BYTES = 4 << 20  # a PricedBatch message at most (the request limit is 8 MiB)
-METER_TAKE = 1_000  # usage.raw messages the meter prices together at most
-# Seconds the meter waits for more messages before pricing what it has (adds at most this latency).
-# Each take's output is a PricedBatch per project, a SpendDeltaBatch and a SeenIds per partition:
-# at 5,000 ev/s in messages of ~12 events, 15 ms instead of 5 ms made takes larger and fewer, and
-# the worker used 14% less CPU (16.8 against 19.6 CPU s per 26 s, 5 interleaved runs each) for
-# +8 ms at p50 and no worse a p99 (bench/README.md, eighth pass).
-METER_WAIT = 0.015
-METER_PART_BYTES = 1 << 20  # usage.raw bytes priced between two yields (~7,000 events, ~0.1-0.2 s of CPU)
 # Table changelog records buffered at most after a budget message (see changelog_ebb): the budget
 # agent waits for the rest to go out before the next message. Faust's own ebb only past FAUST_EBB
 # (a single message updating more scopes than that).
@@ -89,12 +76,11 @@ def create_app(
     *,
     datadir: str,
     history: HistoryEndpoint | None,
-    catalogue: Catalogue | None = None,
+    meter: MeterProcess,
     codec: Codec | None = None,
     replication_factor: int = 1,  # of the topics Faust creates (changelogs): see spendstream.topics
 ) -> faust.App:
     codec = codec or default_codec()
-    cat = catalogue or Catalogue.load(fallback=settings.unpriced_fallback)
     topics = settings.topics
     n = settings.partitions
     signer, verifier = settings.signer(), settings.verifier()
@@ -167,9 +153,8 @@ def create_app(
             internal=False,
         )
 
-    raw_topic, priced_topic = raw(topics.usage_raw), raw(topics.usage_priced)
     control_topic, dlq_topic = raw(topics.spend_control), raw(topics.usage_dlq)
-    deltas_topic, seen_topic = raw(topics.spend_deltas), raw(topics.usage_seen)
+    deltas_topic = raw(topics.spend_deltas)
     budget_input = raw(topics.spend_deltas, topics.budgets)
 
     def changelog_consumer() -> AIOKafkaConsumer:
@@ -209,20 +194,8 @@ def create_app(
     async def dead_letter(
         reason: str, detail: str, topic: str, partition: int, offset: int, key: bytes | None, payload: bytes
     ) -> None:
-        if len(payload) > MAX_DEAD_LETTER_PAYLOAD:  # the letter must fit a Kafka message too
-            detail += f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD} of {len(payload)} bytes)"
-            payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
-        letter = {
-            "reason": reason,
-            "detail": detail[:4000],
-            "source_topic": topic,
-            "source_partition": partition,
-            "source_offset": offset,
-            "key": key[:1000] if key else key,
-            "payload": payload,
-            "failed_at": _now_us(),
-        }
         metrics[f"dead_letters|{reason}"] += 1
+        letter = dead_letter_record(reason, detail, topic, partition, offset, key, payload, _now_us())
         await dlq_topic.send(key=key, value=codec.encode("DeadLetter", letter))
 
     feed_args = {
@@ -232,12 +205,6 @@ def create_app(
         "loop": app.loop,
         "beacon": app.beacon,
     }
-    price_feed = PriceFeed(
-        topic=topics.prices,
-        catalogue=cat,
-        **feed_args,  # type: ignore[arg-type]
-        dead_letter=lambda *a: dead_letter(a[0], a[1], topics.prices, *a[2:]),
-    )
     budget_feed = BudgetFeed(
         topic=topics.budgets,
         verifier=verifier,
@@ -254,150 +221,6 @@ def create_app(
         partitions=n,
         feed_specs=budget_feed.specs,  # the whole topic: templates whichever partition holds them
     )
-    stage = MeterStage(
-        cat,
-        codec,
-        budget_feed.model_globs,
-        budget_feed.specs,
-        dedupe_horizon_us=settings.dedupe_horizon_seconds * 1_000_000,
-    )
-    priced_writer = PricedBatchWriter(codec)
-    next_offset: dict[int, int] = {}  # usage.raw partition -> the offset the meter handles next
-
-    async def follow_on(partition: int, offset: int) -> None:
-        """Before handling a partition from an offset other than the next (start, rebalance, seek):
-        re-load the ids counted before it, as whoever handled the partition last wrote them."""
-        if next_offset.get(partition) != offset:
-            stage.seen[partition] = SeenIds(stage.dedupe_horizon_us)
-            await reload_seen(
-                settings.bootstrap,
-                topics.usage_seen,
-                partition,
-                offset,
-                stage.seen[partition],
-                codec,
-                settings.kafka_auth,
-            )
-        next_offset[partition] = offset + 1
-
-    async def send_priced(project: str, sources: list[dict[str, Any]]) -> None:
-        """PricedBatch messages of usage.raw messages and their prices (`sources`), at most
-        MAX_PRICED_BATCH_BYTES each (halved until they fit). A single message too large to travel
-        with its prices goes as whole PricedUsage records instead (`events`, send_priced_events)."""
-        try:
-            value: bytes | None = priced_writer.write(sources)
-        except Exception:  # a bug: each event is tried alone below, and dead-lettered with the reason
-            value = None
-        if value is not None and len(value) <= MAX_PRICED_BATCH_BYTES:
-            await priced_topic.send(key=project.encode(), value=value)
-        elif len(sources) > 1:
-            half = len(sources) // 2
-            await send_priced(project, sources[:half])
-            await send_priced(project, sources[half:])
-        else:  # the prices carry their event and priced_at: whole PricedUsage records
-            await send_priced_events(project, sources[0]["prices"])
-
-    async def send_priced_events(project: str, priced: list[dict[str, Any]]) -> None:
-        """PricedBatch messages of PricedUsage records (`events`), halved until they fit; an event
-        that cannot be encoded at all (a bug) is dead-lettered alone."""
-        try:
-            value: bytes | None = codec.encode("PricedBatch", {"events": priced})
-            problem = ""
-        except Exception as exc:
-            value, problem = None, repr(exc)[:1000]
-        if value is not None and (len(value) <= MAX_PRICED_BATCH_BYTES or len(priced) == 1):
-            await priced_topic.send(key=project.encode(), value=value)
-        elif len(priced) > 1:
-            half = len(priced) // 2
-            await send_priced_events(project, priced[:half])
-            await send_priced_events(project, priced[half:])
-        else:
-            payload = repr(priced[0]["usage"]).encode()
-            await dead_letter(
-                "processing_error", problem, topics.usage_priced, -1, -1, project.encode(), payload
-            )
-
-    async def meter_take(messages: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Price a take of usage.raw messages (MeterInput: up to METER_TAKE, or what arrived
-        within METER_WAIT) together, their output coalesced: the per-message cost of a send is
-        paid per destination, not per input message.
-
-        A take is priced in parts of at most METER_PART_BYTES of usage.raw, each part's output
-        sent before the next is priced: behind a backlog a take can hold 1,000 messages of 500
-        events, seconds of CPU that would hold the event loop, and the budget agent and its
-        crossings with it."""
-        for msg in messages:
-            await follow_on(msg.partition, msg.offset)
-        for part in parts_by_size(messages, lambda msg: len(msg.value or b""), METER_PART_BYTES):
-            await meter_part(part)
-            await asyncio.sleep(0)
-
-    async def flush_sent() -> None:
-        """Every record sent up to now acknowledged by Kafka. aiokafka's flush waits for the
-        batches there are when it is called; Faust's (app.producer.flush) also drains Faust's
-        buffer of table changelog records, which a backlog keeps full: the meter's commits
-        waited behind it for 207 s in bench/restart.py, and a restart read all that again."""
-        await app.producer._ensure_producer().flush()  # type: ignore[attr-defined]  # the aiokafka driver's
-
-    async def feeds_caught_up() -> None:
-        """Price nothing before the cards and budgets published at run time are known."""
-        await price_feed.caught_up.wait()
-        await budget_feed.caught_up.wait()
-
-    meter_input = MeterInput(
-        bootstrap=settings.bootstrap,
-        topic=topics.usage_raw,
-        group_id=meter_group(settings.worker_id),
-        previous_group=settings.worker_id,  # the Faust group that read usage.raw before
-        handle=meter_take,
-        flush=flush_sent,
-        stopping=lambda: app.should_stop,  # set as the worker begins to stop: no take after it
-        ready=feeds_caught_up,
-        take=METER_TAKE,
-        wait=METER_WAIT,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        metrics=metrics,
-        kafka_auth=settings.kafka_auth,
-        loop=app.loop,
-        beacon=app.beacon,
-    )
-
-    async def meter_part(messages: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Price usage.raw messages together and send their output, coalesced per destination."""
-        batch = MeterBatch(n)
-        now = _now_us()
-        stage.model_globs = budget_feed.model_globs
-        results = stage.process_many(
-            [(msg.partition, msg.key, msg.value or b"") for msg in messages], now
-        )  # a tombstone is undecodable
-        for msg, result in zip(messages, results, strict=True):
-            for dead in result.dead:
-                await dead_letter(
-                    dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload
-                )
-            for project, payload in result.rekey:
-                await raw_topic.send(key=project.encode(), value=payload)
-            for status, count in result.statuses.items():
-                metrics[f"events|{status}"] += count
-            if result.unbudgeted:
-                metrics["unbudgeted|beyond_dedupe_horizon"] += result.unbudgeted
-            batch.add(result, msg.partition, msg.offset)
-        # The ids counted go out with the deltas they moved, so a restarted meter knows them.
-        for partition, record in batch.seen_records():
-            await seen_topic.send(
-                key=str(partition).encode(), value=codec.encode("SeenIds", record), partition=partition
-            )
-        for partition, deltas in batch.delta_batches():
-            await deltas_topic.send(
-                key=deltas[0]["scope"].encode(),
-                value=codec.encode("SpendDeltaBatch", {"deltas": deltas}),
-                partition=partition,
-            )
-        # History after enforcement: yield between PricedBatches, so the budget agent can
-        # take the deltas just sent while the rest of the batch is encoded.
-        for project, priced in batch.priced_batches():
-            await asyncio.sleep(0)
-            await send_priced(project, priced)
 
     @app.agent(budget_input, name="budget")
     async def budget(stream: faust.StreamT[bytes]) -> None:
@@ -437,15 +260,15 @@ def create_app(
     async def start_services() -> None:
         if not verifier.enforcing:
             warn_unauthenticated(log, "the worker")
-        if not NATIVE:
-            log.warning(
-                "the meter's native decoder is not built: decoding usage.raw with fastavro (same "
-                "results, ~3x the worker's CPU per event); build it with ./dev setup (needs cargo), "
-                "see stream_processors/native/README.md"
-            )
-        await app.add_runtime_dependency(price_feed)
         await app.add_runtime_dependency(budget_feed)
-        await app.add_runtime_dependency(meter_input)
+
+    @app.timer(1.0)
+    async def watch_meter() -> None:
+        """The meter resumes from its committed offsets: a meter process that died is restarted
+        (what it read and did not commit is read again, and the dedupe skips what it counted)."""
+        if meter.exitcode is not None:
+            log.error("the meter process exited (%s); restarting it", meter.exitcode)
+            meter.start()
 
     if isinstance(history, HistoryProcess):  # role all: the worker's own child
 
@@ -469,16 +292,18 @@ def create_app(
         HistoryClient(history, part_of_worker=isinstance(history, HistoryProcess)),
         status=lambda: {
             "budgets": len(budget_feed.specs),
-            "price_cards": len(cat),
-            "catalogue_version": cat.version,
-            "feeds_caught_up": price_feed.caught_up.is_set() and budget_feed.caught_up.is_set(),
-            "events": {k.split("|", 1)[1]: v for k, v in metrics.items() if k.startswith("events|")},
-            "partitions": meter_input.partitions(),
+            "price_cards": (report := meter.report()).get("price_cards"),
+            "catalogue_version": report.get("catalogue_version"),
+            "feeds_caught_up": budget_feed.caught_up.is_set() and report.get("feeds_caught_up", False),
+            "events": {k.split("|", 1)[1]: v for k, v in meter.metrics().items() if k.startswith("events|")},
+            "partitions": report.get("partitions", []),
+            "meter_pid": meter.pid,
+            **({} if meter.exitcode is None else {"meter": f"the meter process exited ({meter.exitcode})"}),
         },
         budgets=lambda: budget_stage.rows(budget_feed.specs, _now_us(), set(assigned(topics.spend_deltas))),
-        metrics=metrics,
-        gc_pauses=gc_pauses,
-        price_cards=lambda: len(cat),
+        metrics=lambda: metrics + meter.metrics(),
+        gc_seconds=lambda: [a + b for a, b in zip(gc_pauses.seconds, meter.gc_seconds(), strict=True)],
+        price_cards=lambda: meter.report().get("price_cards"),
         remote_token=settings.history_token.get_secret_value() if settings.history_token else None,
     )
     return app

@@ -42,7 +42,16 @@ from stream_processors.meter_columns import MIN_COLUMN_EVENTS, Budgeted, PricedR
 from stream_processors.pricing import Catalogue
 from stream_processors.usage_columns import NATIVE, UsageColumns
 
-__all__ = ["DeadLetter", "MeterBatch", "MeterResult", "MeterStage", "partition_for", "parts_by_size"]
+__all__ = [
+    "MAX_DEAD_LETTER_PAYLOAD",
+    "DeadLetter",
+    "MeterBatch",
+    "MeterResult",
+    "MeterStage",
+    "dead_letter_record",
+    "partition_for",
+    "parts_by_size",
+]
 
 PRICED_BATCH_EVENTS = 2_000  # events per PricedBatch message (well under the 8 MiB request size)
 MAX_DELTA_PICO = 2**62  # a spend delta is an Avro long: one message's spend per scope is split above
@@ -78,6 +87,37 @@ def parts_by_size(items: Sequence[T], size: Callable[[T], int], limit: int) -> l
 def partition_for(key: str, partitions: int) -> int:
     """Kafka's default partitioner (murmur2), so scope-keyed records from any producer co-partition."""
     return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+MAX_DEAD_LETTER_PAYLOAD = 1 << 20
+
+
+def dead_letter_record(
+    reason: str,
+    detail: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    payload: bytes,
+    failed_at_us: int,
+) -> dict[str, Any]:
+    """A DeadLetter record of what could not be handled, and where it came from (partition and
+    offset -1: not read from Kafka); a payload over MAX_DEAD_LETTER_PAYLOAD is cut, and the
+    detail says so, so the letter fits a Kafka message too."""
+    if len(payload) > MAX_DEAD_LETTER_PAYLOAD:
+        detail += f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD} of {len(payload)} bytes)"
+        payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
+    return {
+        "reason": reason,
+        "detail": detail[:4000],
+        "source_topic": topic,
+        "source_partition": partition,
+        "source_offset": offset,
+        "key": key[:1000] if key else key,
+        "payload": payload,
+        "failed_at": failed_at_us,
+    }
 
 
 @dataclass(frozen=True)

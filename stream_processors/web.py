@@ -16,7 +16,6 @@ import faust
 import httpx
 from faust.web import Request, Response, View
 
-from stream_processors.gc_pauses import GcPauses
 from stream_processors.history import HistoryEndpoint, HistoryProcess
 
 __all__ = ["HistoryClient", "add_views", "prometheus_text"]
@@ -101,9 +100,12 @@ class HistoryClient:
             return 502, {"error": f"the history process answered {answer.status_code}: {answer.text[:300]}"}
 
 
-def prometheus_text(metrics: Counter[str], gc_seconds: list[float], sink_rows: Any, price_cards: int) -> str:
+def prometheus_text(
+    metrics: Counter[str], gc_seconds: list[float], sink_rows: Any, price_cards: int | None
+) -> str:
     """`sink_rows` None: the sink is not this worker's (role meter): no sink line, so that summing
-    the meter workers' series does not count the writer's rows once per worker."""
+    the meter workers' series does not count the writer's rows once per worker. `price_cards`
+    None: the meter process has not reported yet (NaN, not 0)."""
     lines = []
     for prefix, (metric, label) in COUNTERS.items():
         lines.append(f"# TYPE {metric} counter")
@@ -126,7 +128,7 @@ def prometheus_text(metrics: Counter[str], gc_seconds: list[float], sink_rows: A
         ]
     lines += [
         "# TYPE spendstream_price_cards gauge",
-        f"spendstream_price_cards {price_cards}",
+        f"spendstream_price_cards {'NaN' if price_cards is None else price_cards}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -137,12 +139,14 @@ def add_views(
     *,
     status: Callable[[], dict[str, Any]],
     budgets: Callable[[], list[dict[str, Any]]],
-    metrics: Counter[str],
-    gc_pauses: GcPauses,
-    price_cards: Callable[[], int],
+    metrics: Callable[[], Counter[str]],
+    gc_seconds: Callable[[], list[float]],
+    price_cards: Callable[[], int | None],
     remote_token: str | None = None,
 ) -> None:
-    """`status()`: the worker's own part of /health; `budgets()`: the rows of /budgets.
+    """`status()`: the worker's own part of /health (with `meter`, why its meter process is not
+    running: /health is degraded meanwhile); `budgets()`: the rows of /budgets;
+    `metrics()`, `gc_seconds()`: the worker's and its meter process's, summed.
     `remote_token`: what a request from another host must carry to read /budgets or reach the
     history writer (None: no other host may); /health and /metrics answer anyone."""
     expected = None if remote_token is None else f"Bearer {remote_token}".encode()
@@ -165,12 +169,14 @@ def add_views(
             code, body = await history.request("GET", "/health", within_s=5)
             # A meter worker's enforcement does not depend on the writer: it says how the writer
             # is, and stays ok.
+            own = status()
+            history_ok = code == 200 or not history.part_of_worker
             return self.json(
                 {
-                    "status": "ok" if code == 200 or not history.part_of_worker else "degraded",
+                    "status": "ok" if history_ok and "meter" not in own else "degraded",
                     "sink_rows_written": body.get("sink_rows_written"),
                     "history_pid": body.get("pid"),
-                    **status(),
+                    **own,
                     **({"history": body["error"]} if code != 200 else {}),
                 }
             )
@@ -206,5 +212,5 @@ def add_views(
             if history.part_of_worker:
                 _, health = await history.request("GET", "/health", within_s=5)
                 sink_rows = health.get("sink_rows_written", "NaN")
-            text = prometheus_text(metrics, gc_pauses.seconds, sink_rows, price_cards())
+            text = prometheus_text(metrics(), gc_seconds(), sink_rows, price_cards())
             return self.text(text, content_type="text/plain; version=0.0.4")

@@ -160,10 +160,11 @@ def test_the_worker_never_stalls_delivery_on_its_producer_or_commits(kafka: str,
     from spendstream.settings import Settings
     from spendstream.topics import ensure_topics
     from stream_processors.app import create_app
+    from stream_processors.meter_process import MeterProcess
 
     settings = Settings(topic_prefix=f"coalesce-{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(kafka, settings.topics, 1))
-    conf = create_app(settings, datadir=str(tmp_path), history=None).conf
+    conf = create_app(settings, datadir=str(tmp_path), history=None, meter=MeterProcess(settings)).conf
 
     async def requests_for(batch_size: int) -> tuple[int, int]:
         producer = AIOKafkaProducer(
@@ -260,10 +261,11 @@ def test_the_changelog_buffer_ebbs_to_its_bound_and_every_record_is_sent(kafka: 
     from spendstream.topics import ensure_topics
     from stream_processors.app import CHANGELOG_BUFFERED, FAUST_EBB, create_app
     from stream_processors.faust_fixes import changelog_ebb
+    from stream_processors.meter_process import MeterProcess
 
     settings = Settings(bootstrap_servers=kafka, topic_prefix=f"ebb-{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(kafka, settings.topics, 1))
-    app = create_app(settings, datadir=str(tmp_path), history=None)
+    app = create_app(settings, datadir=str(tmp_path), history=None, meter=MeterProcess(settings))
     buffer = app.producer.buffer
     topic = app.topic(settings.topics.spend_deltas, value_serializer="raw")
 

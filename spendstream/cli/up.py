@@ -1,6 +1,7 @@
 """`spendstream up`: broker (if local) -> topics -> the history process (ClickHouse DDL, sink) -> the
-Faust worker, foreground. `--role` splits them: `meter` (the Faust worker alone: run one per host
-or more, with distinct web ports) and `history` (the sink and the queries alone: one)."""
+meter process -> the Faust worker (budget agent), foreground. `--role` splits them: `meter` (the
+worker and its meter process alone: run one per host or more, with distinct web ports) and
+`history` (the sink and the queries alone: one)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from spendstream.errors import SpendstreamError
 from spendstream.settings import Settings
 from spendstream.topics import broker_count, ensure_topics, replication_for, wait_for_broker
 from stream_processors.budgets import Spec, load_specs
+from stream_processors.gc_pauses import WORKER_GC_THRESHOLDS
 
 if TYPE_CHECKING:
     from stream_processors.history import HistoryProcess
@@ -29,11 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["ROLES", "local_kafka", "prepare", "publish_specs", "replication_factor", "run", "run_worker"]
 
 ROLES = ("all", "meter", "history")
-# The worker's cyclic collector runs after 50,000 allocations (Python's default: 700). What the
-# meter allocates per take lives until the take is sent, and each young collection traversed all of
-# it for nothing (records are trees, freed by reference counting): 0.30 s of collections per 300,000
-# events metered at the default, 0.017 s at these (bench/pipeline.py, GC seconds from /metrics).
-WORKER_GC_THRESHOLDS = (50_000, 20, 20)
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +131,12 @@ def run(settings: Settings, say: Callable[[str], None], role: str = "all", logle
 def run_worker(
     settings: Settings, say: Callable[[str], None], loglevel: str = "info", *, with_history: bool = True
 ) -> None:
-    """Run the worker until SIGINT/SIGTERM; `with_history`: and its history process as its child,
-    whose sink flushes what it holds on stop. Without: /sql, /reprice and /flush go to the writer
-    at SPENDSTREAM_HISTORY_URL (503 if unset)."""
+    """Run the worker (its meter process and the budget agent) until SIGINT/SIGTERM;
+    `with_history`: and its history process as its child, whose sink flushes what it holds on
+    stop. Without: /sql, /reprice and /flush go to the writer at SPENDSTREAM_HISTORY_URL (503 if
+    unset)."""
     from stream_processors.history import HistoryEndpoint, HistoryProcess, RemoteHistory
+    from stream_processors.meter_process import MeterProcess
 
     # Tie the worker's table state to this broker's life (a re-formatted broker gets a new cluster
     # id, so a fresh dir), and give each worker a dir of its own (its web port: two live workers
@@ -158,12 +157,20 @@ def run_worker(
         say(f"history writer: {settings.history_url}")
     else:
         say("no history writer (SPENDSTREAM_HISTORY_URL unset): /sql, /reprice and /flush answer 503")
+    # The meter, in a process of its own (stream_processors/meter_process.py): it starts reading
+    # usage.raw while this one imports Faust; the budget agent decides what it sends.
+    meter = MeterProcess(settings, loglevel)
+    meter.start()
     stopping = threading.Event()  # set once this process stops: a child stopped then is no failure
     try:
         from stream_processors.app import create_app  # import faust's app lazily: it is heavy
 
         app = create_app(
-            settings, datadir=str(datadir), history=history, replication_factor=replication_factor(settings)
+            settings,
+            datadir=str(datadir),
+            history=history,
+            meter=meter,
+            replication_factor=replication_factor(settings),
         )
         failed: list[SpendstreamError] = []
         if child is not None:
@@ -197,6 +204,7 @@ def run_worker(
             raise
     finally:
         stopping.set()
+        meter.stop()  # its take finished and committed
         if child is not None:
             child.stop()  # the sink flushes what it holds
 
