@@ -6,10 +6,10 @@ memory, its restart time (ready, and enforcing again), its idle CPU, and `budget
 One run (see bench/README.md):
 
 1. Baseline: a worker (`spendstream up`, 4 partitions) with the budget `user:*: {daily: "10"}` and
-   no member yet: RSS of the worker process (VmRSS, the history process apart), CPU over 10 s
-   idle, and a restart (SIGTERM, start again) timed to /health answering (tables recovered) and to
-   enforcing: a probe event emitted while the worker was down, for a new member spending $12, is
-   seen as `blocked` on spend.control.
+   no member yet: RSS of the worker (VmRSS of its process and its meter process, the history
+   process apart), CPU over 10 s idle, and a restart (SIGTERM, start again) timed to /health
+   answering (tables recovered) and to enforcing: a probe event emitted while the worker was
+   down, for a new member spending $12, is seen as `blocked` on spend.control.
 2. `--members` users each make one call: $12 for `--blocked-share` of them (blocked), $1 for the
    rest (ok). Timed until the template's row counts every member: the members' load rate.
 3. The same measurements with the members live: RSS (and bytes per member over the baseline),

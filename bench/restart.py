@@ -132,7 +132,7 @@ def timeline(log: Path, pid: int, started: float) -> dict[str, Any]:
     """Seconds from the process start (wall clock `started`) to its history process serving, to
     Faust's worker starting (imports, topics, the budgets import, the history process) and to its
     tables being ready, from the worker's log (at --log-level info); what the restore and the
-    dedupe re-load said they took."""
+    dedupe re-load (the meter process's, or the worker's own before it had one) said they took."""
     out: dict[str, Any] = {"restored": [], "dedupe_reloaded": []}
     for line in log.read_text(errors="replace").splitlines():
         if not line.startswith("[20"):
@@ -140,6 +140,8 @@ def timeline(log: Path, pid: int, started: float) -> dict[str, Any]:
         at = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + int(line[21:24]) / 1000
         if "] [history " in line and "history writer serving on" in line and at >= started:
             out.setdefault("history_serving_s", round(at - started, 2))  # its child's, this start's
+        if "] [meter " in line and "dedupe: partition" in line and at >= started:  # its meter process's
+            out["dedupe_reloaded"].append(line.split("dedupe: ", 1)[1].strip())
         if f"] [{pid}] [" not in line:
             continue
         if "[^Worker]: Starting" in line:

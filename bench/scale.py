@@ -11,8 +11,8 @@ Measured in one run, against the bench broker this script starts (see bench/READ
    (the Faust meter, spend tables and budget agent; no history writer: usage.priced is left for
    one to read later) join one consumer group. Once each holds its share of the partitions
    (their /health), the messages are produced, and the clock runs from the first send to the
-   workers' metered-event counts (/health) adding up to N. CPU seconds of every worker over that
-   time are read from /proc.
+   workers' metered-event counts (/health) adding up to N. CPU seconds of every worker (its
+   process and its meter process) over that time are read from /proc.
 3. Baseline, same run: a raw `getmany` loop decoding every event of the same topic, in one process.
 
 On a machine with fewer cores than workers + broker, events/s stops growing with W; the CPU
