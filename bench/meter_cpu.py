@@ -7,7 +7,7 @@ Each round runs, in a fresh interpreter per checkout (`git archive REF` for the 
 temporary folder), on the same N events (8 projects, 500 per UsageBatch):
 
 - **decode** (the baseline): `default_codec().decode` of every usage.raw message;
-- **meter**: what the meter agent does per take of 20 messages without Faust: `process_many`, the
+- **meter**: what the meter does per take of 20 messages without Faust: `process_many`, the
   output coalesced in a `MeterBatch`, every PricedBatch (with the meter's `PricedBatchWriter`
   where the checkout has one) and SpendDeltaBatch encoded.
 

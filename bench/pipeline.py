@@ -504,8 +504,9 @@ def measure(args: argparse.Namespace, run_id: str, kafka: LocalKafka, scratch: P
     history: WorkerRun | None = None
     if args.worker_role == "meter":
         say(
-            "worker: spendstream up --role meter (Faust meter, spend tables, budget check); then, once it "
-            "has processed everything, the history writer (up --role history) on its own..."
+            "worker: spendstream up --role meter (its meter process; spend tables and budget check in "
+            "Faust); then, once it has processed everything, the history writer (up --role history) on "
+            "its own..."
         )
         history_port, token = free_port(), secrets.token_urlsafe(32)
         history = WorkerRun(
@@ -523,7 +524,9 @@ def measure(args: argparse.Namespace, run_id: str, kafka: LocalKafka, scratch: P
             "SPENDSTREAM_HISTORY_TOKEN": token,
         }
     else:
-        say("worker: spendstream up (Faust meter, spend tables, budget check; ClickHouse sink beside it)...")
+        say(
+            "worker: spendstream up (its meter process; spend tables and budget check in Faust; ClickHouse sink beside it)..."
+        )
         env = {}
     run = WorkerRun(
         "main",
@@ -644,7 +647,7 @@ def report(result: dict[str, Any]) -> None:
         f"{result['ratio_worker_to_baseline']:.3f}x   (from first output: {w['events_per_s_from_first_output']:,})"
     )
     say(
-        f"    of which the meter agent alone         {w['meter_only_events_per_s']:>9,} events/s   "
+        f"    of which the meter alone               {w['meter_only_events_per_s']:>9,} events/s   "
         f"{w['meter_only_events_per_s'] / base:.3f}x   (all of usage.raw priced at {secs['meter_done']:.2f} s)"
     )
     if alone:

@@ -8,11 +8,11 @@ Measured in one run, against the bench broker this script starts (see bench/READ
 1. N usage events are encoded before any clock starts, as UsageBatch messages of 500 events of
    one project (key = project), the workload of bench/pipeline.py spread over P projects.
 2. For each worker count W: fresh 12-partition topics; W `spendstream up --role meter` processes
-   (the Faust meter, spend tables and budget agent; no history writer: usage.priced is left for
-   one to read later) join one consumer group. Once each holds its share of the partitions
-   (their /health), the messages are produced, and the clock runs from the first send to the
-   workers' metered-event counts (/health) adding up to N. CPU seconds of every worker (its
-   process and its meter process) over that time are read from /proc.
+   (its meter process, and the spend tables and budget agent in Faust; no history writer:
+   usage.priced is left for one to read later) join one consumer group. Once each holds its
+   share of the partitions (their /health), the messages are produced, and the clock runs from
+   the first send to the workers' metered-event counts (/health) adding up to N. CPU seconds of
+   every worker (its process and its meter process) over that time are read from /proc.
 3. Baseline, same run: a raw `getmany` loop decoding every event of the same topic, in one process.
 
 On a machine with fewer cores than workers + broker, events/s stops growing with W; the CPU

@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -101,7 +102,8 @@ class MeterProcess:
 
     def _read(self, conn: Connection) -> None:
         """Keep the child's reports until it closes the pipe (it exited); then fold its counters
-        into those of the children before it."""
+        into those of the children before it (its successor may have reported already)."""
+        mine: dict[str, Any] = {}
         with conn:
             while True:
                 try:
@@ -109,13 +111,14 @@ class MeterProcess:
                 except (EOFError, OSError):
                     break
                 with self._lock:
-                    self._last = report
+                    self._last = mine = report
         with self._lock:
-            last, self._last = self._last, {}
-            self._exited.update(last.get("metrics", {}))
+            self._exited.update(mine.get("metrics", {}))
             self._exited_gc = [
-                a + b for a, b in zip(self._exited_gc, last.get("gc_seconds", [0.0] * 3), strict=True)
+                a + b for a, b in zip(self._exited_gc, mine.get("gc_seconds", [0.0] * 3), strict=True)
             ]
+            if self._last is mine:
+                self._last = {}
 
     @property
     def exitcode(self) -> int | None:
@@ -210,7 +213,9 @@ async def _run(settings: Settings, parent_pid: int, conn: Connection) -> None:
 class _Meter:
     """The meter's feeds, consumer, stage and producer, in one event loop."""
 
-    def __init__(self, settings: Settings, codec: Codec, catalogue: Catalogue, stopping: Any) -> None:
+    def __init__(
+        self, settings: Settings, codec: Codec, catalogue: Catalogue, stopping: Callable[[], bool]
+    ) -> None:
         self.metrics: Counter[str] = Counter()
         self.gc_pauses = GcPauses()
         self._codec, self._catalogue, self._topics = codec, catalogue, settings.topics
