@@ -234,8 +234,10 @@ def create_app(
                 result = budget_stage.on_budget(msg.key, msg.value, msg.partition, _now_us())
             else:
                 result = budget_stage.on_deltas(msg.value, msg.partition, _now_us())
-            for key, value in result.signals:
-                await control_topic.send(key=key, value=value)
+            sent = [await control_topic.send(key=key, value=value) for key, value in result.signals]
+            for delivery in sent:
+                await delivery  # acknowledged before the state that records it (BudgetStage.keep)
+            budget_stage.keep(result)
             for dead in result.dead:
                 await dead_letter(
                     dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload

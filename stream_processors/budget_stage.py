@@ -73,6 +73,8 @@ class BudgetResult:
     signals: list[tuple[bytes, bytes]] = field(default_factory=list)  # (scope, ControlSignal message)
     dead: list[DeadLetter] = field(default_factory=list)
     metrics: Counter[str] = field(default_factory=Counter)
+    # scope -> its new state: written to the table by BudgetStage.keep once the signals are on the broker
+    states: dict[str, str] = field(default_factory=dict)
 
 
 def _due(decision: Decision, spec: Spec | None, now_us: int) -> int:
@@ -183,7 +185,7 @@ class BudgetStage:
             self.specs[scope] = {k: v for k, v in record.items() if k != "signature"}
         state = load_state(self.scopes.get(scope))
         self._decide(scope, state, partition, now_us, result)
-        self.scopes[scope] = dump_state(state)
+        result.states[scope] = dump_state(state)
         return result
 
     def on_deltas(self, value: bytes | None, partition: int, now_us: int) -> BudgetResult:
@@ -217,8 +219,20 @@ class BudgetStage:
                 result.dead.append(DeadLetter("processing_error", f"{scope}: {exc!r}"[:1000], value or b""))
                 continue
             if signalled or fresh:
-                self.scopes[scope] = dump_state(state)  # a tick that changes nothing writes no changelog
+                result.states[scope] = dump_state(state)  # a tick that changes nothing writes no changelog
         return result
+
+    def keep(self, result: BudgetResult) -> None:
+        """Write the states `result` decided, once its signals are acknowledged by the broker.
+
+        A state records the last signal it sent (`last_signal`, `sequence`): written first, its
+        changelog record could reach the broker and the signal not (a worker killed between the
+        two; they are separate produce requests). The restarted worker restored that state, found
+        the re-read deltas applied and the decision unchanged, and the signal was lost for good.
+        In this order a kill between the two at worst sends the same signal again, with the same
+        sequence number (the state before it is re-read and decides it again)."""
+        for scope, state in result.states.items():
+            self.scopes[scope] = state
 
     def ticks(self, now_us: int) -> list[tuple[int, list[dict[str, Any]]]]:
         """(partition, zero deltas) messages: for every scope that is not ok, and for every member

@@ -10,9 +10,9 @@ cores: measured in bench/enforcement.py (bench/README.md, twelfth pass).
 
 `MeterProcess` is the worker's handle: it spawns the child (fresh interpreter: no fork of a
 process with threads and sockets), reads what the child reports over a pipe every
-REPORT_SECONDS (its counters, GC pauses, partitions, feeds and catalogue) for the worker's
-/health and /metrics, and keeps the counts of a child that exited, so that counters never go
-back. The child stops when the worker dies, even by `kill -9` (SIGTERM: it finishes its take,
+REPORT_SECONDS and before each commit of usage.raw offsets (its counters, GC pauses,
+partitions, feeds and catalogue) for the worker's /health and /metrics, and keeps the counts of
+a child that exited, so that counters never go back and count every event a commit covers. The child stops when the worker dies, even by `kill -9` (SIGTERM: it finishes its take,
 commits what Kafka acknowledged and leaves the consumer group); the worker restarts a child that
 died alone (stream_processors/app.py). What a dead child had read but not committed is read
 again and skipped by the dedupe (stream_processors/meter_input.py).
@@ -185,37 +185,58 @@ async def _run(settings: Settings, parent_pid: int, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    reports = _Reports(conn)
     meter = _Meter(
-        settings, default_codec(), Catalogue.load(fallback=settings.unpriced_fallback), stop.is_set
+        settings,
+        default_codec(),
+        Catalogue.load(fallback=settings.unpriced_fallback),
+        stop.is_set,
+        reports.send,
     )
     # What exists now (aiokafka, the catalogue, the schemas) lives as long as the process: frozen,
     # the collector stops rescanning it; and it runs after 50,000 allocations, not 700.
     gc.collect()
     gc.freeze()
     gc.set_threshold(*WORKER_GC_THRESHOLDS)
-    last: dict[str, Any] = {}
     await meter.start()
     try:
         while not stop.is_set() and os.getppid() == parent_pid:  # the worker is gone: stop too
-            if (report := meter.report()) != last:
-                conn.send(report)
-                last = report
+            reports.send(meter.report())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REPORT_SECONDS)
     finally:
         stop.set()
         await meter.stop()
         with contextlib.suppress(OSError):
-            conn.send(meter.report())
+            reports.send(meter.report())
             conn.close()
+
+
+class _Reports:
+    """The child's end of the pipe: a report goes to the worker when it differs from the last."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._last: dict[str, Any] = {}
+
+    def send(self, report: dict[str, Any]) -> None:
+        if report != self._last:
+            self._conn.send(report)
+            self._last = report
 
 
 class _Meter:
     """The meter's feeds, consumer, stage and producer, in one event loop."""
 
     def __init__(
-        self, settings: Settings, codec: Codec, catalogue: Catalogue, stopping: Callable[[], bool]
+        self,
+        settings: Settings,
+        codec: Codec,
+        catalogue: Catalogue,
+        stopping: Callable[[], bool],
+        tell: Callable[[dict[str, Any]], None],
     ) -> None:
+        self._tell = tell  # sends a report to the worker
         self.metrics: Counter[str] = Counter()
         self.gc_pauses = GcPauses()
         self._codec, self._catalogue, self._topics = codec, catalogue, settings.topics
@@ -273,7 +294,7 @@ class _Meter:
             group_id=meter_group(settings.worker_id),
             previous_group=settings.worker_id,  # the Faust group that read usage.raw before
             handle=self._take,
-            flush=self._producer.flush,
+            flush=self._flush,
             stopping=stopping,  # set as the process begins to stop: no take after it
             ready=self._feeds_caught_up,
             take=METER_TAKE,
@@ -295,6 +316,12 @@ class _Meter:
             await service.stop()
         await self._producer.stop()  # sends what it holds
         self.gc_pauses.close()
+
+    async def _flush(self) -> None:
+        """Before a commit: every record sent so far acknowledged, and the worker told what was
+        counted (a child killed after the commit had reported every event the commit covers)."""
+        await self._producer.flush()
+        self._tell(self.report())
 
     def report(self) -> dict[str, Any]:
         return {

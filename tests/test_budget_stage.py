@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from spendstream.signing import Signer, Verifier, encode_control
 from spendstream.wire import default_codec
-from stream_processors.budget_stage import BudgetStage, _due
+from stream_processors.budget_stage import BudgetResult, BudgetStage, _due
 from stream_processors.budgets import MINUTE_US, Spec, apply_deltas, decide, load_state, make_limit
 from stream_processors.meter import partition_for
 
@@ -22,12 +22,26 @@ USD = 10**12
 ALL = range(8)  # every partition of stage(): one worker owns them all
 
 
+class KeptStage(BudgetStage):
+    """The stage as the budget agent drives it: each result's states kept once its signals are sent."""
+
+    def on_budget(self, key: bytes | None, value: bytes | None, partition: int, now_us: int) -> BudgetResult:
+        result = super().on_budget(key, value, partition, now_us)
+        self.keep(result)
+        return result
+
+    def on_deltas(self, value: bytes | None, partition: int, now_us: int) -> BudgetResult:
+        result = super().on_deltas(value, partition, now_us)
+        self.keep(result)
+        return result
+
+
 def stage(
     signer: Signer | None = None, verifier: Verifier | None = None, feed_specs: dict[str, Spec] | None = None
 ) -> BudgetStage:
     scopes: dict[str, Any] = {}
     specs: dict[str, Any] = {}
-    return BudgetStage(
+    return KeptStage(
         CODEC,
         scopes,
         specs,
@@ -83,6 +97,23 @@ def test_a_crossing_signals_once_and_a_redelivered_message_counts_once() -> None
         "blocked",
         110.0,
     )
+
+
+def test_a_state_is_written_only_when_kept_so_a_signal_never_sent_is_decided_again() -> None:
+    """The budget agent keeps a result's states once its signals are acknowledged: a worker killed
+    before that restarts from the state before, and the re-read deltas decide the signal again,
+    with the same sequence number; once kept, a re-read changes nothing."""
+    s = stage()
+    s.on_budget(b"project:a", spec_message("project:a", "10"), 0, NOW)
+    crossing = deltas("project:a", 11, offset=1)
+    decided = BudgetStage.on_deltas(s, crossing, 0, NOW)  # decided, its signal lost with the worker
+    assert load_state(s.scopes["project:a"])["sequence"] == 0  # nothing written yet
+    again = BudgetStage.on_deltas(s, crossing, 0, NOW)  # read again after the restart
+    assert again.signals == decided.signals  # the same signal, the same sequence
+    assert CODEC.decode(again.signals[0][1])[1]["sequence"] == 1
+    s.keep(again)
+    assert load_state(s.scopes["project:a"])["window_spend"]["day:2026-12-01@UTC"] == 11 * USD
+    assert s.on_deltas(crossing, 0, NOW).signals == []  # kept: a re-read is a duplicate, no signal
 
 
 def test_a_calendar_block_is_ticked_at_its_windows_end_and_a_rolling_one_every_tick() -> None:

@@ -244,6 +244,18 @@ def test_concurrent_emitters_overshoot_is_bounded(kafka: str, worker: Worker, tm
     assert Decimal(0) <= overshoot < Decimal("1")  # ... within a bounded overshoot (< 100 calls in flight)
 
 
+def signal_lines(state: Path) -> list[str]:
+    """The signals the worker logged deciding them, killed and restarted, to tell a signal never
+    decided from one decided and not delivered."""
+    return [
+        f"{log.name}: {line.strip()}"
+        for log in (state / "worker.log", state / "worker-restart.log")
+        if log.exists()
+        for line in log.read_text(errors="replace").splitlines()
+        if " signal project:" in line
+    ]
+
+
 def kill9_diagnostics(kafka: str, w: Worker, totals: str) -> str:
     """Where the events of the kill -9 test are: usage.raw, usage.priced, the meter's committed offsets."""
     from aiokafka.admin import AIOKafkaAdminClient
@@ -330,7 +342,7 @@ def test_kill_9_of_the_worker_mid_stream_loses_and_doubles_nothing(kafka: str, t
         keys = [(s["state"], s["reason"], s["level"], s["window"]) for s in found]
         assert len(keys) == len(set(keys)), keys  # no signal re-emitted by the restart
         assert [s["sequence"] for s in found] == sorted({s["sequence"] for s in found})
-        assert found[-1]["state"] == "blocked"
+        assert found[-1]["state"] == "blocked", (found, signal_lines(state))
         print(json.dumps({"signals": keys, "spend": str(expected)}))
     finally:
         w2.stop()

@@ -93,9 +93,9 @@ def test_a_meter_process_killed_mid_stream_is_replaced_and_every_event_counts_on
     blocked = Counter(s["scope"] for s in signals if s["state"] == "blocked")
     assert blocked == {f"project:{OVER}": 1}
 
-    # The counters of /metrics and /health never go back: the killed process's are kept. Events
-    # it priced but had not reported (at most its last 0.1 s) are priced again by its successor
-    # (read again from the last commit), as duplicates when the dedupe knew them.
+    # The counters of /metrics and /health never go back: the killed process's are kept, and it
+    # reported every event a commit covered before the commit. What it priced after its last
+    # commit is priced again by its successor (as duplicates when the dedupe knew them).
     events = worker.health()["events"]
     metered = sum(events.values())
     assert metered >= EVENTS, events
