@@ -327,8 +327,11 @@ def test_kill_9_of_the_worker_mid_stream_loses_and_doubles_nothing(kafka: str, t
             time.sleep(0.5)
         time.sleep(2)
         row = budgets(w2)[("project:k9", "day")]
-        w2.flush()
-        [[n, total]] = w2.sql("SELECT count(), sum(cost_usd) FROM usage_events FINAL WHERE project = 'k9'")
+        # The restarted history writer starts seconds after the spend tables are back (chDB's import;
+        # 3 s under load), then reads usage.priced from its last commit: wait for it, then count.
+        query = "SELECT count(), sum(cost_usd) FROM usage_events FINAL WHERE project = 'k9'"
+        w2.wait_rows(f"{query} HAVING count() >= 6000", 1, timeout=60)
+        [[n, total]] = w2.sql(query)
         print(
             f"after kill -9: spend table ${row['spend_usd']}, ClickHouse {n} rows ${total}, expected ${expected}"
         )
