@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -58,6 +59,41 @@ from stream_processors.web import HistoryClient, add_views
 __all__ = ["create_app", "faust_credentials"]
 
 log = logging.getLogger(__name__)
+
+SIGNAL_RETRY_SECONDS = 1.0  # a signal the broker did not take is sent again after this
+
+
+async def deliver(send: Callable[..., Awaitable[Awaitable[Any]]], signals: list[tuple[bytes, bytes]]) -> None:
+    """Send `signals` (key, value) together and return once the broker has acknowledged every one.
+    A signal that failed (the producer gave up after its 20-minute timeout, a topic gone) is logged
+    and sent again every SIGNAL_RETRY_SECONDS: the budget agent waits, and drops none."""
+    pending = signals
+    while pending:
+        failed: list[tuple[bytes, bytes]] = []
+        deliveries = []
+        for key, value in pending:
+            try:
+                deliveries.append(((key, value), await send(key=key, value=value)))
+            except Exception as exc:
+                failed.append((key, value))
+                error = exc
+        for signal, delivery in deliveries:
+            try:
+                await delivery
+            except Exception as exc:
+                failed.append(signal)
+                error = exc
+        if failed:
+            log.error(
+                "%d kill-switch signal(s) not acknowledged (%r), e.g. for %s; sending them again in %.0f s",
+                len(failed),
+                error,
+                failed[0][0].decode("utf-8", "replace"),
+                SIGNAL_RETRY_SECONDS,
+            )
+            await asyncio.sleep(SIGNAL_RETRY_SECONDS)
+        pending = failed
+
 
 # Table changelog records buffered at most after a budget message (see changelog_ebb): the budget
 # agent waits for the rest to go out before the next message. Faust's own ebb only past FAUST_EBB
@@ -234,10 +270,8 @@ def create_app(
                 result = budget_stage.on_budget(msg.key, msg.value, msg.partition, _now_us())
             else:
                 result = budget_stage.on_deltas(msg.value, msg.partition, _now_us())
-            sent = [await control_topic.send(key=key, value=value) for key, value in result.signals]
-            for delivery in sent:
-                await delivery  # acknowledged before the state that records it (BudgetStage.keep)
-            budget_stage.keep(result)
+            await deliver(control_topic.send, result.signals)  # acknowledged before the states
+            budget_stage.keep(result)  # that record them (BudgetStage.keep)
             for dead in result.dead:
                 await dead_letter(
                     dead.reason, dead.detail, msg.topic, msg.partition, msg.offset, msg.key, dead.payload

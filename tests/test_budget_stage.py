@@ -3,15 +3,20 @@ once per source message, forged records, old changelog records, and the rows `bu
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+from aiokafka.errors import KafkaTimeoutError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from spendstream.signing import Signer, Verifier, encode_control
 from spendstream.wire import default_codec
+from stream_processors import app
 from stream_processors.budget_stage import BudgetResult, BudgetStage, _due
 from stream_processors.budgets import MINUTE_US, Spec, apply_deltas, decide, load_state, make_limit
 from stream_processors.meter import partition_for
@@ -370,3 +375,31 @@ def test_a_scope_ticked_only_at_its_windows_end_would_not_have_changed_before(
         assert due == decision.window.end_us
         at = now + int((due - 1 - now) * later)
         assert decide(state, spec, at).key == decision.key
+
+
+def test_a_signal_the_broker_did_not_take_is_sent_again_and_none_is_dropped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The budget agent's `deliver`: b's first delivery fails (the producer gave up), c's first send
+    raises (no metadata); both are sent again, a is not, and the agent goes on only then."""
+    monkeypatch.setattr(app, "SIGNAL_RETRY_SECONDS", 0.01)
+    attempts: Counter[bytes] = Counter()
+    acknowledged: list[bytes] = []
+
+    async def send(*, key: bytes, value: bytes) -> asyncio.Future[None]:
+        attempts[key] += 1
+        if key == b"project:c" and attempts[key] == 1:
+            raise KafkaTimeoutError("no metadata")
+        delivery: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if key == b"project:b" and attempts[key] == 1:
+            delivery.set_exception(KafkaTimeoutError("expired"))
+        else:
+            acknowledged.append(key)
+            delivery.set_result(None)
+        return delivery
+
+    signals = [(b"project:a", b"1"), (b"project:b", b"2"), (b"project:c", b"3")]
+    asyncio.run(app.deliver(send, signals))
+    assert attempts == {b"project:a": 1, b"project:b": 2, b"project:c": 2}
+    assert acknowledged == [b"project:a", b"project:c", b"project:b"]  # c's retry is sent first
+    assert "2 kill-switch signal(s) not acknowledged" in caplog.text
