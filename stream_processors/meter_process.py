@@ -12,9 +12,10 @@ cores: measured in bench/enforcement.py (bench/README.md, twelfth pass).
 process with threads and sockets), reads what the child reports over a pipe every
 REPORT_SECONDS and before each commit of usage.raw offsets (its counters, GC pauses,
 partitions, feeds and catalogue) for the worker's /health and /metrics, and keeps the counts of
-a child that exited, so that counters never go back and count every event a commit covers. The child stops when the worker dies, even by `kill -9` (SIGTERM: it finishes its take,
-commits what Kafka acknowledged and leaves the consumer group); the worker restarts a child that
-died alone (stream_processors/app.py). What a dead child had read but not committed is read
+a child that exited, so that counters never go back and count every event a commit covers. The
+child stops when the worker dies, even by `kill -9` (SIGTERM: it finishes its take, commits
+what Kafka acknowledged and leaves the consumer group); the worker restarts a child that died
+alone (stream_processors/app.py). What a dead child had read but not committed is read
 again and skipped by the dedupe (stream_processors/meter_input.py).
 """
 
