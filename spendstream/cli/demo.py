@@ -104,12 +104,13 @@ def _start_dashboard(env: dict[str, str], log_path: Path, console: Console) -> s
         try:
             if httpx.get(url + "control", timeout=1).status_code == 200:
                 console.print(
-                    f"[bold]dashboard: {url}[/bold]  (open it now: the weekend script crosses its budget live)"
+                    f"[bold]dashboard: {url}[/bold]  (open it now: the weekend script crosses its budget live)",
+                    soft_wrap=True,  # a URL, a path or a topic cut by a newline cannot be copied
                 )
                 return process
         except httpx.TransportError:
             time.sleep(0.3)
-    console.print(f"[yellow]the dashboard did not start; see {log_path}[/yellow]")
+    console.print(f"[yellow]the dashboard did not start; see {log_path}[/yellow]", soft_wrap=True)
     process.kill()
     process.wait()
     return None
@@ -140,7 +141,7 @@ def run_demo(settings: Settings, console: Console, *, max_events: int, rate: int
             env.pop(key, None)
         else:
             env[key] = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
-    console.print(f"[bold]spendstream demo[/bold] run {run}: worker log {log_path}")
+    console.print(f"[bold]spendstream demo[/bold] run {run}: worker log {log_path}", soft_wrap=True)
     with log_path.open("w") as log_file:
         worker = subprocess.Popen(
             [sys.executable, "-m", "spendstream", "up", "--log-level", "warning"],
@@ -158,7 +159,9 @@ def run_demo(settings: Settings, console: Console, *, max_events: int, rate: int
                 if time.monotonic() > deadline:
                     raise SpendstreamError(f"the worker did not become ready in 300 s; see {log_path}")
                 time.sleep(0.5)
-        console.print(f"worker ready on {demo.bootstrap}, topics {', '.join(demo.topics.all())}")
+        console.print(
+            f"worker ready on {demo.bootstrap}, topics {', '.join(demo.topics.all())}", soft_wrap=True
+        )
         dashboard = _start_dashboard(env, log_path.with_name(f"demo-ui-{run}.log"), console)
         asyncio.run(_workload(demo, console, run=run, max_events=max_events, rate=rate))
         if dashboard is not None and sys.stdin.isatty():
